@@ -1,0 +1,1 @@
+"""Data files shipped with the app: icons, the default model manifest, small data."""

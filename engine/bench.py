@@ -1,0 +1,180 @@
+"""``prt bench``: plain llama-cpp-python decoding vs our steered loop, same model, same prompts, one run.
+
+Three ways of decoding the same prompts, interleaved round by round (the order
+rotates each round so drift in machine speed hits each equally):
+
+- plain:     llama-cpp-python's own ``Llama.generate`` with its greedy sampler,
+             each token turned into text;
+- engine:    our loop with no reward (the cost of owning the loop);
+- steered:   our loop with a reference-size reward (2 layers, width 128).
+
+Each generates exactly ``tokens`` tokens (EOS ignored) so all see the same
+context lengths. Decode speed is timed from the first token to the last, so
+prompt prefill does not blur the ratio; ratios are medians over runs made back
+to back, so a machine that speeds up or slows down mid-run does not skew them. The reward's own step is then timed
+alone at a short and a long context.
+"""
+
+from __future__ import annotations
+
+import codecs
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import psutil
+
+from engine.base_model import BaseModel
+from engine.decode import Generation, RewardSlot, attach_rewards
+from engine.reward_graph import RewardNetworkShape, build_reward_model, random_reward_weights
+from engine.rewards import RewardCard, RewardModel, save_reward
+from engine.steering import SamplingConfig
+
+PROMPTS = (
+    "Explain how a bicycle works, part by part.",
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "What should I consider when choosing a programming language for a new project?",
+)
+REFERENCE_SHAPE = dict(width=128, layers=2, heads=4)
+SHORT_CONTEXT = 16
+TIMED_REWARD_STEPS = 200
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchConfig:
+    tokens: int = 128
+    rounds: int = 3
+    top_k: int = 40
+    long_context: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.tokens < 8 or self.rounds < 1 or self.top_k < 1 or self.long_context < SHORT_CONTEXT:
+            raise ValueError("bench needs tokens >= 8, rounds >= 1, top_k >= 1, long_context >= 16")
+
+
+def run_bench(base: BaseModel, config: BenchConfig = BenchConfig()) -> dict:
+    with tempfile.TemporaryDirectory(prefix="prt-bench-") as folder:
+        reward_path = _write_reference_reward(base, Path(folder) / "reference-reward.onnx")
+        slot = attach_rewards(base, [(reward_path, 1.0)])[0]
+        reward_file_bytes = reward_path.stat().st_size
+        prompts = [base.chat_prompt_tokens([{"role": "user", "content": text}]) for text in PROMPTS]
+        runners: dict[str, Callable[[list[int]], float]] = {
+            "plain": lambda prompt: _plain_decode_seconds(base, prompt, config.tokens),
+            "engine": lambda prompt: _engine_decode_seconds(base, prompt, [], config),
+            "steered": lambda prompt: _engine_decode_seconds(base, prompt, [slot], config),
+        }
+        seconds: dict[str, list[float]] = {name: [] for name in runners}
+        for prompt in prompts[:1]:  # warm-up: page in weights, build ORT kernels
+            for run in runners.values():
+                run(prompt)
+        for round_index in range(config.rounds):
+            order = _rotated(list(runners), round_index)
+            for prompt in prompts:
+                for name in order:
+                    seconds[name].append(runners[name](prompt))
+        timed_tokens = (config.tokens - 1) * config.rounds * len(prompts)
+        tokens_per_second = {name: timed_tokens / sum(runs) for name, runs in seconds.items()}
+        reward_ms = {f"reward_ms_per_step_at_{n}": _reward_step_ms(slot.reward, n, config.top_k)
+                     for n in (SHORT_CONTEXT, config.long_context)}
+    return {
+        "model": {"name": base.name, "path": str(base.path), "n_vocab": base.n_vocab},
+        "reward": {**REFERENCE_SHAPE, "vocab_size": base.n_vocab, "file_bytes": reward_file_bytes},
+        "config": asdict(config) | {"prompts": len(prompts), "threads": base.config.n_threads or "auto"},
+        "tokens_per_second": {name: round(value, 2) for name, value in tokens_per_second.items()},
+        "ratio_steered_over_plain": _paired_speed_ratio(seconds["plain"], seconds["steered"]),
+        "ratio_engine_over_plain": _paired_speed_ratio(seconds["plain"], seconds["engine"]),
+        **{key: round(value, 4) for key, value in reward_ms.items()},
+        "peak_rss_mb": round(peak_rss_bytes() / 2**20, 1),
+        "machine": {"platform": platform.platform(), "cpus_logical": psutil.cpu_count(),
+                    "cpus_physical": psutil.cpu_count(logical=False), "python": platform.python_version()},
+    }
+
+
+def format_report(report: dict) -> str:
+    speeds = report["tokens_per_second"]
+    long_key = next(key for key in report if key.startswith("reward_ms_per_step_at_") and
+                    not key.endswith(f"_{SHORT_CONTEXT}"))
+    return "\n".join([
+        f"model: {report['model']['name']}   reward: 2 layers x 128 wide ({report['reward']['file_bytes'] / 1e6:.1f} MB)",
+        f"decode tok/s   plain {speeds['plain']:.1f}   engine (no reward) {speeds['engine']:.1f}   "
+        f"steered {speeds['steered']:.1f}",
+        f"steered/plain  {report['ratio_steered_over_plain']:.3f}   engine/plain {report['ratio_engine_over_plain']:.3f}",
+        f"reward step    {report[f'reward_ms_per_step_at_{SHORT_CONTEXT}']:.3f} ms at {SHORT_CONTEXT} tokens, "
+        f"{report[long_key]:.3f} ms at {long_key.rsplit('_', 1)[1]} tokens",
+        f"peak RSS       {report['peak_rss_mb']:.0f} MB",
+    ])
+
+
+def _paired_speed_ratio(reference_seconds: list[float], other_seconds: list[float]) -> float:
+    """Median over runs made back to back of reference time / other time: slow drift of the machine cancels."""
+    return round(float(np.median(np.divide(reference_seconds, other_seconds))), 4)
+
+
+def _rotated(names: list[str], shift: int) -> list[str]:
+    shift %= len(names)
+    return names[shift:] + names[:shift]
+
+
+def _write_reference_reward(base: BaseModel, path: Path) -> Path:
+    shape = RewardNetworkShape(vocab_size=base.n_vocab, **REFERENCE_SHAPE)
+    card = RewardCard(name="reference-reward", description="random weights, for benchmarking only",
+                      vocabulary_fingerprint=base.vocabulary_fingerprint, vocabulary_size=base.n_vocab,
+                      base_model_name=base.name, network=REFERENCE_SHAPE)
+    return save_reward(path, build_reward_model(random_reward_weights(shape, seed=0)), card)
+
+
+def _first_to_last_seconds(stream: Iterable[object], tokens: int) -> float:
+    """Time from the first streamed token to the ``tokens``-th."""
+    first = None
+    for count, _ in enumerate(stream, start=1):
+        if first is None:
+            first = time.perf_counter()
+        if count == tokens:
+            return time.perf_counter() - first
+    raise RuntimeError(f"the stream ended before {tokens} tokens")
+
+
+def _plain_decode_seconds(base: BaseModel, prompt: list[int], tokens: int) -> float:
+    """llama-cpp-python's own loop and greedy sampler, turning tokens into text as any chat app must."""
+    llama = base.llama
+    llama.reset()
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    texts = (decoder.decode(llama.detokenize([token])) for token in llama.generate(prompt, top_k=1, temp=0.0, reset=False))
+    return _first_to_last_seconds(texts, tokens)
+
+
+def _engine_decode_seconds(base: BaseModel, prompt: list[int], slots: list[RewardSlot], config: BenchConfig) -> float:
+    base.llama.reset()  # same cold prefill as the plain run
+    for slot in slots:
+        slot.reward.reset()
+    sampling = SamplingConfig(temperature=0.0, top_k=config.top_k, max_tokens=config.tokens, ignore_eos=True)
+    events = (event for event in Generation(base, prompt, rewards=slots, config=sampling) if event.token_id is not None)
+    return _first_to_last_seconds(events, config.tokens)
+
+
+def _reward_step_ms(reward: RewardModel, context: int, top_k: int) -> float:
+    rng = np.random.default_rng(context)
+    candidates = rng.integers(0, reward.card.vocabulary_size, top_k)
+    reward.reset()
+    reward.sync(rng.integers(0, reward.card.vocabulary_size, context).tolist(), candidates)
+    timings = []
+    for token in rng.integers(0, reward.card.vocabulary_size, TIMED_REWARD_STEPS).tolist():
+        started = time.perf_counter()
+        reward.advance([token], candidates)
+        timings.append(time.perf_counter() - started)
+        reward.rewind(context)  # stay at this context length
+    return float(np.median(timings) * 1e3)
+
+
+def peak_rss_bytes() -> int:
+    if sys.platform == "win32":
+        return psutil.Process().memory_info().peak_wset
+    import resource  # POSIX only
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB

