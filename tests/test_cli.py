@@ -131,3 +131,11 @@ def test_reward_spec_parsing_keeps_windows_paths():
     assert parse_reward_spec("dir/r.onnx:0.25")[1] == 0.25
     path, weight = parse_reward_spec("C:\\rewards\\r.onnx")
     assert str(path) == "C:\\rewards\\r.onnx" and weight == 1.0
+
+
+def test_reward_for_another_vocabulary_gives_one_line_naming_both_models(tmp_path, tiny_gguf):
+    foreign = write_reward(tmp_path / "gemma-style.onnx", random_reward_weights(small_reward_shape(49152), seed=1),
+                           vocabulary_fingerprint="sha256:" + "0" * 64, base_name="gemma-3-270m")
+    result = prt("generate", "--model", str(tiny_gguf), "--prompt", "Hi", "--reward", str(foreign), "--ctx", "512")
+    assert_one_line_error(result, "different vocabulary")
+    assert "gemma-3-270m" in result.stderr and "tiny-a" in result.stderr
