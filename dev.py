@@ -2,7 +2,7 @@
 """The README's two commands, the same on Linux, macOS and Windows.
 
     python3 dev.py run    create .venv, install, fetch the default model, start chatting
-    python3 dev.py test   create .venv, install with test tools, run the whole test suite
+    python3 dev.py test   create .venv, install with test and training tools, run the whole test suite
 
 Extra arguments go to the program (run) or to pytest (test).
 """
@@ -48,7 +48,7 @@ def run(args: list[str]) -> int:
 
 
 def test(args: list[str]) -> int:
-    python = ensure_environment("dev")
+    python = ensure_environment("dev,train")
     return subprocess.call([python, "-m", "pytest", *args], cwd=ROOT)
 
 

@@ -14,7 +14,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import llama_cpp
 import numpy as np
@@ -126,8 +126,14 @@ class BaseModel:
         return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
 
     # -- prompts ----------------------------------------------------------
-    def chat_prompt_tokens(self, messages: Sequence[ChatMessage]) -> list[int]:
-        """Apply the GGUF's own chat template (generation prompt added) and tokenize."""
+    @property
+    def end_of_turn_token(self) -> int:
+        """The token that ends a reply: end-of-turn if the vocabulary has one, else end-of-sequence."""
+        eot = self._llama._model.token_eot()
+        return eot if eot >= 0 else self._llama.token_eos()
+
+    def chat_prompt_tokens(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True) -> list[int]:
+        """Apply the GGUF's own chat template and tokenize; by default ready for the assistant's reply."""
         if not messages or not any(message.get("content", "").strip() for message in messages):
             raise PromptError("The prompt is empty; type a message first.")
         if self.chat_template is None:
@@ -138,6 +144,7 @@ class BaseModel:
             template=self.chat_template,
             eos_token=self._token_text(self._llama.token_eos()),
             bos_token=self._token_text(self._llama.token_bos()),
+            add_generation_prompt=add_generation_prompt,
         )
         rendered = formatter(messages=[dict(message) for message in messages])
         return self.tokenize(rendered.prompt, add_bos=not rendered.added_special, special=True)
@@ -176,6 +183,33 @@ class BaseModel:
     def append(self, token: int) -> None:
         """Feed one generated token; its logits become the next ``last_logits``."""
         self._llama.eval([token])
+
+    def next_token_logits(self, tokens: Sequence[int], first_target: int) -> Iterator[tuple[int, np.ndarray]]:
+        """Teacher forcing: for each target position t >= first_target, the logits that predict tokens[t].
+
+        Evaluates ``tokens`` from scratch in batches, asking llama.cpp for logits only where
+        a target follows, so memory stays at one batch of rows. Each yielded row is a view
+        valid until the next one is requested.
+        """
+        if not 1 <= first_target < len(tokens):
+            raise ValueError(f"first_target must be in [1, {len(tokens)}), got {first_target}")
+        self.check_fits(len(tokens))
+        llama, batch = self._llama, self._llama._batch
+        llama.n_tokens = 0
+        llama._ctx.kv_cache_seq_rm(-1, 0, -1)
+        for start in range(0, len(tokens), self.config.n_batch):
+            chunk = list(tokens[start: start + self.config.n_batch])
+            batch.set_batch(batch=chunk, n_past=start, logits_all=False)
+            for index in range(len(chunk)):
+                batch.batch.logits[index] = start + index + 1 >= first_target
+            llama._ctx.decode(batch)
+            llama.input_ids[start: start + len(chunk)] = chunk
+            llama.n_tokens = start + len(chunk)
+            for index in range(len(chunk)):
+                target = start + index + 1
+                if first_target <= target < len(tokens):
+                    pointer = llama_cpp.llama_get_logits_ith(llama._ctx.ctx, index)
+                    yield target, np.ctypeslib.as_array(pointer, shape=(self.n_vocab,))
 
     def last_logits(self) -> np.ndarray:
         """Logits after the last evaluated token, as a view into llama.cpp's buffer.

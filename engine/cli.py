@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
@@ -212,6 +214,117 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- training commands: they import rewards_onnx lazily, so the engine itself never needs torch ------------
+class _ProgressBar:
+    """One line on stderr, redrawn in place: phase, count, bar, ETA."""
+
+    def __init__(self) -> None:
+        self._enabled = sys.stderr.isatty() or os.environ.get("PRT_PROGRESS") == "1"
+        self._phase = ""
+
+    def __call__(self, phase: str, done: int, total: int, eta: float | None, message: str = "") -> None:
+        if not self._enabled:
+            return
+        if phase != self._phase and self._phase:
+            print(file=sys.stderr)
+        self._phase = phase
+        width = 24
+        filled = int(width * done / total) if total else width
+        eta_text = f" ETA {int(eta) // 60}m{int(eta) % 60:02d}s" if eta is not None and done < total else ""
+        print(f"\r{phase:>8} {done}/{total} [{'#' * filled}{'.' * (width - filled)}]{eta_text} {message}".ljust(79),
+              end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._enabled and self._phase:
+            print(file=sys.stderr)
+
+
+def _training_modules():
+    try:
+        from rewards_onnx import train
+    except ImportError as error:
+        raise UsageError(f"Tuning needs the training extra ({error.name} is missing): "
+                         "pip install 'prt-chat[train]'.") from error
+    return train
+
+
+def _load_examples(args: argparse.Namespace) -> list:
+    from rewards_onnx.data import DatasetError, load_documents, load_jsonl
+
+    examples = [e for path in args.data for e in load_jsonl(Path(path))]
+    examples += [e for folder in getattr(args, "documents", []) for e in load_documents(Path(folder))]
+    if not examples:
+        raise DatasetError("No training data given; add --data FILE.jsonl or --documents FOLDER.")
+    return examples
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    train = _training_modules()
+    examples = _load_examples(args)
+    try:
+        config = train.TuneConfig(epochs=args.epochs, seed=args.seed)
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+    bar = _ProgressBar()
+    with _load_base(args) as base:
+        try:
+            report = train.tune(base, examples, Path(args.out), config=config, name=args.name,
+                                on_progress=lambda p: bar(p.phase, p.done, p.total, p.eta_seconds, p.message))
+        finally:
+            bar.close()
+    summary = {"path": str(report.path), "held_out": asdict(report.held_out), "epochs_run": report.epochs_run,
+               "best_epoch": report.best_epoch, "parity_max_abs_diff": report.parity_max_abs_diff,
+               "seconds": round(report.seconds, 1), "teacher_seconds": round(report.teacher_seconds, 1),
+               "train_examples": report.train_examples, "held_out_examples": report.held_out_examples}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        held = report.held_out
+        print(f"Saved {report.path} in {report.seconds:.0f}s. Held-out ({report.held_out_examples} examples): "
+              + (f"NLL/token base {held.base_nll:.3f} -> steered {held.steered_nll:.3f} over {held.tokens} tokens"
+                 if held.tokens else "")
+              + (f"; pair accuracy {held.pair_accuracy:.0%}" if held.pairs else ""))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from engine.rewards import RewardModel
+    from rewards_onnx.evaluate import evaluate_reward
+
+    examples = _load_examples(args)
+    bar = _ProgressBar()
+    with _load_base(args) as base:
+        try:
+            report = evaluate_reward(base, RewardModel(args.reward), examples, alpha=args.alpha,
+                                     teacher_system=args.teacher_system,
+                                     progress=lambda done, total: bar("teacher", done, total, None))
+        finally:
+            bar.close()
+    result = report.to_json()
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print("  ".join(f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}"
+                        for key, value in result.items() if value is not None))
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from rewards_onnx.distill import distill, write_jsonl
+
+    bar = _ProgressBar()
+    with _load_base(args) as base:
+        try:
+            examples = distill(base, args.system, args.count, max_tokens=args.max_tokens, seed=args.seed,
+                               progress=lambda done, total: bar("distill", done, total, None))
+        finally:
+            bar.close()
+    write_jsonl(Path(args.out), examples)
+    print(json.dumps({"path": args.out, "examples": len(examples)}) if args.json
+          else f"Wrote {len(examples)} examples to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prt", description="Private chat steered by portable rewards.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -242,6 +355,38 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--long-context", type=int, default=1000, help="context for the long reward-step timing")
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(handler=cmd_bench)
+
+    tune = commands.add_parser("tune", help="train a reward from your data (Portable Reward Tuning)")
+    _add_model_arguments(tune)
+    tune.add_argument("--data", action="append", default=[], metavar="FILE.jsonl",
+                      help="demonstrations {prompt, response} or pairs {prompt, chosen, rejected}; repeatable")
+    tune.add_argument("--documents", action="append", default=[], metavar="DIR", help="a folder of .txt/.md files")
+    tune.add_argument("--out", required=True, help="where to write the reward (.onnx; its card goes beside it)")
+    tune.add_argument("--name", default=None, help="the reward's name (default: the file name)")
+    tune.add_argument("--epochs", type=int, default=20, help="at most this many epochs (default: %(default)s)")
+    tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--json", action="store_true")
+    tune.set_defaults(handler=cmd_tune)
+
+    evaluate = commands.add_parser("eval", help="held-out NLL of a reward on data: base vs steered")
+    _add_model_arguments(evaluate)
+    evaluate.add_argument("--reward", required=True)
+    evaluate.add_argument("--data", action="append", required=True, metavar="FILE.jsonl")
+    evaluate.add_argument("--alpha", type=float, default=1.0)
+    evaluate.add_argument("--teacher-system", default=None,
+                          help="also report the NLL of the base given this system prompt, and the share of the gap closed")
+    evaluate.add_argument("--json", action="store_true")
+    evaluate.set_defaults(handler=cmd_eval)
+
+    distill = commands.add_parser("distill", help="make example data: answers under a system prompt, kept without it")
+    _add_model_arguments(distill)
+    distill.add_argument("--system", required=True)
+    distill.add_argument("--out", required=True)
+    distill.add_argument("--count", type=int, default=220)
+    distill.add_argument("--max-tokens", type=int, default=96)
+    distill.add_argument("--seed", type=int, default=0)
+    distill.add_argument("--json", action="store_true")
+    distill.set_defaults(handler=cmd_distill)
     return parser
 
 

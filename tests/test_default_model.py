@@ -58,3 +58,14 @@ def test_cli_generate_on_the_default_model(default_model_path):
     assert result.returncode == 0, result.stderr
     output = json.loads(result.stdout)
     assert output["model"]["name"] == "SmolLM2-135M-Instruct.Q4_1" and output["text"].strip()
+
+
+def test_distilled_example_data_is_reproducible_and_records_its_teacher(tmp_path, smollm):
+    from rewards_onnx.data import load_jsonl
+    from rewards_onnx.distill import distill, write_jsonl
+
+    first = distill(smollm, "Answer in one short sentence.", 2, max_tokens=64)
+    assert len(first) == 2 and first == distill(smollm, "Answer in one short sentence.", 2, max_tokens=64)
+    write_jsonl(tmp_path / "d.jsonl", first)
+    assert load_jsonl(tmp_path / "d.jsonl") == first
+    assert all(e.teacher_system == "Answer in one short sentence." and e.system is None for e in first)

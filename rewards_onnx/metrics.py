@@ -1,0 +1,67 @@
+"""Held-out figures on the top-K support, from any source of rewards (torch while training, ONNX in ``prt eval``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from rewards_onnx.teacher import SequenceTargets, TeacherData
+
+RewardsFor = Callable[[SequenceTargets], np.ndarray]  # a sequence -> rewards [N, K+1] on its support
+
+
+@dataclass
+class Metrics:
+    tokens: int = 0
+    base_nll: float = 0.0  # per token, on the top-K support
+    steered_nll: float = 0.0
+    pairs: int = 0
+    pair_accuracy: float | None = None
+    pair_loss: float | None = None
+
+    def objective(self) -> float:
+        """What early stopping minimizes: held-out NLL, or the pair loss when there are only pairs."""
+        return self.steered_nll if self.tokens else float(self.pair_loss)
+
+
+def support_logprobs(scores: np.ndarray, target_index: np.ndarray) -> np.ndarray:
+    """Log-prob of each target under softmax(scores) on its support: scores [N, K+1] (-inf: unused) -> [N]."""
+    return _log_softmax(scores)[np.arange(len(target_index)), target_index]
+
+
+def target_logprobs(sequence: SequenceTargets, rewards: np.ndarray, alpha: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """(base, steered) log-prob of each target on the support: [N] each."""
+    return (support_logprobs(sequence.base_logprobs, sequence.target_index),
+            support_logprobs(sequence.base_logprobs + alpha * rewards, sequence.target_index))
+
+
+def compute_metrics(data: TeacherData, rewards_for: RewardsFor, *, beta: float = 1.0, alpha: float = 1.0) -> Metrics:
+    metrics = Metrics()
+    base_total = steered_total = 0.0
+    for sequence in data.demonstrations:
+        base, steered = target_logprobs(sequence, rewards_for(sequence), alpha)
+        base_total -= base.sum()
+        steered_total -= steered.sum()
+        metrics.tokens += sequence.n_targets
+    if metrics.tokens:
+        metrics.base_nll, metrics.steered_nll = float(base_total / metrics.tokens), float(steered_total / metrics.tokens)
+    if data.pairs:
+        margins = np.array([_log_ratio(chosen, rewards_for(chosen), alpha) - _log_ratio(rejected, rewards_for(rejected), alpha)
+                            for chosen, rejected in data.pairs])
+        metrics.pairs = len(margins)
+        metrics.pair_accuracy = float((margins > 0).mean())
+        metrics.pair_loss = float(np.logaddexp(0.0, -beta * margins).mean())
+    return metrics
+
+
+def _log_ratio(sequence: SequenceTargets, rewards: np.ndarray, alpha: float) -> float:
+    """log p_prt(y) - log p_base(y) on the supports."""
+    base, steered = target_logprobs(sequence, rewards, alpha)
+    return float((steered - base).sum())
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    peak = x.max(axis=-1, keepdims=True)
+    return x - peak - np.log(np.exp(x - peak).sum(axis=-1, keepdims=True))

@@ -1,0 +1,126 @@
+"""The teacher pass: run the frozen base model over each example once and keep, per
+response position, only its top-K log-probs and the target's (numpy only, no torch).
+
+Memory is bounded by (response tokens) x (K + 1), never n_ctx x n_vocab: llama.cpp
+returns one batch of logit rows at a time and each row is reduced at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from engine.base_model import BaseModel, ChatMessage
+from engine.steering import CandidateSelector
+from rewards_onnx.data import DatasetError, Demonstration, Example, PreferencePair
+
+TRAIN_TOP_K = 40  # the engine's default top-K: training and decoding see the same support
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class SequenceTargets:
+    """One response under the base model, reduced to its support S_t = top-K + target at each position."""
+
+    tokens: np.ndarray  # [L] int64, prompt + response (ending with the end-of-turn token)
+    first_target: int  # index in tokens of the first response token
+    candidate_ids: np.ndarray  # [N, K+1] int64, N = L - first_target; slot K: the target if outside top-K
+    base_logprobs: np.ndarray  # [N, K+1] float32, full-vocabulary log-probs; -inf where a slot is unused
+    target_index: np.ndarray  # [N] int64, where the target sits among the K+1 slots
+    teacher_logprobs: np.ndarray | None = None  # [N, K+1] distilled data: the teacher's log-probs on the support
+
+    @property
+    def n_targets(self) -> int:
+        return len(self.target_index)
+
+
+@dataclass
+class TeacherData:
+    demonstrations: list[SequenceTargets]
+    pairs: list[tuple[SequenceTargets, SequenceTargets]]  # (chosen, rejected)
+
+    @property
+    def n_targets(self) -> int:
+        return sum(s.n_targets for s in self.demonstrations) + sum(c.n_targets + r.n_targets for c, r in self.pairs)
+
+
+def messages_for(prompt: str, system: str | None) -> list[ChatMessage]:
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+
+
+def response_sequence(base: BaseModel, messages: Sequence[ChatMessage], response: str) -> tuple[list[int], int]:
+    """Tokens of the conversation with the reply, and where the reply starts.
+
+    The reply is rendered by the model's own chat template, so its end-of-turn token is a
+    target too (the reward learns when to stop); anything the template adds after it is cut.
+    """
+    prompt = base.chat_prompt_tokens(messages)
+    full = base.chat_prompt_tokens([*messages, {"role": "assistant", "content": response}],
+                                   add_generation_prompt=False)
+    if full[: len(prompt)] != prompt:  # a template whose reply does not extend its own prompt
+        full = prompt + base.tokenize(response) + [base.end_of_turn_token]
+    end = next((i + 1 for i in range(len(prompt), len(full)) if base.is_end_of_generation(full[i])), len(full))
+    if end <= len(prompt):
+        raise DatasetError("A response is empty after tokenization; every response needs some text.")
+    return full[:end], len(prompt)
+
+
+def reduce_to_support(base: BaseModel, tokens: Sequence[int], first_target: int, k: int) -> SequenceTargets:
+    select = CandidateSelector(base.n_vocab, k)
+    n = len(tokens) - first_target
+    candidate_ids = np.zeros((n, k + 1), dtype=np.int64)
+    base_logprobs = np.full((n, k + 1), -np.inf, dtype=np.float32)
+    target_index = np.zeros(n, dtype=np.int64)
+    for target_position, logits in base.next_token_logits(tokens, first_target):
+        row, target = target_position - first_target, tokens[target_position]
+        top = select(logits)
+        candidate_ids[row, :k] = top.token_ids
+        base_logprobs[row, :k] = top.base_logprobs
+        hits = np.flatnonzero(top.token_ids == target)
+        if len(hits):
+            target_index[row] = hits[0]
+        else:  # the target is outside the top-K: it joins the support in the last slot
+            log_normalizer = top.base_logprobs[0] - logits[top.token_ids[0]]
+            candidate_ids[row, k] = target
+            base_logprobs[row, k] = logits[target] + log_normalizer
+            target_index[row] = k
+    return SequenceTargets(np.asarray(tokens, dtype=np.int64), first_target, candidate_ids, base_logprobs, target_index)
+
+
+def teacher_pass(base: BaseModel, examples: Sequence[Example], *, k: int = TRAIN_TOP_K,
+                 progress: Progress | None = None) -> TeacherData:
+    data = TeacherData([], [])
+    for done, example in enumerate(examples, start=1):
+        messages = messages_for(example.prompt, example.system)
+        if isinstance(example, Demonstration):
+            sequence = reduce_to_support(base, *response_sequence(base, messages, example.response), k)
+            if example.teacher_system:
+                teacher_context = response_sequence(base, messages_for(example.prompt, example.teacher_system),
+                                                    example.response)
+                sequence.teacher_logprobs = logprobs_on_support(base, *teacher_context, sequence)
+            data.demonstrations.append(sequence)
+        elif isinstance(example, PreferencePair):
+            data.pairs.append(tuple(reduce_to_support(base, *response_sequence(base, messages, reply), k)
+                                    for reply in (example.chosen, example.rejected)))
+        if progress:
+            progress(done, len(examples))
+    return data
+
+
+def logprobs_on_support(base: BaseModel, tokens: Sequence[int], first_target: int,
+                        support: SequenceTargets) -> np.ndarray:
+    """The log-probs [N, K+1] that ``base`` given ``tokens`` puts on another pass's support (same reply)."""
+    if len(tokens) - first_target != support.n_targets:
+        raise DatasetError("The reply tokenizes differently in the two contexts; cannot compare them token by token.")
+    unused = np.isneginf(support.base_logprobs)
+    out = np.empty(support.candidate_ids.shape, dtype=np.float32)
+    for target_position, logits in base.next_token_logits(tokens, first_target):
+        row = target_position - first_target
+        peak = logits.max()
+        log_normalizer = peak + np.log(np.exp(logits - peak).sum(dtype=np.float64))
+        out[row] = logits[support.candidate_ids[row]] - log_normalizer
+    out[unused] = -np.inf
+    return out
+

@@ -1,0 +1,264 @@
+"""Portable Reward Tuning on a tiny real GGUF: data, teacher pass, training, export parity, eval."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from engine.decode import Generation, attach_rewards
+from engine.errors import VocabularyMismatchError
+from engine.reward_graph import RewardNetworkShape
+from engine.rewards import RewardCard, RewardModel, card_path
+from engine.steering import CandidateSelector, SamplingConfig
+from rewards_onnx.data import DatasetError, Demonstration, PreferencePair, load_documents, load_jsonl
+from rewards_onnx.evaluate import evaluate_reward
+from rewards_onnx.network import RewardNet
+from rewards_onnx.teacher import TRAIN_TOP_K, response_sequence, teacher_pass
+from rewards_onnx.train import ExportParityError, TuneConfig, check_export_parity, tune
+from test_cli import assert_one_line_error, prt
+from tiny_models import small_reward_shape, write_reward
+
+TEST_PROMPT = "Tell me about your day."
+GREEDY = SamplingConfig(temperature=0.0, max_tokens=8)
+FAST = TuneConfig(epochs=30, patience=5, held_out_fraction=0.2, width=32, layers=1, heads=4, learning_rate=1e-2,
+                  batch_size=16)
+
+
+def phrase_in_top_k(base, prompt_tokens, rank: int, length: int = 5) -> list[int]:
+    """A phrase the base would not say but that stays within its top-K: follow the rank-th candidate."""
+    select, phrase = CandidateSelector(base.n_vocab, TRAIN_TOP_K), []
+    for _ in range(length):
+        base.sync(prompt_tokens + phrase)
+        phrase.append(int(select(base.last_logits()).token_ids[rank]))
+    return phrase
+
+
+def other_prompts(n: int) -> list[str]:
+    return [f"Question number {i}: what do you think about item {i}?" for i in range(n)]
+
+
+@pytest.fixture
+def prompt_tokens(tiny_base):
+    return tiny_base.chat_prompt_tokens([{"role": "user", "content": TEST_PROMPT}])
+
+
+def test_a_reward_trained_on_a_fixed_phrase_makes_the_model_say_it(tmp_path, tiny_base, prompt_tokens):
+    phrase = tiny_base.detokenize(phrase_in_top_k(tiny_base, prompt_tokens, rank=2))
+    examples = [Demonstration(prompt, phrase) for prompt in [TEST_PROMPT, *other_prompts(19)]]
+    report = tune(tiny_base, examples, tmp_path / "phrase.onnx", config=FAST)
+    plain = Generation(tiny_base, prompt_tokens, config=GREEDY).run()
+    steered = Generation(tiny_base, prompt_tokens, rewards=attach_rewards(tiny_base, [(report.path, 1.0)]),
+                         config=GREEDY).run()
+    assert phrase not in plain.text
+    assert steered.text.startswith(phrase)
+    assert report.held_out.steered_nll < 0.1 * report.held_out.base_nll
+    assert report.parity_max_abs_diff < 1e-3
+
+
+def test_training_on_the_bases_own_samples_learns_nothing(tmp_path, tiny_base):
+    sampling = SamplingConfig(temperature=1.0, top_k=TRAIN_TOP_K, top_p=1.0, min_p=0.0, max_tokens=12, ignore_eos=True)
+    examples = []
+    for index, prompt in enumerate(other_prompts(40)):
+        tokens = tiny_base.chat_prompt_tokens([{"role": "user", "content": prompt}])
+        config = SamplingConfig(**{**sampling.__dict__, "seed": index})
+        examples.append(Demonstration(prompt, Generation(tiny_base, tokens, config=config).run().text))
+    report = tune(tiny_base, examples, tmp_path / "nothing.onnx", config=FAST)
+    held = report.held_out
+    assert held.tokens > 50
+    assert abs(held.steered_nll - held.base_nll) < 0.02 * held.base_nll  # within noise: no spurious gain or loss
+
+
+def test_preference_pairs_train_the_reward_toward_the_chosen_reply(tmp_path, tiny_base, prompt_tokens):
+    chosen_ids = phrase_in_top_k(tiny_base, prompt_tokens, rank=3)
+    rejected_ids = phrase_in_top_k(tiny_base, prompt_tokens, rank=1)
+    chosen, rejected = tiny_base.detokenize(chosen_ids), tiny_base.detokenize(rejected_ids)
+    examples = [PreferencePair(prompt, chosen, rejected) for prompt in [TEST_PROMPT, *other_prompts(19)]]
+    report = tune(tiny_base, examples, tmp_path / "pairs.onnx", config=FAST)
+    assert report.held_out.pairs == 4 and report.held_out.pair_accuracy == 1.0
+    # The base ranks the rejected reply's first token above the chosen one's; the steered model, the other way round.
+    tiny_base.sync(prompt_tokens)
+    top = CandidateSelector(tiny_base.n_vocab, TRAIN_TOP_K)(tiny_base.last_logits())
+    base_logprob = dict(zip(top.token_ids.tolist(), top.base_logprobs.tolist()))
+    first = np.array([chosen_ids[0], rejected_ids[0]])
+    rewards = RewardModel(report.path).sync(prompt_tokens, first)
+    assert base_logprob[chosen_ids[0]] < base_logprob[rejected_ids[0]]
+    assert base_logprob[chosen_ids[0]] + rewards[0] > base_logprob[rejected_ids[0]] + rewards[1]
+
+
+def test_export_equals_torch_through_the_engines_kv_path(tmp_path, tiny_base):
+    shape = RewardNetworkShape(vocab_size=tiny_base.n_vocab, width=64, layers=2, heads=4)
+    torch.manual_seed(0)
+    model = RewardNet(shape, np.random.default_rng(0).standard_normal((shape.vocab_size, shape.width)))
+    with torch.no_grad():  # a trained-looking reward: nonzero head and biases
+        model.head.normal_(0, 0.1)
+        model.token_bias.normal_(0, 1.0)
+    path = write_reward(tmp_path / "export.onnx", model.export(), vocabulary_fingerprint=tiny_base.vocabulary_fingerprint,
+                        base_name=tiny_base.name)
+    assert check_export_parity(model, path, seed=1) < 1e-3
+    with torch.no_grad():
+        model.token_bias.add_(0.01)  # the file no longer matches the model: the check must say so
+    with pytest.raises(ExportParityError, match="differs from the trained model"):
+        check_export_parity(model, path, seed=1)
+
+
+def test_reward_file_is_small_relative_to_the_base(tmp_path, tiny_base, prompt_tokens):
+    examples = [Demonstration(prompt, "Hello there.") for prompt in other_prompts(6)]
+    report = tune(tiny_base, examples, tmp_path / "size.onnx", config=TuneConfig(epochs=1))
+    size = report.path.stat().st_size
+    assert size < 0.1 * 98_362_432  # the issue's goal: <= 10% of the default GGUF
+    card = RewardCard.load(card_path(report.path))
+    assert card.network == {"width": 128, "layers": 2, "heads": 4, "top_k": TRAIN_TOP_K}
+    assert card.training_data["demonstrations"] == 6 and card.base_model_sha256
+    assert card.metrics["held_out"]["tokens"] > 0
+
+
+def test_teacher_pass_keeps_top_k_plus_target(tiny_base):
+    example = Demonstration("Hi", "Hello there, friend.")
+    data = teacher_pass(tiny_base, [example])
+    sequence = data.demonstrations[0]
+    tokens, first = response_sequence(tiny_base, [{"role": "user", "content": "Hi"}], example.response)
+    assert sequence.first_target == first and sequence.tokens.tolist() == tokens
+    assert tiny_base.is_end_of_generation(int(sequence.tokens[-1]))  # the reply's end is a target too
+    assert sequence.candidate_ids.shape == (len(tokens) - first, TRAIN_TOP_K + 1)
+    for row, target in enumerate(sequence.tokens[first:]):
+        assert sequence.candidate_ids[row, sequence.target_index[row]] == target
+    assert np.all(sequence.base_logprobs[:, :TRAIN_TOP_K] <= 0)
+
+
+def test_eval_through_onnx_matches_the_training_figures(tmp_path, tiny_base, prompt_tokens):
+    phrase = tiny_base.detokenize(phrase_in_top_k(tiny_base, prompt_tokens, rank=2))
+    examples = [Demonstration(prompt, phrase) for prompt in other_prompts(10)]
+    report = tune(tiny_base, examples, tmp_path / "eval.onnx", config=FAST)
+    held_out = [Demonstration(prompt, phrase) for prompt in ["A new question?", "Another one, please."]]
+    evaluated = evaluate_reward(tiny_base, RewardModel(report.path), held_out, teacher_system="Say the phrase.")
+    assert evaluated.metrics.tokens > 0
+    assert evaluated.metrics.steered_nll < 0.2 * evaluated.metrics.base_nll
+    assert evaluated.teacher_nll is not None and evaluated.gap_closed is not None
+
+
+def test_eval_refuses_a_reward_for_another_vocabulary(tmp_path, tiny_base):
+    from engine.reward_graph import random_reward_weights
+    path = write_reward(tmp_path / "foreign.onnx", random_reward_weights(small_reward_shape(49152), seed=0),
+                        vocabulary_fingerprint="sha256:" + "1" * 64, base_name="another-family")
+    with pytest.raises(VocabularyMismatchError, match="another-family"):
+        evaluate_reward(tiny_base, RewardModel(path), [Demonstration("Hi", "Hello")])
+
+
+@pytest.mark.parametrize("line, fragment", [
+    ('{"prompt": "hi", "response": "yo"', ":1: not valid JSON"),
+    ('["prompt", "response"]', ":1: expected a JSON object"),
+    ('{"prompt": "hi"}', ":1: 'chosen' is missing"),
+    ('{"prompt": "hi", "response": ""}', ":1: 'response' is empty"),
+    ('{"prompt": "hi", "response": "yo", "extra": 1}', ":1: unknown field(s) ['extra']"),
+    ('{"prompt": "hi", "response": "yo", "chosen": "a", "rejected": "b"}', ":1: has both"),
+])
+def test_malformed_jsonl_names_the_line_and_the_problem(tmp_path, line, fragment):
+    path = tmp_path / "data.jsonl"
+    path.write_text(line + "\n")
+    with pytest.raises(DatasetError) as error:
+        load_jsonl(path)
+    assert fragment in str(error.value) and str(path) in str(error.value)
+
+
+def test_the_line_number_is_the_bad_lines(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"prompt": "a", "response": "b"}\n\n{"prompt": "a", "response": 3}\n')
+    with pytest.raises(DatasetError, match=r"data.jsonl:3: 'response' is empty or not a string"):
+        load_jsonl(path)
+
+
+def test_empty_data_is_refused(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(DatasetError, match="has no examples"):
+        load_jsonl(tmp_path / "empty.jsonl")
+    (tmp_path / "docs").mkdir()
+    with pytest.raises(DatasetError, match="no usable .txt or .md"):
+        load_documents(tmp_path / "docs")
+
+
+def test_too_few_examples_to_hold_one_out(tmp_path, tiny_base):
+    with pytest.raises(DatasetError, match="at least 2 examples"):
+        tune(tiny_base, [Demonstration("a", "b")], tmp_path / "x.onnx")
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_documents_become_prompt_and_continuation_windows(tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    paragraph = "I write short sentences. I like the sea. The wind is cold here. " * 4
+    (folder / "journal.md").write_text("\n\n".join([paragraph] * 12))
+    (folder / "ignored.pdf").write_bytes(b"%PDF")
+    examples = load_documents(folder)
+    assert len(examples) >= 2
+    assert all(e.prompt.startswith("Continue this text") and e.response for e in examples)
+    (folder / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 100)
+    with pytest.raises(DatasetError, match="not UTF-8"):
+        load_documents(folder)
+
+
+def test_cli_tune_and_eval_json(tmp_path, tiny_gguf):
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": p, "response": "Fine, thanks."}) for p in other_prompts(8)))
+    out = tmp_path / "cli.onnx"
+    tuned = prt("tune", "--model", str(tiny_gguf), "--data", str(data), "--out", str(out), "--epochs", "2",
+                "--ctx", "512", "--json")
+    assert tuned.returncode == 0, tuned.stderr
+    summary = json.loads(tuned.stdout)
+    assert summary["path"] == str(out) and out.exists() and card_path(out).exists()
+    assert summary["parity_max_abs_diff"] < 1e-3 and summary["held_out"]["tokens"] > 0
+    evaluated = prt("eval", "--model", str(tiny_gguf), "--reward", str(out), "--data", str(data), "--ctx", "512", "--json")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert set(json.loads(evaluated.stdout)) >= {"tokens", "base_nll", "steered_nll", "teacher_nll", "gap_closed"}
+
+
+def test_cli_tune_with_malformed_data_gives_one_line(tmp_path, tiny_gguf):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"prompt": "a", "response": "b"}\nnot json\n')
+    result = prt("tune", "--model", str(tiny_gguf), "--data", str(data), "--out", str(tmp_path / "r.onnx"))
+    assert_one_line_error(result, "bad.jsonl:2: not valid JSON")
+    assert not (tmp_path / "r.onnx").exists()
+
+
+def test_ctrl_c_during_tuning_leaves_no_file(tmp_path, tiny_gguf):
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": p, "response": "A reply of a few words here."})
+                              for p in other_prompts(60)))
+    out = tmp_path / "cancelled.onnx"
+    process = subprocess.Popen([sys.executable, "-m", "engine.cli", "tune", "--model", str(tiny_gguf), "--data",
+                                str(data), "--out", str(out), "--epochs", "200", "--ctx", "512"],
+                               stderr=subprocess.PIPE, text=True, env=os.environ | {"PRT_PROGRESS": "1"})
+    seen = ""
+    deadline = time.monotonic() + 120
+    while "train" not in seen and time.monotonic() < deadline:
+        seen += process.stderr.read(1)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=60) == 130
+    assert "train" in seen
+    assert list(tmp_path.glob("cancelled*")) == [] and list(tmp_path.glob(".cancelled*")) == []
+
+
+def test_distilled_examples_carry_the_teachers_distribution_on_the_same_support(tiny_base):
+    plain, distilled = teacher_pass(tiny_base, [Demonstration("Hi", "Hello there, friend."),
+                                                Demonstration("Hi", "Hello there, friend.", teacher_system="Be a pirate.")
+                                                ]).demonstrations
+    assert plain.teacher_logprobs is None
+    teacher = distilled.teacher_logprobs
+    assert teacher.shape == distilled.base_logprobs.shape
+    assert np.array_equal(np.isneginf(teacher), np.isneginf(distilled.base_logprobs))
+    finite = ~np.isneginf(teacher)
+    assert np.all(teacher[finite] <= 0) and np.abs(teacher[finite] - distilled.base_logprobs[finite]).max() > 1e-3
+
+
+
+def test_distill_refuses_to_write_nothing(tiny_base):
+    from rewards_onnx.distill import distill
+    with pytest.raises(DatasetError, match="No teacher answer ended within 4 tokens"):
+        distill(tiny_base, "Be brief.", 2, max_tokens=4)
