@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import sys
-from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
@@ -272,7 +271,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
                                 on_progress=lambda p: bar(p.phase, p.done, p.total, p.eta_seconds, p.message))
         finally:
             bar.close()
-    summary = {"path": str(report.path), "held_out": asdict(report.held_out), "epochs_run": report.epochs_run,
+    summary = {"path": str(report.path), "held_out": report.held_out.to_json(), "epochs_run": report.epochs_run,
                "best_epoch": report.best_epoch, "parity_max_abs_diff": report.parity_max_abs_diff,
                "seconds": round(report.seconds, 1), "teacher_seconds": round(report.teacher_seconds, 1),
                "train_examples": report.train_examples, "held_out_examples": report.held_out_examples}
@@ -283,6 +282,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print(f"Saved {report.path} in {report.seconds:.0f}s. Held-out ({report.held_out_examples} examples): "
               + (f"NLL/token base {held.base_nll:.3f} -> steered {held.steered_nll:.3f} over {held.tokens} tokens"
                  if held.tokens else "")
+              + (f" (teacher {held.teacher_nll:.3f}, {held.gap_closed:.0%} of the gap closed)"
+                 if held.gap_closed is not None else "")
               + (f"; pair accuracy {held.pair_accuracy:.0%}" if held.pairs else ""))
     return 0
 
@@ -295,12 +296,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     bar = _ProgressBar()
     with _load_base(args) as base:
         try:
-            report = evaluate_reward(base, RewardModel(args.reward), examples, alpha=args.alpha,
+            metrics = evaluate_reward(base, RewardModel(args.reward), examples, alpha=args.alpha,
                                      teacher_system=args.teacher_system,
                                      progress=lambda done, total: bar("teacher", done, total, None))
         finally:
             bar.close()
-    result = report.to_json()
+    result = metrics.to_json()
     if args.json:
         print(json.dumps(result))
     else:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -10,24 +10,8 @@ import numpy as np
 from engine.base_model import BaseModel
 from engine.rewards import RewardModel
 from rewards_onnx.data import Demonstration, Example
-from rewards_onnx.metrics import Metrics, compute_metrics, support_logprobs
+from rewards_onnx.metrics import Metrics, compute_metrics
 from rewards_onnx.teacher import TRAIN_TOP_K, SequenceTargets, teacher_pass
-
-
-@dataclass
-class EvalReport:
-    metrics: Metrics
-    teacher_nll: float | None = None  # the base given a system prompt: the model the reward tries to imitate
-
-    @property
-    def gap_closed(self) -> float | None:
-        """(base - steered) / (base - teacher): the share of the teacher's improvement the reward reproduces."""
-        if self.teacher_nll is None or self.metrics.base_nll == self.teacher_nll:
-            return None
-        return (self.metrics.base_nll - self.metrics.steered_nll) / (self.metrics.base_nll - self.teacher_nll)
-
-    def to_json(self) -> dict:
-        return {**asdict(self.metrics), "teacher_nll": self.teacher_nll, "gap_closed": self.gap_closed}
 
 
 def onnx_rewards(reward: RewardModel) -> Callable[[SequenceTargets], np.ndarray]:
@@ -43,15 +27,9 @@ def onnx_rewards(reward: RewardModel) -> Callable[[SequenceTargets], np.ndarray]
 
 def evaluate_reward(base: BaseModel, reward: RewardModel, examples: Sequence[Example], *, alpha: float = 1.0,
                     teacher_system: str | None = None, k: int = TRAIN_TOP_K,
-                    progress: Callable[[int, int], None] | None = None) -> EvalReport:
+                    progress: Callable[[int, int], None] | None = None) -> Metrics:
     """Base and steered NLL on the examples; with a teacher (``teacher_system``, or the data's own), its NLL too."""
     reward.check_compatible(base_name=base.name, base_fingerprint=base.vocabulary_fingerprint)
     if teacher_system:
         examples = [replace(e, teacher_system=teacher_system) if isinstance(e, Demonstration) else e for e in examples]
-    data = teacher_pass(base, examples, k=k, progress=progress)
-    report = EvalReport(compute_metrics(data, onnx_rewards(reward), alpha=alpha))
-    taught = [s for s in data.demonstrations if s.teacher_logprobs is not None]
-    if taught:
-        total = -sum(support_logprobs(s.teacher_logprobs, s.target_index).sum() for s in taught)
-        report.teacher_nll = float(total / sum(s.n_targets for s in taught))
-    return report
+    return compute_metrics(teacher_pass(base, examples, k=k, progress=progress), onnx_rewards(reward), alpha=alpha)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import numpy as np
@@ -17,9 +17,20 @@ class Metrics:
     tokens: int = 0
     base_nll: float = 0.0  # per token, on the top-K support
     steered_nll: float = 0.0
+    teacher_nll: float | None = None  # distilled data: the base given the teacher's system prompt
     pairs: int = 0
     pair_accuracy: float | None = None
     pair_loss: float | None = None
+
+    @property
+    def gap_closed(self) -> float | None:
+        """(base - steered) / (base - teacher): the share of the teacher's improvement the reward reproduces."""
+        if self.teacher_nll is None or self.base_nll == self.teacher_nll:
+            return None
+        return (self.base_nll - self.steered_nll) / (self.base_nll - self.teacher_nll)
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "gap_closed": self.gap_closed}
 
     def objective(self) -> float:
         """What early stopping minimizes: held-out NLL, or the pair loss when there are only pairs."""
@@ -47,6 +58,10 @@ def compute_metrics(data: TeacherData, rewards_for: RewardsFor, *, beta: float =
         metrics.tokens += sequence.n_targets
     if metrics.tokens:
         metrics.base_nll, metrics.steered_nll = float(base_total / metrics.tokens), float(steered_total / metrics.tokens)
+    taught = [s for s in data.demonstrations if s.teacher_logprobs is not None]
+    if taught:
+        teacher_total = -sum(support_logprobs(s.teacher_logprobs, s.target_index).sum() for s in taught)
+        metrics.teacher_nll = float(teacher_total / sum(s.n_targets for s in taught))
     if data.pairs:
         margins = np.array([_log_ratio(chosen, rewards_for(chosen), alpha) - _log_ratio(rejected, rewards_for(rejected), alpha)
                             for chosen, rejected in data.pairs])

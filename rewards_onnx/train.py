@@ -11,6 +11,7 @@ The base model is frozen; it only supplies lp, once, in the teacher pass.
 from __future__ import annotations
 
 import copy
+import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -22,10 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from engine.base_model import BaseModel
-from engine.errors import PrtError
+from engine.errors import PrtError, RewardFileError
 from engine.files import file_sha256
 from engine.reward_graph import RewardNetworkShape, build_reward_model
-from engine.rewards import RewardCard, RewardModel, save_reward
+from engine.rewards import RewardCard, RewardModel, card_path, save_reward
 from rewards_onnx.data import DatasetError, Example, counts
 from rewards_onnx.metrics import Metrics, compute_metrics
 from rewards_onnx.network import RewardNet, base_embedding_projection
@@ -90,52 +91,77 @@ class TuneReport:
 def tune(base: BaseModel, examples: Sequence[Example], out_path: Path, *, config: TuneConfig = TuneConfig(),
          name: str | None = None, on_progress: Callable[[Progress], None] | None = None) -> TuneReport:
     started = time.perf_counter()
+    out_path = _checked_destination(Path(out_path))
     report = on_progress or (lambda progress: None)
     _seed_everything(config.seed)
     train_examples, held_examples = split_held_out(examples, config)
+    train_data, held_data = _teacher_data(base, train_examples, held_examples, config, report)
+    teacher_seconds = time.perf_counter() - started
 
-    teacher_started = time.perf_counter()
-
-    def teach(subset: Sequence[Example], offset: int) -> TeacherData:
-        def progress(done: int, _: int) -> None:
-            report(Progress("teacher", offset + done, len(examples), time.perf_counter() - teacher_started))
-        return teacher_pass(base, subset, k=config.top_k, progress=progress)
-
-    train_data, held_data = teach(train_examples, 0), teach(held_examples, len(train_examples))
-    teacher_seconds = time.perf_counter() - teacher_started
-
-    shape = RewardNetworkShape(vocab_size=base.n_vocab, width=config.width, layers=config.layers, heads=config.heads)
-    embedding = base_embedding_projection(base.path, config.width, seed=config.seed)
-    if embedding is None:
-        embedding = np.random.default_rng(config.seed).standard_normal((base.n_vocab, config.width))
-    model = RewardNet(shape, embedding, train_embedding=config.train_embedding)
+    model = _initial_model(base, config)
     best_state, best_epoch, epochs_run = _fit(model, train_data, held_data, config, report)
     model.load_state_dict(best_state)
 
     report(Progress("export", 0, 1, time.perf_counter() - started, "exporting and checking parity"))
     held_metrics = evaluate_torch(model, held_data, config.pair_beta)
-    onnx_model = build_reward_model(model.export(), metadata={"trained_with": "prt tune"})
     card = RewardCard(
         name=name or Path(out_path).stem, vocabulary_fingerprint=base.vocabulary_fingerprint,
         vocabulary_size=base.n_vocab, base_model_name=base.name, base_model_sha256=file_sha256(base.path),
-        description=f"Tuned on {len(examples)} examples", network={"width": shape.width, "layers": shape.layers,
-                                                                  "heads": shape.heads, "top_k": config.top_k},
+        description=f"Tuned on {len(examples)} examples",
+        network={"width": config.width, "layers": config.layers, "heads": config.heads, "top_k": config.top_k},
         training_data={**counts(list(examples)), "train_examples": len(train_examples),
                        "held_out_examples": len(held_examples), "train_tokens": train_data.n_targets},
-        metrics={"held_out": asdict(held_metrics), "best_epoch": best_epoch, "epochs_run": epochs_run,
+        metrics={"held_out": held_metrics.to_json(), "best_epoch": best_epoch, "epochs_run": epochs_run,
                  "config": asdict(config)})
-    path = save_reward(Path(out_path), onnx_model, card)
-    try:
-        parity = check_export_parity(model, path, seed=config.seed)
-    except ExportParityError:
-        path.unlink(missing_ok=True)
-        path.with_suffix(".json").unlink(missing_ok=True)
-        raise
+    path, parity = _save_checked(model, card, out_path, seed=config.seed)
     report(Progress("export", 1, 1, time.perf_counter() - started, f"parity max |diff| {parity:.2e}"))
     return TuneReport(path=path, held_out=held_metrics, epochs_run=epochs_run, best_epoch=best_epoch,
                       parity_max_abs_diff=parity, seconds=time.perf_counter() - started,
                       teacher_seconds=teacher_seconds, train_examples=len(train_examples),
                       held_out_examples=len(held_examples))
+
+
+def _checked_destination(out_path: Path) -> Path:
+    """Refuse a bad destination before minutes of work, not after."""
+    if out_path.suffix != ".onnx":
+        raise RewardFileError(f"The reward file must end in .onnx, got {out_path.name}.")
+    if not out_path.parent.is_dir():
+        raise RewardFileError(f"The folder {out_path.parent} does not exist; create it or choose another --out.")
+    return out_path
+
+
+def _teacher_data(base: BaseModel, train: Sequence[Example], held: Sequence[Example], config: TuneConfig,
+                  report: Callable[[Progress], None]) -> tuple[TeacherData, TeacherData]:
+    started, total = time.perf_counter(), len(train) + len(held)
+
+    def teach(subset: Sequence[Example], offset: int) -> TeacherData:
+        def progress(done: int, _: int) -> None:
+            report(Progress("teacher", offset + done, total, time.perf_counter() - started))
+        return teacher_pass(base, subset, k=config.top_k, progress=progress)
+
+    return teach(train, 0), teach(held, len(train))
+
+
+def _initial_model(base: BaseModel, config: TuneConfig) -> RewardNet:
+    shape = RewardNetworkShape(vocab_size=base.n_vocab, width=config.width, layers=config.layers, heads=config.heads)
+    embedding = base_embedding_projection(base.path, config.width, seed=config.seed)
+    if embedding is None:  # a GGUF without token_embd: start from noise
+        embedding = np.random.default_rng(config.seed).standard_normal((base.n_vocab, config.width))
+    return RewardNet(shape, embedding, train_embedding=config.train_embedding)
+
+
+def _save_checked(model: RewardNet, card: RewardCard, out_path: Path, *, seed: int) -> tuple[Path, float]:
+    """Export beside ``out_path`` under a hidden name, check parity there, then move both files into place."""
+    staged = out_path.with_name(f".{out_path.stem}.checking.onnx")
+    try:
+        save_reward(staged, build_reward_model(model.export(), metadata={"trained_with": "prt tune"}), card)
+        parity = check_export_parity(model, staged, seed=seed)
+        os.replace(card_path(staged), card_path(out_path))
+        os.replace(staged, out_path)
+    finally:
+        staged.unlink(missing_ok=True)
+        card_path(staged).unlink(missing_ok=True)
+    return out_path, parity
 
 
 def split_held_out(examples: Sequence[Example], config: TuneConfig) -> tuple[list[Example], list[Example]]:

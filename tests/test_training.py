@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from engine.decode import Generation, attach_rewards
-from engine.errors import VocabularyMismatchError
+from engine.errors import RewardFileError, VocabularyMismatchError
 from engine.reward_graph import RewardNetworkShape
 from engine.rewards import RewardCard, RewardModel, card_path
 from engine.steering import CandidateSelector, SamplingConfig
@@ -139,9 +139,11 @@ def test_eval_through_onnx_matches_the_training_figures(tmp_path, tiny_base, pro
     report = tune(tiny_base, examples, tmp_path / "eval.onnx", config=FAST)
     held_out = [Demonstration(prompt, phrase) for prompt in ["A new question?", "Another one, please."]]
     evaluated = evaluate_reward(tiny_base, RewardModel(report.path), held_out, teacher_system="Say the phrase.")
-    assert evaluated.metrics.tokens > 0
-    assert evaluated.metrics.steered_nll < 0.2 * evaluated.metrics.base_nll
-    assert evaluated.teacher_nll is not None and evaluated.gap_closed is not None
+    assert evaluated.tokens > 0
+    assert evaluated.steered_nll < 0.2 * evaluated.base_nll
+    assert evaluated.teacher_nll is not None
+    assert evaluated.gap_closed == pytest.approx((evaluated.base_nll - evaluated.steered_nll)
+                                                 / (evaluated.base_nll - evaluated.teacher_nll))
 
 
 def test_eval_refuses_a_reward_for_another_vocabulary(tmp_path, tiny_base):
@@ -262,3 +264,11 @@ def test_distill_refuses_to_write_nothing(tiny_base):
     from rewards_onnx.distill import distill
     with pytest.raises(DatasetError, match="No teacher answer ended within 4 tokens"):
         distill(tiny_base, "Be brief.", 2, max_tokens=4)
+
+
+def test_a_bad_destination_is_refused_before_any_work(tmp_path, tiny_base):
+    examples = [Demonstration("a", "b"), Demonstration("c", "d")]
+    with pytest.raises(RewardFileError, match="must end in .onnx"):
+        tune(tiny_base, examples, tmp_path / "reward.txt")
+    with pytest.raises(RewardFileError, match="does not exist"):
+        tune(tiny_base, examples, tmp_path / "missing" / "reward.onnx")
