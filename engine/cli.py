@@ -261,7 +261,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     train = _training_modules()
     examples = _load_examples(args)
     try:
-        config = train.TuneConfig(epochs=args.epochs, seed=args.seed)
+        config = train.TuneConfig(seed=args.seed, **({"epochs": args.epochs} if args.epochs else {}))
     except ValueError as error:
         raise UsageError(str(error)) from error
     bar = _ProgressBar()
@@ -316,7 +316,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     bar = _ProgressBar()
     with _load_base(args) as base:
         try:
-            examples = distill(base, args.system, args.count, max_tokens=args.max_tokens, seed=args.seed,
+            examples = distill(base, args.system, args.count, max_tokens=args.max_tokens, temperature=args.temperature,
+                               seed=args.seed,
                                progress=lambda done, total: bar("distill", done, total, None))
         finally:
             bar.close()
@@ -364,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--documents", action="append", default=[], metavar="DIR", help="a folder of .txt/.md files")
     tune.add_argument("--out", required=True, help="where to write the reward (.onnx; its card goes beside it)")
     tune.add_argument("--name", default=None, help="the reward's name (default: the file name)")
-    tune.add_argument("--epochs", type=int, default=20, help="at most this many epochs (default: %(default)s)")
+    tune.add_argument("--epochs", type=int, default=None, help="at most this many epochs (default: 20)")
     tune.add_argument("--seed", type=int, default=0)
     tune.add_argument("--json", action="store_true")
     tune.set_defaults(handler=cmd_tune)
@@ -385,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--out", required=True)
     distill.add_argument("--count", type=int, default=220)
     distill.add_argument("--max-tokens", type=int, default=96)
+    distill.add_argument("--temperature", type=float, default=0.7, help="the teacher's sampling temperature")
     distill.add_argument("--seed", type=int, default=0)
     distill.add_argument("--json", action="store_true")
     distill.set_defaults(handler=cmd_distill)

@@ -13,10 +13,10 @@ from typing import Callable, Sequence
 import numpy as np
 
 from engine.base_model import BaseModel, ChatMessage
-from engine.steering import CandidateSelector
+from engine.steering import CandidateSelector, SamplingConfig
 from rewards_onnx.data import DatasetError, Demonstration, Example, PreferencePair
 
-TRAIN_TOP_K = 40  # the engine's default top-K: training and decoding see the same support
+TRAIN_TOP_K = SamplingConfig().top_k  # training and decoding see the same support
 Progress = Callable[[int, int], None]
 
 
