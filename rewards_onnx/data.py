@@ -29,6 +29,7 @@ class Demonstration:
     response: str
     system: str | None = None
     teacher_system: str | None = None  # distilled data: the system prompt the response was generated under
+    teacher_temperature: float = 1.0  # ... and the temperature it was sampled at
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,9 @@ def _parse_line(line: str, where: str) -> Example:
         raise DatasetError(f"{where}: has both 'response' and 'chosen'/'rejected'; a line is one kind of example.")
     fields = ("prompt", "response") if "response" in record else ("prompt", "chosen", "rejected")
     optional = ("system", "teacher_system") if "response" in record else ("system",)
+    temperature = record.get("teacher_temperature", 1.0)
+    if "teacher_temperature" in record and ("teacher_system" not in record or not _is_positive_number(temperature)):
+        raise DatasetError(f"{where}: 'teacher_temperature' must be a positive number and needs 'teacher_system'.")
     for field in fields + optional:
         value = record.get(field)
         if field in optional and value is None:
@@ -75,16 +79,22 @@ def _parse_line(line: str, where: str) -> Example:
         if not isinstance(value, str) or not value.strip():
             missing = "missing" if value is None else "empty or not a string"
             raise DatasetError(f"{where}: '{field}' is {missing}; expected {_shape_hint()}.")
-    unknown = set(record) - set(fields) - set(optional)
+    unknown = set(record) - set(fields) - set(optional) - {"teacher_temperature"}
     if unknown:
         raise DatasetError(f"{where}: unknown field(s) {sorted(unknown)}; expected {_shape_hint()}.")
     if "response" in record:
-        return Demonstration(record["prompt"], record["response"], record.get("system"), record.get("teacher_system"))
+        return Demonstration(record["prompt"], record["response"], record.get("system"), record.get("teacher_system"),
+                             float(temperature))
     return PreferencePair(record["prompt"], record["chosen"], record["rejected"], record.get("system"))
 
 
+def _is_positive_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
 def _shape_hint() -> str:
-    return ('{"prompt": ..., "response": ...} (optional "teacher_system") or {"prompt": ..., "chosen": ..., '
+    return ('{"prompt": ..., "response": ...} (optional "teacher_system", "teacher_temperature") or '
+            '{"prompt": ..., "chosen": ..., '
             '"rejected": ...}, optional "system"')
 
 

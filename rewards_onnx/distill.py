@@ -52,7 +52,8 @@ def distill(base: BaseModel, system: str, count: int, *, max_tokens: int = 96, t
         config = SamplingConfig(temperature=temperature, max_tokens=max_tokens, seed=seed + index)
         result = Generation(base, base.chat_prompt_tokens(messages_for(prompt, system)), config=config).run()
         if result.finish_reason == "stop" and result.text.strip():
-            examples.append(Demonstration(prompt, result.text.strip(), teacher_system=system))
+            examples.append(Demonstration(prompt, result.text.strip(), teacher_system=system,
+                                          teacher_temperature=temperature))
         if progress:
             progress(len(examples), count)
     if not examples:
@@ -61,6 +62,6 @@ def distill(base: BaseModel, system: str, count: int, *, max_tokens: int = 96, t
 
 
 def write_jsonl(path: Path, examples: list[Demonstration]) -> None:
-    lines = [json.dumps({"prompt": e.prompt, "response": e.response, "teacher_system": e.teacher_system},
-                        ensure_ascii=False) for e in examples]
+    lines = [json.dumps({"prompt": e.prompt, "response": e.response, "teacher_system": e.teacher_system,
+                         "teacher_temperature": e.teacher_temperature}, ensure_ascii=False) for e in examples]
     write_atomically(Path(path), "\n".join(lines) + "\n")

@@ -30,6 +30,7 @@ class SequenceTargets:
     base_logprobs: np.ndarray  # [N, K+1] float32, full-vocabulary log-probs; -inf where a slot is unused
     target_index: np.ndarray  # [N] int64, where the target sits among the K+1 slots
     teacher_logprobs: np.ndarray | None = None  # [N, K+1] distilled data: the teacher's log-probs on the support
+    teacher_temperature: float = 1.0  # the temperature the reply was sampled at from the teacher
 
     @property
     def n_targets(self) -> int:
@@ -100,6 +101,7 @@ def teacher_pass(base: BaseModel, examples: Sequence[Example], *, k: int = TRAIN
                 teacher_context = response_sequence(base, messages_for(example.prompt, example.teacher_system),
                                                     example.response)
                 sequence.teacher_logprobs = logprobs_on_support(base, *teacher_context, sequence)
+                sequence.teacher_temperature = example.teacher_temperature
             data.demonstrations.append(sequence)
         elif isinstance(example, PreferencePair):
             data.pairs.append(tuple(reduce_to_support(base, *response_sequence(base, messages, reply), k)

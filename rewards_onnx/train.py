@@ -2,7 +2,8 @@
 
 Demonstrations: cross-entropy of each response token under softmax(lp + r) on S_t; for
 distilled data (the teacher's log-probs are known) the cross-entropy is against the
-teacher's whole distribution on S_t, which carries far more per token than one sample.
+distribution the reply was sampled from (the teacher's on S_t, at its sampling
+temperature), which carries far more per token than one sample.
 Preference pairs: -log sigmoid(beta * (D(chosen) - D(rejected))), D(y) = sum_t [r(y_t) - log Z_t],
 log Z_t = logsumexp(lp + r) - logsumexp(lp) on S_t (DPO on the PRT model).
 The base model is frozen; it only supplies lp, once, in the teacher pass.
@@ -227,11 +228,13 @@ def _batch_loss(model: RewardNet, demos: list[SequenceTargets], pairs: list[tupl
 
 
 def _target_distribution(demos: list[SequenceTargets], n_slots: int) -> torch.Tensor:
-    """One-hot on the sampled token, or the teacher's distribution on the support where it is known."""
+    """One-hot on the sampled token, or, where the teacher is known, the distribution the reply was drawn from:
+    the teacher's on the support, at the temperature it was sampled at."""
     rows = []
     for sequence in demos:
         if sequence.teacher_logprobs is not None:
-            rows.append(torch.from_numpy(sequence.teacher_logprobs).log_softmax(-1).exp())
+            teacher = torch.from_numpy(sequence.teacher_logprobs) / sequence.teacher_temperature
+            rows.append(teacher.log_softmax(-1).exp())
         else:
             rows.append(F.one_hot(torch.from_numpy(sequence.target_index), n_slots).float())
     return torch.cat(rows)

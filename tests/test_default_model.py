@@ -68,4 +68,5 @@ def test_distilled_example_data_is_reproducible_and_records_its_teacher(tmp_path
     assert len(first) == 2 and first == distill(smollm, "Answer in one short sentence.", 2, max_tokens=64)
     write_jsonl(tmp_path / "d.jsonl", first)
     assert load_jsonl(tmp_path / "d.jsonl") == first
-    assert all(e.teacher_system == "Answer in one short sentence." and e.system is None for e in first)
+    assert all(e.teacher_system == "Answer in one short sentence." and e.teacher_temperature == 0.7 and e.system is None
+               for e in first)

@@ -161,6 +161,8 @@ def test_eval_refuses_a_reward_for_another_vocabulary(tmp_path, tiny_base):
     ('{"prompt": "hi", "response": ""}', ":1: 'response' is empty"),
     ('{"prompt": "hi", "response": "yo", "extra": 1}', ":1: unknown field(s) ['extra']"),
     ('{"prompt": "hi", "response": "yo", "chosen": "a", "rejected": "b"}', ":1: has both"),
+    ('{"prompt": "hi", "response": "yo", "teacher_temperature": 0.7}', ":1: 'teacher_temperature' must be"),
+    ('{"prompt": "hi", "response": "yo", "teacher_system": "s", "teacher_temperature": -1}', "a positive number"),
 ])
 def test_malformed_jsonl_names_the_line_and_the_problem(tmp_path, line, fragment):
     path = tmp_path / "data.jsonl"
@@ -272,3 +274,14 @@ def test_a_bad_destination_is_refused_before_any_work(tmp_path, tiny_base):
         tune(tiny_base, examples, tmp_path / "reward.txt")
     with pytest.raises(RewardFileError, match="does not exist"):
         tune(tiny_base, examples, tmp_path / "missing" / "reward.onnx")
+
+
+def test_distilled_targets_are_the_teachers_distribution_at_its_sampling_temperature(tiny_base):
+    from rewards_onnx.train import _target_distribution
+    example = Demonstration("Hi", "Hello there.", teacher_system="Be a pirate.", teacher_temperature=0.5)
+    sequence = teacher_pass(tiny_base, [example]).demonstrations[0]
+    assert sequence.teacher_temperature == 0.5
+    wanted = _target_distribution([sequence], TRAIN_TOP_K + 1).numpy()
+    expected = torch.from_numpy(sequence.teacher_logprobs / 0.5).softmax(-1).numpy()
+    np.testing.assert_allclose(wanted, expected, atol=1e-6)
+    np.testing.assert_allclose(wanted.sum(-1), 1.0, atol=1e-5)
