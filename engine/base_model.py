@@ -208,15 +208,18 @@ class BaseModel:
             for index in range(len(chunk)):
                 target = start + index + 1
                 if first_target <= target < len(tokens):
-                    pointer = llama_cpp.llama_get_logits_ith(llama._ctx.ctx, index)
-                    yield target, np.ctypeslib.as_array(pointer, shape=(self.n_vocab,))
+                    yield target, self._logits_row(index)
 
     def last_logits(self) -> np.ndarray:
         """Logits after the last evaluated token, as a view into llama.cpp's buffer.
 
         Valid until the next ``sync``/``append``; copy it to keep it.
         """
-        pointer = llama_cpp.llama_get_logits_ith(self._llama._ctx.ctx, -1)
+        return self._logits_row(-1)
+
+    def _logits_row(self, batch_index: int) -> np.ndarray:
+        """A view of llama.cpp's logits for one output of the last decoded batch."""
+        pointer = llama_cpp.llama_get_logits_ith(self._llama._ctx.ctx, batch_index)
         return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,))
 
 

@@ -64,11 +64,17 @@ class CandidateSelector:
     def __call__(self, logits: np.ndarray) -> Candidates:
         top = np.argpartition(logits, -self.k)[-self.k:]
         top = top[np.lexsort((top, -logits[top]))]  # by logit; ties: lower token id first, like argmax
-        peak = logits[top[0]]
-        np.subtract(logits, peak, out=self._scratch)
-        np.exp(self._scratch, out=self._scratch)
-        log_normalizer = peak + np.log(self._scratch.sum(dtype=np.float64))
-        return Candidates(token_ids=top, base_logprobs=(logits[top] - log_normalizer).astype(np.float32))
+        normalizer = log_normalizer(logits, peak=logits[top[0]], scratch=self._scratch)
+        return Candidates(token_ids=top, base_logprobs=(logits[top] - normalizer).astype(np.float32))
+
+
+def log_normalizer(logits: np.ndarray, *, peak: float | None = None, scratch: np.ndarray | None = None) -> float:
+    """log sum exp over a full vocabulary row, optionally into a reused buffer (no temporaries)."""
+    peak = logits.max() if peak is None else peak
+    scratch = np.empty_like(logits) if scratch is None else scratch
+    np.subtract(logits, peak, out=scratch)
+    np.exp(scratch, out=scratch)
+    return float(peak + np.log(scratch.sum(dtype=np.float64)))
 
 
 def steered_scores(base_logprobs: np.ndarray, reward_values: np.ndarray, weights: np.ndarray,
@@ -80,8 +86,9 @@ def steered_scores(base_logprobs: np.ndarray, reward_values: np.ndarray, weights
 
 
 def log_softmax(scores: np.ndarray) -> np.ndarray:
-    shifted = scores - scores.max()
-    return shifted - np.log(np.exp(shifted).sum())
+    """Over the last axis; -inf entries (unused slots) stay -inf."""
+    shifted = scores - scores.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
 class Sampler:

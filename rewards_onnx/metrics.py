@@ -7,6 +7,7 @@ from typing import Callable
 
 import numpy as np
 
+from engine.steering import log_softmax
 from rewards_onnx.teacher import SequenceTargets, TeacherData
 
 RewardsFor = Callable[[SequenceTargets], np.ndarray]  # a sequence -> rewards [N, K+1] on its support
@@ -39,7 +40,7 @@ class Metrics:
 
 def support_logprobs(scores: np.ndarray, target_index: np.ndarray) -> np.ndarray:
     """Log-prob of each target under softmax(scores) on its support: scores [N, K+1] (-inf: unused) -> [N]."""
-    return _log_softmax(scores)[np.arange(len(target_index)), target_index]
+    return log_softmax(scores)[np.arange(len(target_index)), target_index]
 
 
 def target_logprobs(sequence: SequenceTargets, rewards: np.ndarray, alpha: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
@@ -76,7 +77,3 @@ def _log_ratio(sequence: SequenceTargets, rewards: np.ndarray, alpha: float) -> 
     base, steered = target_logprobs(sequence, rewards, alpha)
     return float((steered - base).sum())
 
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    peak = x.max(axis=-1, keepdims=True)
-    return x - peak - np.log(np.exp(x - peak).sum(axis=-1, keepdims=True))

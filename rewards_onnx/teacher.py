@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from engine.base_model import BaseModel, ChatMessage
-from engine.steering import CandidateSelector, SamplingConfig
+from engine.steering import CandidateSelector, SamplingConfig, log_normalizer
 from rewards_onnx.data import DatasetError, Demonstration, Example, PreferencePair
 
 TRAIN_TOP_K = SamplingConfig().top_k  # training and decoding see the same support
@@ -83,9 +83,8 @@ def reduce_to_support(base: BaseModel, tokens: Sequence[int], first_target: int,
         if len(hits):
             target_index[row] = hits[0]
         else:  # the target is outside the top-K: it joins the support in the last slot
-            log_normalizer = top.base_logprobs[0] - logits[top.token_ids[0]]
-            candidate_ids[row, k] = target
-            base_logprobs[row, k] = logits[target] + log_normalizer
+            candidate_ids[row, k] = target  # same normalizer as the top-K: their log-prob minus their logit
+            base_logprobs[row, k] = logits[target] + top.base_logprobs[0] - logits[top.token_ids[0]]
             target_index[row] = k
     return SequenceTargets(np.asarray(tokens, dtype=np.int64), first_target, candidate_ids, base_logprobs, target_index)
 
@@ -120,9 +119,7 @@ def logprobs_on_support(base: BaseModel, tokens: Sequence[int], first_target: in
     out = np.empty(support.candidate_ids.shape, dtype=np.float32)
     for target_position, logits in base.next_token_logits(tokens, first_target):
         row = target_position - first_target
-        peak = logits.max()
-        log_normalizer = peak + np.log(np.exp(logits - peak).sum(dtype=np.float64))
-        out[row] = logits[support.candidate_ids[row]] - log_normalizer
+        out[row] = logits[support.candidate_ids[row]] - log_normalizer(logits)
     out[unused] = -np.inf
     return out
 
