@@ -37,3 +37,7 @@ class PromptError(PrtError):
 
 class ContextOverflowError(PrtError):
     """The prompt does not fit in the model's context window."""
+
+
+class StoreError(PrtError):
+    """The chat database or an export file is unreadable, damaged, too new, or a request names a missing row."""

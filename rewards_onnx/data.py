@@ -9,9 +9,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Union
+from typing import TYPE_CHECKING, Iterable, Union
 
 from engine.errors import PrtError
+
+if TYPE_CHECKING:
+    from engine.store import Store
 
 DOCUMENT_SUFFIXES = (".txt", ".md")
 DOCUMENT_WINDOW_CHARS = 1200  # about 250 tokens of English
@@ -138,3 +141,33 @@ def _sentence_boundary(text: str, near: int) -> int:
 def counts(examples: list[Example]) -> dict[str, int]:
     return {"demonstrations": sum(isinstance(e, Demonstration) for e in examples),
             "preference_pairs": sum(isinstance(e, PreferencePair) for e in examples)}
+
+
+def examples_from_store(store: "Store") -> tuple[list[Example], dict[str, int]]:
+    """Training data from chat feedback, oldest first, with counts of demonstrations, pairs and unused feedback.
+
+    thumbs up -> a demonstration; edit -> a demonstration of the edit and a pair (edit over original);
+    pick -> a pair; thumbs down -> a pair with the latest reply chosen for the same prompt, else unused.
+    """
+    records = store.feedback()
+    chosen_for_prompt = {record.prompt: record.chosen for record in records if record.chosen}  # the latest wins
+    examples: list[Example] = []
+    unused = 0
+    for record in records:
+        system = record.system or None
+        if record.kind in ("thumbs_up", "edit"):
+            examples.append(Demonstration(record.prompt, record.chosen, system))
+        if record.kind in ("pick", "edit"):
+            examples.append(PreferencePair(record.prompt, record.chosen, record.rejected, system))
+        if record.kind == "thumbs_down":
+            chosen = chosen_for_prompt.get(record.prompt)
+            if chosen and chosen != record.rejected:
+                examples.append(PreferencePair(record.prompt, chosen, record.rejected, system))
+            else:
+                unused += 1
+    if not examples:
+        raise DatasetError(f"No usable feedback yet ({unused} thumbs down without a better reply to the same prompt): "
+                           "give a thumbs up, edit a reply or pick between two.")
+    summary = counts(examples)
+    return examples, {"demonstrations": summary["demonstrations"], "pairs": summary["preference_pairs"],
+                      "unused": unused}
