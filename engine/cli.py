@@ -213,6 +213,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pref_bench(args: argparse.Namespace) -> int:
+    from engine.pref import format_pref_report, load_features, run_pref_bench
+
+    try:
+        features = load_features(Path(args.features)) if args.features else None
+        report = run_pref_bench(users=args.users, dims=args.dims, seed=args.seed, features=features,
+                                noise_scale=args.noise_scale)
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+    print(json.dumps(report) if args.json else format_pref_report(report))
+    return 0
+
+
 # -- training commands: they import rewards_onnx lazily, so the engine itself never needs torch ------------
 class _ProgressBar:
     """One line on stderr, redrawn in place: phase, count, bar, ETA."""
@@ -252,9 +265,34 @@ def _load_examples(args: argparse.Namespace) -> list:
 
     examples = [e for path in args.data for e in load_jsonl(Path(path))]
     examples += [e for folder in getattr(args, "documents", []) for e in load_documents(Path(folder))]
+    if getattr(args, "feedback", None) is not None:
+        examples += _feedback_examples(Path(args.feedback) if args.feedback else None)
     if not examples:
-        raise DatasetError("No training data given; add --data FILE.jsonl or --documents FOLDER.")
+        raise DatasetError("No training data given; add --data FILE.jsonl, --documents FOLDER or --feedback.")
     return examples
+
+
+def _feedback_examples(database: Path | None) -> list:
+    from engine.store import Store, default_store_path
+    from rewards_onnx.data import examples_from_store
+
+    database = database or default_store_path()
+    if not database.is_file():
+        raise UsageError(f"No chat database at {database}; chat in the app first, or leave out --feedback.")
+    with Store(database) as store:
+        return examples_from_store(store)[0]
+
+
+class _JsonProgress:
+    """Progress as one JSON object per line on stderr, for the desktop app's tune panel."""
+
+    def __call__(self, phase: str, done: int, total: int, eta: float | None, message: str = "") -> None:
+        from engine.chat import TuneProgress
+
+        print(TuneProgress(phase, done, total, eta, message).to_json(), file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        pass
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -264,7 +302,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         config = train.TuneConfig(seed=args.seed, **({"epochs": args.epochs} if args.epochs else {}))
     except ValueError as error:
         raise UsageError(str(error)) from error
-    bar = _ProgressBar()
+    bar = _JsonProgress() if args.progress_json else _ProgressBar()
     with _load_base(args) as base:
         try:
             report = train.tune(base, examples, Path(args.out), config=config, name=args.name,
@@ -358,16 +396,33 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(handler=cmd_bench)
 
+    from engine.pref import NOISE_SCALE
+
+    pref_bench = commands.add_parser("pref-bench",
+                                     help="simulated users: how well ~10 adaptive questions find their reward weights")
+    pref_bench.add_argument("--users", type=int, default=100, help="simulated users (default: %(default)s)")
+    pref_bench.add_argument("--dims", type=int, default=4, help="base rewards, without --features (default: %(default)s)")
+    pref_bench.add_argument("--seed", type=int, default=0)
+    pref_bench.add_argument("--features", default=None, metavar="FILE.npy",
+                            help="real per-reply reward values [n_replies, n_rewards] instead of synthetic ones")
+    pref_bench.add_argument("--noise-scale", type=float, default=NOISE_SCALE,
+                            help="simulated answers: P(A) = sigmoid(scale * lambda*.v) (default: %(default)s)")
+    pref_bench.add_argument("--json", action="store_true")
+    pref_bench.set_defaults(handler=cmd_pref_bench)
+
     tune = commands.add_parser("tune", help="train a reward from your data (Portable Reward Tuning)")
     _add_model_arguments(tune)
     tune.add_argument("--data", action="append", default=[], metavar="FILE.jsonl",
                       help="demonstrations {prompt, response} or pairs {prompt, chosen, rejected}; repeatable")
     tune.add_argument("--documents", action="append", default=[], metavar="DIR", help="a folder of .txt/.md files")
+    tune.add_argument("--feedback", nargs="?", const="", default=None, metavar="CHATS.db",
+                      help="the chat app's feedback (thumbs, edits, picks); default: the app's own database")
     tune.add_argument("--out", required=True, help="where to write the reward (.onnx; its card goes beside it)")
     tune.add_argument("--name", default=None, help="the reward's name (default: the file name)")
     tune.add_argument("--epochs", type=int, default=None, help="at most this many epochs (default: 20)")
     tune.add_argument("--seed", type=int, default=0)
     tune.add_argument("--json", action="store_true")
+    tune.add_argument("--progress-json", action="store_true", help="progress as JSON lines on stderr")
     tune.set_defaults(handler=cmd_tune)
 
     evaluate = commands.add_parser("eval", help="held-out NLL of a reward on data: base vs steered")
@@ -390,7 +445,20 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--seed", type=int, default=0)
     distill.add_argument("--json", action="store_true")
     distill.set_defaults(handler=cmd_distill)
+
+    app = commands.add_parser("app", help="open the desktop chat window")
+    app.add_argument("app_args", nargs=argparse.REMAINDER, help="--model PATH, --screenshot FILE.png, --demo")
+    app.set_defaults(handler=cmd_app)
     return parser
+
+
+def cmd_app(args: argparse.Namespace) -> int:
+    try:
+        from desktop.app import main as app_main
+    except ImportError as error:
+        raise UsageError(f"The desktop app needs PySide6 ({error.name} is missing): pip install pyside6-essentials.") \
+            from error
+    return app_main(list(args.app_args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
