@@ -16,7 +16,7 @@ RewardsFor = Callable[[SequenceTargets], np.ndarray]  # a sequence -> rewards [N
 @dataclass
 class Metrics:
     tokens: int = 0
-    base_nll: float = 0.0  # per token, on the top-K support
+    base_nll: float = 0.0  # per token, on the top-K support, at the data's sampling temperature
     steered_nll: float = 0.0
     teacher_nll: float | None = None  # distilled data: the base given the teacher's system prompt
     pairs: int = 0
@@ -44,9 +44,14 @@ def support_logprobs(scores: np.ndarray, target_index: np.ndarray) -> np.ndarray
 
 
 def target_logprobs(sequence: SequenceTargets, rewards: np.ndarray, alpha: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """(base, steered) log-prob of each target on the support: [N] each."""
-    return (support_logprobs(sequence.base_logprobs, sequence.target_index),
-            support_logprobs(sequence.base_logprobs + alpha * rewards, sequence.target_index))
+    """(base, steered) log-prob of each target on the support, at the reply's sampling temperature: [N] each."""
+    temperature = sequence.teacher_temperature
+    return (support_logprobs(sequence.base_logprobs / temperature, sequence.target_index),
+            support_logprobs((sequence.base_logprobs + alpha * rewards) / temperature, sequence.target_index))
+
+
+def teacher_target_logprobs(sequence: SequenceTargets) -> np.ndarray:
+    return support_logprobs(sequence.teacher_logprobs / sequence.teacher_temperature, sequence.target_index)
 
 
 def compute_metrics(data: TeacherData, rewards_for: RewardsFor, *, beta: float = 1.0, alpha: float = 1.0) -> Metrics:
@@ -61,7 +66,7 @@ def compute_metrics(data: TeacherData, rewards_for: RewardsFor, *, beta: float =
         metrics.base_nll, metrics.steered_nll = float(base_total / metrics.tokens), float(steered_total / metrics.tokens)
     taught = [s for s in data.demonstrations if s.teacher_logprobs is not None]
     if taught:
-        teacher_total = -sum(support_logprobs(s.teacher_logprobs, s.target_index).sum() for s in taught)
+        teacher_total = -sum(teacher_target_logprobs(s).sum() for s in taught)
         metrics.teacher_nll = float(teacher_total / sum(s.n_targets for s in taught))
     if data.pairs:
         margins = np.array([_log_ratio(chosen, rewards_for(chosen), alpha) - _log_ratio(rejected, rewards_for(rejected), alpha)

@@ -2,8 +2,10 @@
 
 Demonstrations: cross-entropy of each response token under softmax(lp + r) on S_t; for
 distilled data (the teacher's log-probs are known) the cross-entropy is against the
-distribution the reply was sampled from (the teacher's on S_t, at its sampling
-temperature), which carries far more per token than one sample.
+distribution the reply was sampled from (the teacher's on S_t), which carries far more per
+token than one sample. A reply sampled at temperature T is fitted by the PRT model at T,
+softmax((lp + r) / T) against softmax(lp_teacher / T): decoding at T then reproduces the
+teacher, and r learns what the teacher's prompt changes, not the temperature.
 Preference pairs: -log sigmoid(beta * (D(chosen) - D(rejected))), D(y) = sum_t [r(y_t) - log Z_t],
 log Z_t = logsumexp(lp + r) - logsumexp(lp) on S_t (DPO on the PRT model).
 The base model is frozen; it only supplies lp, once, in the teacher pass.
@@ -241,7 +243,8 @@ def _target_distribution(demos: list[SequenceTargets], n_slots: int) -> torch.Te
 
 
 def _support_logits(model: RewardNet, sequences: list[SequenceTargets]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For every target of every sequence: (lp + r on S_t [M, K+1], target index [M], lp [M, K+1])."""
+    """For every target of every sequence, at its sampling temperature T:
+    ((lp + r) / T on S_t [M, K+1], target index [M], lp / T [M, K+1])."""
     length = max(len(s.tokens) for s in sequences)
     tokens = torch.zeros(len(sequences), length, dtype=torch.long)
     for row, sequence in enumerate(sequences):
@@ -254,7 +257,8 @@ def _support_logits(model: RewardNet, sequences: list[SequenceTargets]) -> tuple
     base_logprobs = torch.from_numpy(np.concatenate([s.base_logprobs for s in sequences]))
     targets = torch.from_numpy(np.concatenate([s.target_index for s in sequences]))
     rewards = model.rewards(queries[rows, positions], candidates)  # [M, K+1]
-    return base_logprobs + rewards, targets, base_logprobs
+    temperatures = torch.cat([torch.full((s.n_targets, 1), s.teacher_temperature) for s in sequences])
+    return (base_logprobs + rewards) / temperatures, targets, base_logprobs / temperatures
 
 
 def _pair_margins(model: RewardNet, pairs: list[tuple[SequenceTargets, SequenceTargets]]) -> torch.Tensor:

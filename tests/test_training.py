@@ -285,3 +285,32 @@ def test_distilled_targets_are_the_teachers_distribution_at_its_sampling_tempera
     expected = torch.from_numpy(sequence.teacher_logprobs / 0.5).softmax(-1).numpy()
     np.testing.assert_allclose(wanted, expected, atol=1e-6)
     np.testing.assert_allclose(wanted.sum(-1), 1.0, atol=1e-5)
+
+
+def test_cli_tunes_from_the_apps_feedback_with_json_progress(tmp_path, tiny_gguf):
+    from engine.chat import TuneProgress
+    from engine.store import Store
+
+    database = tmp_path / "chats.db"
+    with Store(database) as store:
+        for prompt in other_prompts(6):
+            store.add_feedback("thumbs_up", prompt=prompt, chosen="Fine, thanks.")
+            store.add_feedback("edit", prompt=prompt, chosen="Fine.", rejected="Well, let me think about it.")
+    out = tmp_path / "from-feedback.onnx"
+    tuned = prt("tune", "--model", str(tiny_gguf), "--feedback", str(database), "--out", str(out), "--epochs", "2",
+                "--ctx", "512", "--json", "--progress-json")
+    assert tuned.returncode == 0, tuned.stderr
+    progress = [TuneProgress.parse(line) for line in tuned.stderr.splitlines()]
+    assert progress and all(progress), tuned.stderr  # every stderr line is a progress record
+    assert [p.phase for p in progress][0] == "teacher" and progress[-1].phase == "export"
+    assert progress[-1].done == progress[-1].total
+    summary = json.loads(tuned.stdout)
+    assert summary["path"] == str(out) and summary["held_out"]["pairs"] + summary["held_out"]["tokens"] > 0
+    card = RewardCard.load(card_path(out))
+    assert card.training_data["demonstrations"] == 12 and card.training_data["preference_pairs"] == 6
+
+
+def test_cli_tune_without_a_chat_database_says_so(tmp_path, tiny_gguf):
+    result = prt("tune", "--model", str(tiny_gguf), "--feedback", str(tmp_path / "none.db"),
+                 "--out", str(tmp_path / "r.onnx"))
+    assert_one_line_error(result, "No chat database")
