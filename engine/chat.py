@@ -1,0 +1,218 @@
+"""What the desktop app asks of the engine: one model, rewards with live dials, replies that
+stream and are stored as they go, and tuning in a separate process. No Qt here; the
+methods block, so the app calls them from worker threads.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+from engine.base_model import BaseModel, BaseModelConfig, ChatMessage
+from engine.decode import Generation, GenerationResult, RewardSlot, TokenEvent
+from engine.errors import PrtError, RewardFileError
+from engine.models import app_data_dir
+from engine.rewards import RewardCard, RewardModel, card_path
+from engine.steering import SamplingConfig
+
+
+def rewards_dir() -> Path:
+    """Where tuned rewards are saved by default."""
+    path = app_data_dir() / "rewards"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@dataclass(frozen=True)
+class RewardInfo:
+    """An installed reward as the rewards panel shows it."""
+
+    path: Path
+    card: RewardCard | None  # None when the card cannot be read
+    compatible: bool | None  # None while no model is loaded
+    problem: str = ""  # why it cannot be used, in words
+
+    @property
+    def name(self) -> str:
+        return self.card.name if self.card else self.path.stem
+
+
+class ChatEngine:
+    """One loaded base model and the rewards switched on for it."""
+
+    def __init__(self, *, reward_threads: int = 1) -> None:
+        self.base: BaseModel | None = None
+        self.alpha = 1.0  # overall strength; applies from the next token
+        self._reward_threads = reward_threads
+        self._slots: dict[Path, RewardSlot] = {}
+        self._weights: dict[Path, float] = {}
+        self._lock = threading.Lock()  # one generation or model change at a time
+
+    # -- model ------------------------------------------------------------------
+    def load_model(self, path: Path | str, config: BaseModelConfig = BaseModelConfig()) -> BaseModel:
+        with self._lock:
+            new = BaseModel(path, config=config)
+            if self.base is not None:
+                self.base.close()
+            self.base = new
+            self._slots = {}  # rewards keep their dial but are re-checked against the new vocabulary
+        return new
+
+    def close(self) -> None:
+        if self.base is not None:
+            self.base.close()
+            self.base = None
+        self._slots = {}
+
+    # -- rewards ----------------------------------------------------------------
+    def describe_rewards(self, paths: Iterable[Path | str]) -> list[RewardInfo]:
+        return [self._describe(Path(path)) for path in paths]
+
+    def _describe(self, path: Path) -> RewardInfo:
+        try:
+            card = RewardCard.load(card_path(path))
+        except RewardFileError as error:
+            return RewardInfo(path, None, False, str(error))
+        if not path.is_file():
+            return RewardInfo(path, card, False, f"Reward file not found: {path}.")
+        if self.base is None:
+            return RewardInfo(path, card, None)
+        if card.vocabulary_fingerprint != self.base.vocabulary_fingerprint:
+            return RewardInfo(path, card, False, f"Trained for '{card.base_model_name}', whose vocabulary differs "
+                                                 f"from '{self.base.name}'.")
+        return RewardInfo(path, card, True)
+
+    def set_active_rewards(self, weights: Mapping[Path | str, float]) -> None:
+        """The rewards to steer with and their weights; loads new ones, drops the rest.
+
+        A weight change reaches a running generation at its next token. Raises the reward's
+        own error (missing file, other vocabulary) and changes nothing in that case.
+        """
+        wanted = {Path(path): float(weight) for path, weight in weights.items()}
+        loaded = {path: self._slots.get(path) or self._load_slot(path) for path in wanted}
+        self._weights = wanted
+        self._slots = loaded
+        self._apply_weights()
+
+    def set_alpha(self, alpha: float) -> None:
+        self.alpha = alpha
+        self._apply_weights()
+
+    def _apply_weights(self) -> None:
+        for path, slot in self._slots.items():
+            slot.weight = self._weights[path] * self.alpha
+
+    def _load_slot(self, path: Path) -> RewardSlot:
+        if self.base is None:
+            raise PrtError("Load a model before switching rewards on.")
+        reward = RewardModel(path, threads=self._reward_threads)
+        reward.check_compatible(base_name=self.base.name, base_fingerprint=self.base.vocabulary_fingerprint)
+        return RewardSlot(reward)
+
+    @property
+    def active_reward_names(self) -> list[str]:
+        return [slot.reward.name for slot in self._slots.values() if slot.weight != 0]
+
+    # -- replies ----------------------------------------------------------------
+    def reply(self, messages: Sequence[ChatMessage], config: SamplingConfig = SamplingConfig()) -> Generation:
+        """A generation for the next assistant turn; iterate it (in a worker) to run it.
+
+        The overall strength lives in the reward weights, so ``config.alpha`` is not used.
+        """
+        if self.base is None:
+            raise PrtError("No model is loaded yet; pick one in the model list.")
+        prompt = self.base.chat_prompt_tokens(messages)
+        return Generation(self.base, prompt, rewards=list(self._slots.values()),
+                          config=replace(config, alpha=1.0))
+
+    def run_locked(self, generation: Generation, on_event) -> GenerationResult:
+        """Iterate ``generation`` while no model change can happen, calling ``on_event`` per event."""
+        with self._lock:
+            for event in generation:
+                on_event(event)
+        return generation.result
+
+
+class ReplyRecorder:
+    """Keeps an assistant message in the store up to date while it streams.
+
+    The partial text is written at most every ``interval`` seconds, so a crash or a kill
+    loses at most that much; ``finish`` writes the final text, status and statistics.
+    """
+
+    FINAL_STATUS = {"stop": "complete", "length": "complete", "context": "complete", "cancelled": "stopped",
+                    "error": "error"}
+
+    def __init__(self, store, message_id: int, *, interval: float = 0.25) -> None:
+        self._store = store
+        self._message_id = message_id
+        self._interval = interval
+        self._text = ""
+        self._last_write = time.monotonic()
+
+    @property
+    def text(self) -> str:
+        return self._text
+
+    def feed(self, event: TokenEvent) -> None:
+        self._text += event.text
+        if time.monotonic() - self._last_write >= self._interval:
+            self._store.update_message(self._message_id, content=self._text, status="streaming")
+            self._last_write = time.monotonic()
+
+    def finish(self, result: GenerationResult, reward_names: Sequence[str] = (), error: str | None = None) -> str:
+        status = "error" if error else self.FINAL_STATUS.get(result.finish_reason, "complete")
+        stats = {"tokens": len(result.token_ids), "tokens_per_second": round(result.tokens_per_second, 2),
+                 "finish_reason": result.finish_reason, "rewards": list(reward_names)}
+        if error:
+            stats["error"] = error
+        self._store.update_message(self._message_id, content=self._text, status=status, stats=stats)
+        return status
+
+
+# -- tuning runs in a child process: torch stays out of the app, and cancel is a clean kill -------------
+def tune_command(*, model_path: Path | str, out_path: Path | str, data_files: Sequence[Path | str] = (),
+                 documents: Sequence[Path | str] = (), feedback_db: Path | str | None = None,
+                 name: str | None = None, epochs: int | None = None) -> list[str]:
+    """The argv that tunes a reward with progress as JSON lines on stderr and a JSON summary on stdout."""
+    argv = [sys.executable, "-m", "engine.cli", "tune", "--model", str(model_path), "--out", str(out_path),
+            "--json", "--progress-json"]
+    for path in data_files:
+        argv += ["--data", str(path)]
+    for folder in documents:
+        argv += ["--documents", str(folder)]
+    if feedback_db is not None:
+        argv += ["--feedback", str(feedback_db)]
+    if name:
+        argv += ["--name", name]
+    if epochs:
+        argv += ["--epochs", str(epochs)]
+    return argv
+
+
+@dataclass(frozen=True)
+class TuneProgress:
+    phase: str  # "teacher" | "train" | "export"
+    done: int
+    total: int
+    eta_seconds: float | None
+    message: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps({"phase": self.phase, "done": self.done, "total": self.total,
+                           "eta_seconds": self.eta_seconds, "message": self.message})
+
+    @classmethod
+    def parse(cls, line: str) -> "TuneProgress | None":
+        """A progress line from the tuning process, or None for any other line."""
+        try:
+            data = json.loads(line)
+            return cls(str(data["phase"]), int(data["done"]), int(data["total"]), data.get("eta_seconds"),
+                       str(data.get("message", "")))
+        except (ValueError, KeyError, TypeError):
+            return None
