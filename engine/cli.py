@@ -446,9 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--json", action="store_true")
     distill.set_defaults(handler=cmd_distill)
 
-    app = commands.add_parser("app", help="open the desktop chat window")
-    app.add_argument("app_args", nargs=argparse.REMAINDER, help="--model PATH, --screenshot FILE.png, --demo")
-    app.set_defaults(handler=cmd_app)
+    app = commands.add_parser("app", help="open the desktop chat window (prt app --help: its options)", add_help=False)
+    app.set_defaults(handler=cmd_app)  # its options belong to desktop.app and pass through
     return parser
 
 
@@ -462,7 +461,12 @@ def cmd_app(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, passed_through = parser.parse_known_args(argv)
+    if args.command == "app":
+        args.app_args = passed_through
+    elif passed_through:
+        parser.error(f"unrecognized arguments: {' '.join(passed_through)}")
     try:
         return args.handler(args)
     except PrtError as error:
