@@ -1,0 +1,171 @@
+"""``--demo``: a short canned conversation and a few rewards, without loading any model.
+
+The reply at the end carries a per-token trace built from real StepTrace objects (seeded numbers),
+so the token view shows tints and tooltips; the screenshot is the same on every run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import numpy as np
+
+from engine.chat import RewardInfo
+from engine.decode import StepTrace, TokenEvent
+from engine.errors import PrtError
+from engine.rewards import RewardCard
+from engine.steering import steered_scores
+from engine.store import Store
+from desktop.token_view import TokenInfo, token_info
+
+DEMO_MODEL = "SmolLM2-135M-Instruct.Q4_1"
+NOT_HERE = "This is the demo: no model is loaded. Start the app without --demo to chat."
+OTHER_MODEL = "gemma-3-270m-q4_k_m"
+
+
+@dataclass(frozen=True)
+class DemoReward:
+    trained_on: str
+    training_data: dict
+    held_out: dict
+    enabled: bool
+    weight: float
+
+    def card(self, name: str) -> RewardCard:
+        return RewardCard(name=name, vocabulary_fingerprint=f"sha256:{self.trained_on}", vocabulary_size=49152,
+                          base_model_name=self.trained_on, training_data=self.training_data,
+                          metrics={"held_out": self.held_out})
+
+
+REWARDS = {
+    "concise": DemoReward(DEMO_MODEL, {"demonstrations": 180, "preference_pairs": 42},
+                          {"tokens": 5210, "base_nll": 2.412, "steered_nll": 2.035, "teacher_nll": 1.87,
+                           "gap_closed": 0.7, "pairs": 12, "pair_accuracy": 0.83}, True, 1.0),
+    "friendly-tone": DemoReward(DEMO_MODEL, {"demonstrations": 64},
+                                {"tokens": 1930, "base_nll": 2.61, "steered_nll": 2.44}, True, 0.5),
+    "legal-style": DemoReward(OTHER_MODEL, {"preference_pairs": 300}, {"pairs": 30, "pair_accuracy": 0.77},
+                              False, 1.0),
+}
+SYSTEM_PROMPT = "You are a helpful assistant. Answer briefly."
+CONVERSATION = [
+    ("user", "What should I pack for a day hike in autumn?"),
+    ("assistant", "For a day hike in autumn, pack:\n\n- **Layers**: a warm fleece and a rain jacket\n"
+                  "- **Water** (1–2 litres) and snacks\n- A map, a charged phone and a headlamp\n\n"
+                  "Days are shorter, so start early."),
+    ("user", "And if it rains?"),
+]
+TRACED_REPLY = ("Then add waterproof trousers and a dry bag for your phone. Wet leaves are slippery, "
+                "so wear boots with a good grip and take it slowly on descents.")
+
+
+class DemoBase:
+    """Just enough of a base model for the window: a name and a path."""
+
+    name = DEMO_MODEL
+    path = Path(f"{DEMO_MODEL}.gguf")
+
+
+class DemoEngine:
+    """Answers what the window asks of a ChatEngine from canned data; replying is refused politely."""
+
+    def __init__(self) -> None:
+        self.base = DemoBase()
+        self.alpha = 1.0
+        self._weights: dict[Path, float] = {}
+
+    def describe_rewards(self, paths) -> list[RewardInfo]:
+        return [self._describe(Path(path)) for path in paths]
+
+    @staticmethod
+    def _describe(path: Path) -> RewardInfo:
+        reward = REWARDS[path.stem]
+        if reward.trained_on == DEMO_MODEL:
+            return RewardInfo(path, reward.card(path.stem), True)
+        return RewardInfo(path, reward.card(path.stem), False,
+                          f"Trained for '{reward.trained_on}', whose vocabulary differs from '{DEMO_MODEL}'.")
+
+    def set_active_rewards(self, weights: Mapping) -> None:
+        self._weights = {Path(path): weight for path, weight in weights.items()}
+
+    def set_alpha(self, alpha: float) -> None:
+        self.alpha = alpha
+
+    @property
+    def active_reward_names(self) -> list[str]:
+        return [path.stem for path, weight in self._weights.items() if weight * self.alpha != 0]
+
+    def load_model(self, *_args, **_kwargs):
+        raise PrtError(NOT_HERE)
+
+    def reply(self, *_args, **_kwargs):
+        raise PrtError(NOT_HERE)
+
+
+def split_into_tokens(text: str) -> list[str]:
+    """Word pieces with their leading space, roughly as a BPE tokenizer cuts English."""
+    return re.findall(r" ?[\w']+| ?[^\w\s]+|\s+", text)
+
+
+def traced_tokens(pieces: list[str], vocabulary: list[str], *, seed: int = 7, k: int = 6) -> list[TokenInfo]:
+    """TokenInfos from seeded StepTraces: the chosen piece among k candidates, two rewards moving them."""
+    rng = np.random.default_rng(seed)
+    names = ("concise", "friendly-tone")
+    weights = np.array([REWARDS[name].weight for name in names], dtype=np.float32)
+    tokens = []
+    for piece in pieces:
+        chosen_id = vocabulary.index(piece)
+        others = rng.choice([i for i in range(len(vocabulary)) if i != chosen_id], size=k - 1, replace=False)
+        chosen = int(rng.choice([0, 0, 0, 1, 2]))
+        candidate_ids = np.insert(others, chosen, chosen_id)
+        base_logprobs = np.sort(rng.normal(-3.0, 1.5, size=k)).astype(np.float32)[::-1] - 0.2
+        reward_values = rng.normal(0.0, 0.6, size=(len(names), k)).astype(np.float32)
+        scores = steered_scores(base_logprobs, reward_values, weights, 1.0)
+        trace = StepTrace(chosen_id, chosen, candidate_ids, base_logprobs, reward_values, scores, names)
+        tokens.append(token_info(TokenEvent(piece, chosen_id, trace), lambda token: vocabulary[token]))
+    return tokens
+
+
+def fill_store(store: Store) -> tuple[int, list[TokenInfo]]:
+    """The demo rewards, feedback and conversation; returns the traced reply's id and its tokens."""
+    for name, reward in REWARDS.items():
+        path = Path("/demo/rewards") / f"{name}.onnx"
+        store.add_reward(path, name)
+        store.set_reward_state(path, enabled=reward.enabled, weight=reward.weight)
+    store.create_conversation("Bread without yeast")
+    conversation_id = store.create_conversation(title="Packing for a day hike", system_prompt=SYSTEM_PROMPT,
+                                                model_name=DEMO_MODEL)
+    ids = [store.add_message(conversation_id, role, text) for role, text in CONVERSATION]
+    store.add_feedback("thumbs_up", prompt=CONVERSATION[0][1], system=SYSTEM_PROMPT, chosen=CONVERSATION[1][1],
+                       conversation_id=conversation_id, message_id=ids[1])
+    pieces = split_into_tokens(TRACED_REPLY)
+    vocabulary = sorted(set(pieces) | {" Sure", " Also", " However", " rain", " shoes", " jacket", "!"})
+    reply_id = store.add_message(conversation_id, "assistant", TRACED_REPLY,
+                                 stats={"tokens": len(pieces), "tokens_per_second": 41.7,
+                                        "rewards": ["concise", "friendly-tone"]})
+    return reply_id, traced_tokens(pieces, vocabulary)
+
+
+@contextlib.contextmanager
+def demo_data() -> Iterator[tuple[DemoEngine, Store, int, list[TokenInfo]]]:
+    """A throw-away app folder and store holding the demo, removed afterwards."""
+    folder = Path(tempfile.mkdtemp(prefix="prt-demo-"))
+    saved_home = os.environ.get("PRT_HOME")
+    os.environ["PRT_HOME"] = str(folder)  # the model list and rewards folder are the demo's too
+    store = Store(folder / "demo.db")
+    try:
+        reply_id, tokens = fill_store(store)
+        yield DemoEngine(), store, reply_id, tokens
+    finally:
+        store.close()
+        if saved_home is None:
+            os.environ.pop("PRT_HOME", None)
+        else:
+            os.environ["PRT_HOME"] = saved_home
+        shutil.rmtree(folder, ignore_errors=True)

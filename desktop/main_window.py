@@ -1,0 +1,256 @@
+"""The main window: conversations on the left, the chat in the middle, rewards and tuning docked on the
+right, the model picker in the toolbar, speed and active rewards in the status bar."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+from PySide6.QtCore import QCoreApplication, Qt
+from PySide6.QtGui import QAction, QCloseEvent, QGuiApplication, QKeySequence
+from PySide6.QtWidgets import (QDialog, QDockWidget, QFileDialog, QLabel, QMainWindow, QMessageBox, QProgressBar,
+                               QSplitter)
+
+from engine.chat import tune_command
+from engine.models import app_data_dir
+from desktop.chat_session import ChatSession
+from desktop.chat_view import ChatView
+from desktop.conversation_list import ConversationList
+from desktop.formatting import speed_text
+from desktop.model_picker import ModelPicker
+from desktop.rewards_panel import RewardsPanel
+from desktop.settings import AppSettings, save_data_folder
+from desktop.settings_dialog import SettingsDialog
+from desktop.tune_panel import TunePanel
+from desktop.workers import run_in_background, wait_for_background_work
+
+APP_TITLE = "PRT Chat"
+
+
+class MainWindow(QMainWindow):
+    def __init__(self, engine, store, *, settings: AppSettings | None = None,
+                 tune_command_factory: Callable[..., list[str]] = tune_command) -> None:
+        super().__init__()
+        self.setWindowTitle(APP_TITLE)
+        self.engine, self.store = engine, store
+        self.settings = AppSettings.load(store) if settings is None else settings
+        self.conversations = ConversationList(store)
+        self.chat_view = ChatView()
+        self.session = ChatSession(engine, store, self.chat_view, lambda seed: self.settings.sampling(seed))
+        self.rewards_panel = RewardsPanel(engine, store, strength=self.settings.alpha)
+        self.tune_panel = TunePanel(engine, store, command_factory=tune_command_factory)
+        self.model_picker = ModelPicker()
+        self.error_box = QMessageBox(QMessageBox.Icon.Warning, APP_TITLE, "", QMessageBox.StandardButton.Ok, self)
+        self._build_layout()
+        self._build_status_bar()
+        self._build_actions()
+        self._connect()
+        self.conversations.refresh()
+        self.session.open(None)
+        self.rewards_panel.refresh()
+        self.model_picker.show_current(self._model_path())
+
+    # -- building ------------------------------------------------------------------
+    def _build_layout(self) -> None:
+        splitter = QSplitter()
+        splitter.addWidget(self.conversations)
+        splitter.addWidget(self.chat_view)
+        splitter.setStretchFactor(1, 1)
+        splitter.setSizes([220, 780])
+        self.setCentralWidget(splitter)
+        self.rewards_dock = self._dock("Rewards", self.rewards_panel)
+        self.tune_dock = self._dock("Tune", self.tune_panel)
+        self.tabifyDockWidget(self.rewards_dock, self.tune_dock)
+        self.rewards_dock.raise_()
+        self.resizeDocks([self.rewards_dock], [340], Qt.Orientation.Horizontal)
+
+    def _dock(self, title: str, widget) -> QDockWidget:
+        dock = QDockWidget(title, self)
+        dock.setObjectName(title)
+        dock.setWidget(widget)
+        self.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, dock)
+        return dock
+
+    def _build_status_bar(self) -> None:
+        self.busy_bar = QProgressBar(maximumWidth=120, visible=False)
+        self.busy_bar.setRange(0, 0)  # busy, no percentage: llama.cpp does not report load progress
+        self.model_label = QLabel()
+        self.rewards_label = QLabel()
+        self.speed_label = QLabel()
+        for widget in (self.busy_bar, self.model_label, self.rewards_label, self.speed_label):
+            self.statusBar().addPermanentWidget(widget)
+        self._show_model_and_rewards()
+
+    def _action(self, menu, text: str, slot, shortcut=None, *, checkable: bool = False) -> QAction:
+        action = QAction(text, self, checkable=checkable)
+        if shortcut is not None:
+            action.setShortcut(QKeySequence(shortcut))
+        action.triggered.connect(slot)
+        menu.addAction(action)
+        return action
+
+    def _build_actions(self) -> None:
+        bar = self.menuBar()
+        file_menu = bar.addMenu("&File")
+        self.new_chat_action = self._action(file_menu, "&New chat", self.new_chat, QKeySequence.StandardKey.New)
+        self._action(file_menu, "Add a &model file…", self.model_picker.add_file)
+        self._action(file_menu, "Add a &reward file…", self.rewards_panel.choose_reward_file)
+        file_menu.addSeparator()
+        self._action(file_menu, "&Quit", self.close, QKeySequence.StandardKey.Quit)
+        chat_menu = bar.addMenu("&Chat")
+        self._action(chat_menu, "&Find chats", self.conversations.focus_search, QKeySequence.StandardKey.Find)
+        self._action(chat_menu, "&Stop the reply", self.session.stop, Qt.Key.Key_Escape)
+        self._action(chat_menu, "&Regenerate", self.session.regenerate, "Ctrl+R")
+        view_menu = bar.addMenu("&View")
+        self.token_view_action = self._action(view_menu, "&Token view", self.chat_view.set_token_view, "Ctrl+T",
+                                              checkable=True)
+        self.token_view_action.setToolTip("Tint each token by how much the rewards raised (green) or lowered (red) "
+                                          "it; hover a token for the candidates before and after (Ctrl+T)")
+        view_menu.addAction(self.rewards_dock.toggleViewAction())
+        view_menu.addAction(self.tune_dock.toggleViewAction())
+        settings_menu = bar.addMenu("&Settings")
+        self._action(settings_menu, "&Preferences…", self.open_settings, QKeySequence.StandardKey.Preferences)
+        self._action(settings_menu, "&Export all conversations…", self.export_conversations)
+        self._action(settings_menu, "&Import conversations…", self.import_conversations)
+        settings_menu.addSeparator()
+        self._action(settings_menu, "&Delete all data…", self.delete_all_data)
+        toolbar = self.addToolBar("Main")
+        toolbar.setObjectName("Main")
+        toolbar.addWidget(QLabel(" Model "))
+        toolbar.addWidget(self.model_picker)
+        toolbar.addAction(self.new_chat_action)
+        toolbar.addAction(self.token_view_action)
+
+    def _connect(self) -> None:
+        self.conversations.conversation_selected.connect(self.session.open)
+        self.conversations.conversation_deleted.connect(self._conversation_deleted)
+        self.session.conversations_changed.connect(lambda: self.conversations.refresh(self.session.conversation_id))
+        self.session.feedback_changed.connect(self.tune_panel.refresh_counts)
+        self.session.speed_changed.connect(lambda speed: self.speed_label.setText(speed_text(speed)))
+        self.session.error.connect(self.show_error)
+        self.rewards_panel.changed.connect(self._show_model_and_rewards)
+        self.rewards_panel.strength_changed.connect(self._save_strength)
+        self.rewards_panel.error.connect(self.show_error)
+        self.tune_panel.reward_tuned.connect(lambda _path: self.rewards_panel.refresh())
+        self.model_picker.model_chosen.connect(self.load_model)
+        self.model_picker.error.connect(self.show_error)
+        QGuiApplication.styleHints().colorSchemeChanged.connect(self._color_scheme_changed)
+
+    # -- model -----------------------------------------------------------------------
+    def _model_path(self) -> Path | None:
+        return self.engine.base.path if self.engine.base is not None else None
+
+    def load_model(self, path: Path | str) -> None:
+        """Load a GGUF on the thread pool; the chat waits (with a busy bar) until it is in."""
+        path, config = Path(path), self.settings.model_config()
+        self._show_loading(f"Loading {path.stem}…")
+        run_in_background(lambda: self.engine.load_model(path, config), lambda _base: self._model_loaded(path),
+                          self._model_failed)
+
+    def _model_loaded(self, path: Path) -> None:
+        self._show_loading("")
+        self.settings = replace(self.settings, last_model=str(path))
+        self.settings.save(self.store)
+        self.model_picker.show_current(path)
+        self.rewards_panel.refresh()  # badges and active rewards, for the new vocabulary
+        self.statusBar().showMessage(f"Loaded {path.stem}", 5000)
+
+    def _model_failed(self, message: str) -> None:
+        self._show_loading("")
+        self.model_picker.show_current(self._model_path())
+        self.show_error(message)
+
+    def _show_loading(self, message: str) -> None:
+        loading = bool(message)
+        self.session.model_ready = not loading
+        self.busy_bar.setVisible(loading)
+        self.model_picker.setEnabled(not loading)
+        self.statusBar().showMessage(message)
+        self._show_model_and_rewards()
+
+    def _show_model_and_rewards(self) -> None:
+        base = self.engine.base
+        self.model_label.setText(f"Model: {base.name}" if base is not None else "No model loaded")
+        names = ", ".join(self.engine.active_reward_names) or "none"
+        self.rewards_label.setText(f"Rewards: {names} (strength {self.engine.alpha:.2f})")
+
+    # -- chats ---------------------------------------------------------------------------
+    def new_chat(self) -> None:
+        self.conversations.clear_selection()
+        self.session.open(None)
+        self.chat_view.input.setFocus()
+
+    def _conversation_deleted(self, conversation_id: int) -> None:
+        if self.session.conversation_id == conversation_id:
+            self.session.open(None)
+
+    # -- settings and data -----------------------------------------------------------------
+    def _save_strength(self, strength: float) -> None:
+        self.settings = replace(self.settings, alpha=strength)
+        self.settings.save(self.store)
+
+    def open_settings(self) -> None:
+        dialog = SettingsDialog(self.settings, app_data_dir(), self)
+        if dialog.exec() != QDialog.DialogCode.Accepted:
+            return
+        old, self.settings = self.settings, dialog.settings()
+        self.settings.save(self.store)
+        if dialog.chosen_data_folder() != app_data_dir():
+            save_data_folder(dialog.chosen_data_folder())
+            self.statusBar().showMessage("The new data folder is used from the next start.", 10000)
+        if self.settings.model_config() != old.model_config() and self.engine.base is not None:
+            self.load_model(self.engine.base.path)
+
+    def export_conversations(self) -> None:
+        path, _filter = QFileDialog.getSaveFileName(self, "Export all conversations", "chats.json", "JSON (*.json)")
+        if path:
+            counts = self.store.export_json(path)
+            self.statusBar().showMessage(f"Exported {counts['conversations']} conversations, {counts['messages']} "
+                                         f"messages and {counts['feedback']} feedback items to {path}", 10000)
+
+    def import_conversations(self) -> None:
+        path, _filter = QFileDialog.getOpenFileName(self, "Import conversations", "", "JSON (*.json)")
+        if path:
+            counts = self.store.import_json(path)
+            self.statusBar().showMessage(f"Imported {counts['conversations']} conversations ({counts['skipped']} "
+                                         f"already here) and {counts['feedback']} feedback items", 10000)
+            self.conversations.refresh()
+            self.tune_panel.refresh_counts()
+
+    def delete_all_data(self) -> None:
+        if self.session.busy:
+            self.show_error("Stop the reply before deleting data.")
+            return
+        answer = QMessageBox.warning(
+            self, "Delete all data", "Delete every conversation, all feedback, the list of installed rewards, the "
+            "tuning history and the settings? Model and reward files stay on disk. This cannot be undone.",
+            QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.Cancel, QMessageBox.StandardButton.Cancel)
+        if answer != QMessageBox.StandardButton.Yes:
+            return
+        self.store.delete_all()
+        self.new_chat()
+        self.conversations.refresh()
+        self.rewards_panel.refresh()
+        self.tune_panel.refresh_counts()
+
+    # -- errors, theme, shutdown ---------------------------------------------------------------
+    def show_error(self, message: str) -> None:
+        """A readable message, in the status bar and in a (non-blocking) dialog."""
+        self.statusBar().showMessage(message, 15000)
+        self.error_box.setText(message)
+        self.error_box.open()
+
+    def _color_scheme_changed(self) -> None:
+        self.rewards_panel.refresh()  # the badges' colors; token tints follow their own palette change
+
+    def closeEvent(self, event: QCloseEvent) -> None:
+        self.shutdown()
+        super().closeEvent(event)
+
+    def shutdown(self) -> None:
+        """Stop the reply and any tuning, wait for the workers, and let their results reach the store."""
+        self.session.stop()
+        self.tune_panel.shutdown()
+        wait_for_background_work()
+        QCoreApplication.sendPostedEvents()

@@ -1,0 +1,98 @@
+"""Preferences: model (threads, GPU layers, context size), sampling defaults, and the data folder."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from PySide6.QtWidgets import (QDialog, QDialogButtonBox, QDoubleSpinBox, QFileDialog, QFormLayout, QGroupBox,
+                               QHBoxLayout, QLabel, QLineEdit, QPushButton, QSpinBox, QVBoxLayout, QWidget)
+
+from desktop.settings import AppSettings
+
+AUTO = "Auto"
+
+
+def _spin(low: int, high: int, value: int | None, *, auto: bool = False, step: int = 1) -> QSpinBox:
+    """An integer box; with ``auto``, its lowest value reads 'Auto' and stands for None."""
+    box = QSpinBox(minimum=low, maximum=high, singleStep=step)
+    if auto:
+        box.setSpecialValueText(AUTO)
+    box.setValue(low if value is None else value)
+    return box
+
+
+def _double(low: float, high: float, value: float, step: float) -> QDoubleSpinBox:
+    return QDoubleSpinBox(minimum=low, maximum=high, singleStep=step, decimals=2, value=value)
+
+
+def _auto_value(box: QSpinBox) -> int | None:
+    return None if box.value() == box.minimum() else box.value()
+
+
+class SettingsDialog(QDialog):
+    def __init__(self, settings: AppSettings, data_folder: Path, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setWindowTitle("Settings")
+        self._settings = settings
+        self.threads = _spin(0, 256, settings.n_threads, auto=True)
+        self.gpu_layers = _spin(-1, 999, settings.n_gpu_layers, auto=True)
+        self.gpu_layers.setToolTip("Auto: all layers when llama.cpp has a GPU backend. 0: CPU only.")
+        self.context = _spin(256, 131072, settings.n_ctx, step=256)
+        self.temperature = _double(0, 2, settings.temperature, 0.05)
+        self.temperature.setToolTip("0 picks the most likely token every time")
+        self.top_k = _spin(1, 1000, settings.top_k)
+        self.top_k.setToolTip("Candidates per token; the rewards score these")
+        self.top_p = _double(0.01, 1, settings.top_p, 0.01)
+        self.min_p = _double(0, 0.99, settings.min_p, 0.01)
+        self.max_tokens = _spin(1, 32768, settings.max_tokens)
+        self.data_folder = QLineEdit(str(data_folder))
+        model = QFormLayout()
+        model.addRow("CPU threads", self.threads)
+        model.addRow("GPU layers", self.gpu_layers)
+        model.addRow("Context size (tokens)", self.context)
+        sampling = QFormLayout()
+        sampling.addRow("Temperature", self.temperature)
+        sampling.addRow("Top-k", self.top_k)
+        sampling.addRow("Top-p", self.top_p)
+        sampling.addRow("Min-p", self.min_p)
+        sampling.addRow("Max tokens per reply", self.max_tokens)
+        buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel)
+        buttons.accepted.connect(self.accept)
+        buttons.rejected.connect(self.reject)
+        layout = QVBoxLayout(self)
+        layout.addWidget(self._group("Model (changes reload it)", model))
+        layout.addWidget(self._group("Sampling defaults", sampling))
+        layout.addWidget(self._group("Data folder (takes effect after a restart)", self._folder_row()))
+        layout.addWidget(buttons)
+
+    @staticmethod
+    def _group(title: str, content) -> QGroupBox:
+        group = QGroupBox(title)
+        group.setLayout(content)
+        return group
+
+    def _folder_row(self) -> QVBoxLayout:
+        choose = QPushButton("Choose…")
+        choose.clicked.connect(self._choose_folder)
+        row = QHBoxLayout()
+        row.addWidget(self.data_folder, 1)
+        row.addWidget(choose)
+        column = QVBoxLayout()
+        column.addLayout(row)
+        column.addWidget(QLabel("Chats, rewards and models live here. Existing data is not moved.", wordWrap=True))
+        return column
+
+    def _choose_folder(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Data folder", self.data_folder.text())
+        if folder:
+            self.data_folder.setText(folder)
+
+    def settings(self) -> AppSettings:
+        return replace(
+            self._settings, n_threads=_auto_value(self.threads), n_gpu_layers=_auto_value(self.gpu_layers),
+            n_ctx=self.context.value(), temperature=self.temperature.value(), top_k=self.top_k.value(),
+            top_p=self.top_p.value(), min_p=self.min_p.value(), max_tokens=self.max_tokens.value())
+
+    def chosen_data_folder(self) -> Path:
+        return Path(self.data_folder.text()).expanduser()

@@ -1,0 +1,274 @@
+"""The tune panel: pick the data, train a reward in a child process, follow its progress, keep the result.
+
+Tuning runs as ``python -m engine.cli tune ... --json --progress-json`` (engine.chat.tune_command):
+torch never loads into the app, every stderr line is a TuneProgress, the last stdout line is the
+summary, and cancelling is a kill (the CLI writes its files atomically, so nothing half-written stays).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Callable
+
+from PySide6.QtCore import QProcess, QProcessEnvironment, Qt, Signal
+from PySide6.QtWidgets import (QCheckBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QLineEdit, QListWidget,
+                               QProgressBar, QPushButton, QVBoxLayout, QWidget)
+
+from engine.chat import TuneProgress, rewards_dir, tune_command
+from desktop.formatting import duration_text, held_out_text, sentence
+
+PHASES = {"teacher": "Scoring your data with the model", "train": "Training", "export": "Exporting and checking"}
+FEEDBACK_LABELS = {"thumbs_up": "thumbs up", "thumbs_down": "thumbs down", "pick": "picks", "edit": "edits"}
+ERROR_PREFIX = "prt: error: "
+
+
+def safe_file_name(name: str) -> str:
+    return re.sub(r"[^\w.-]+", "-", name.strip()).strip("-.")
+
+
+def feedback_text(counts: dict[str, int]) -> str:
+    total = sum(counts.values())
+    details = ", ".join(f"{counts.get(kind, 0)} {label}" for kind, label in FEEDBACK_LABELS.items())
+    return f"Collected feedback: {total} ({details})"
+
+
+def summary_from(stdout: str) -> dict | None:
+    """The JSON summary on the last non-empty stdout line, if there is one."""
+    lines = [line for line in stdout.splitlines() if line.strip()]
+    try:
+        summary = json.loads(lines[-1]) if lines else None
+    except ValueError:
+        return None
+    return summary if isinstance(summary, dict) and "path" in summary else None
+
+
+class TunePanel(QWidget):
+    reward_tuned = Signal(str)  # the new reward's path
+
+    def __init__(self, engine, store, *, command_factory: Callable[..., list[str]] = tune_command) -> None:
+        super().__init__()
+        self._engine, self._store, self._command_factory = engine, store, command_factory
+        self._process: QProcess | None = None
+        self._run_id: int | None = None
+        self._name = ""  # the reward's name, as given when the run started
+        self._cancelled = False
+        self._stderr_tail = b""  # an unfinished stderr line
+        self._other_lines: list[str] = []  # stderr lines that are not progress (the error, if any)
+        self.name_edit = QLineEdit("my-style")
+        self.feedback_box = QCheckBox(enabled=False)
+        self.documents_box = QCheckBox("Documents folder: none", enabled=False)
+        self._documents: Path | None = None
+        self.data_list = QListWidget()
+        self.data_list.setMaximumHeight(90)
+        self.start_button = QPushButton("Start tuning")
+        self.cancel_button = QPushButton("Cancel")
+        self.progress = QProgressBar()
+        self.phase_label = QLabel()
+        self.result_label = QLabel(wordWrap=True)
+        self.result_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.start_button.clicked.connect(self.start)
+        self.cancel_button.clicked.connect(self.cancel)
+        self._build_layout()
+        self.refresh_counts()
+        self._show_running(False)
+
+    def _build_layout(self) -> None:
+        choose_folder = QPushButton("Choose folder…")
+        choose_folder.clicked.connect(self._choose_documents)
+        add_files = QPushButton("Add JSONL files…")
+        add_files.clicked.connect(self._choose_data_files)
+        remove_file = QPushButton("Remove")
+        remove_file.clicked.connect(lambda: self.data_list.takeItem(self.data_list.currentRow()))
+        folder_row = QHBoxLayout()
+        folder_row.addWidget(self.documents_box, 1)
+        folder_row.addWidget(choose_folder)
+        files_row = QHBoxLayout()
+        files_row.addWidget(add_files)
+        files_row.addWidget(remove_file)
+        files_row.addStretch(1)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.start_button)
+        buttons.addWidget(self.cancel_button)
+        form = QFormLayout()
+        form.addRow("Reward name", self.name_edit)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addWidget(QLabel("<b>Train on</b>"))
+        layout.addWidget(self.feedback_box)
+        layout.addLayout(folder_row)
+        layout.addWidget(QLabel("Example files (JSONL: demonstrations or preference pairs)"))
+        layout.addWidget(self.data_list)
+        layout.addLayout(files_row)
+        layout.addLayout(buttons)
+        layout.addWidget(self.progress)
+        layout.addWidget(self.phase_label)
+        layout.addWidget(self.result_label)
+        layout.addStretch(1)
+
+    # -- sources ---------------------------------------------------------------
+    def refresh_counts(self) -> None:
+        counts = self._store.feedback_counts()
+        self.feedback_box.setText(feedback_text(counts))
+        has_feedback = sum(counts.values()) > 0
+        if has_feedback != self.feedback_box.isEnabled():  # offered (checked) once there is some; the user decides
+            self.feedback_box.setEnabled(has_feedback)
+            self.feedback_box.setChecked(has_feedback)
+
+    def set_documents_folder(self, folder: Path | str) -> None:
+        self._documents = Path(folder)
+        self.documents_box.setText(f"Documents folder: {self._documents}")
+        self.documents_box.setEnabled(True)
+        self.documents_box.setChecked(True)
+
+    def add_data_files(self, paths) -> None:
+        self.data_list.addItems([str(path) for path in paths])
+
+    def _choose_documents(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "A folder of .txt or .md documents")
+        if folder:
+            self.set_documents_folder(folder)
+
+    def _choose_data_files(self) -> None:
+        paths, _filter = QFileDialog.getOpenFileNames(self, "Example files", "", "JSON Lines (*.jsonl)")
+        self.add_data_files(paths)
+
+    def _sources(self) -> dict:
+        return {"feedback": self.feedback_box.isChecked(),
+                "documents": [str(self._documents)] if self.documents_box.isChecked() and self._documents else [],
+                "data": [self.data_list.item(row).text() for row in range(self.data_list.count())]}
+
+    # -- the run ----------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self._process is not None
+
+    def start(self) -> None:
+        if self.running:
+            return
+        problem, argv = self._command()
+        if problem:
+            self._show_result(problem)
+            return
+        self._name = self.name_edit.text().strip()
+        self._run_id = self._store.start_tuning_run({**self._sources(), "name": self._name})
+        self._cancelled, self._stderr_tail, self._other_lines = False, b"", []
+        process = QProcess(self)
+        environment = QProcessEnvironment.systemEnvironment()
+        environment.insert("PYTHONUNBUFFERED", "1")
+        process.setProcessEnvironment(environment)
+        process.setWorkingDirectory(str(rewards_dir()))
+        process.readyReadStandardError.connect(self._read_progress)
+        process.finished.connect(self._finished)
+        process.errorOccurred.connect(self._failed_to_start)
+        self._process = process
+        self._show_running(True)
+        self._show_result("")
+        process.start(argv[0], argv[1:])
+
+    def _command(self) -> tuple[str, list[str]]:
+        """(what is missing, []) or ('', the tuning argv)."""
+        name = safe_file_name(self.name_edit.text())
+        sources = self._sources()
+        out_path = rewards_dir() / f"{name}.onnx"
+        if self._engine.base is None:
+            return "Load a model first: the reward is trained against it.", []
+        if not name:
+            return "Give the reward a name.", []
+        if out_path.exists():
+            return f"A reward named {name} exists already ({out_path}); choose another name.", []
+        if not (sources["feedback"] or sources["documents"] or sources["data"]):
+            return "Choose what to train on: your feedback, a documents folder or example files.", []
+        return "", self._command_factory(model_path=self._engine.base.path, out_path=out_path,
+                                         data_files=sources["data"], documents=sources["documents"],
+                                         feedback_db=self._store.path if sources["feedback"] else None,
+                                         name=self.name_edit.text().strip())
+
+    def cancel(self) -> None:
+        if self._process is not None:
+            self._cancelled = True
+            self._process.kill()
+
+    def shutdown(self) -> None:
+        """Cancel a run and wait until it is recorded as cancelled."""
+        process = self._process
+        self.cancel()
+        if process is not None:
+            process.waitForFinished(5000)
+
+    def _read_progress(self) -> None:
+        self._take_stderr(bytes(self._process.readAllStandardError()))
+
+    def _take_stderr(self, data: bytes, *, final: bool = False) -> None:
+        """Handle the complete lines in ``data`` (all of it when ``final``); keep the rest for next time."""
+        lines = (self._stderr_tail + data).split(b"\n")
+        self._stderr_tail = b"" if final else lines.pop()
+        for line in (raw.decode("utf-8", errors="replace") for raw in lines):
+            progress = TuneProgress.parse(line)
+            if progress is not None:
+                self._show_progress(progress)
+            elif line.strip():
+                self._other_lines.append(line.strip())
+
+    def _show_progress(self, progress: TuneProgress) -> None:
+        self.progress.setRange(0, max(progress.total, 1))
+        self.progress.setValue(progress.done)
+        eta = f" · about {duration_text(progress.eta_seconds)} left" if progress.eta_seconds is not None else ""
+        message = f" · {progress.message}" if progress.message else ""
+        self.phase_label.setText(f"{PHASES.get(progress.phase, progress.phase)}: {progress.done}/{progress.total}"
+                                 f"{eta}{message}")
+
+    def _detach_process(self) -> QProcess:
+        process, self._process = self._process, None
+        process.deleteLater()
+        self._show_running(False)
+        return process
+
+    def _finished(self, exit_code: int, _exit_status=None) -> None:
+        process = self._detach_process()
+        self._take_stderr(bytes(process.readAllStandardError()), final=True)
+        summary = summary_from(bytes(process.readAllStandardOutput()).decode("utf-8", errors="replace"))
+        if self._cancelled:
+            self._end_run("cancelled", "Cancelled; nothing was saved.")
+        elif exit_code == 0 and summary is not None:
+            self._succeeded(summary)
+        else:
+            self._end_run("failed", self._error_line(exit_code))
+
+    def _failed_to_start(self, error: QProcess.ProcessError) -> None:
+        if error == QProcess.ProcessError.FailedToStart and self._process is not None:
+            process = self._detach_process()
+            self._end_run("failed", f"Could not start the tuning process: {process.errorString()}.")
+
+    def _error_line(self, exit_code: int) -> str:
+        errors = [line for line in self._other_lines if line.startswith(ERROR_PREFIX)]
+        if errors:
+            return errors[-1]
+        return self._other_lines[-1] if self._other_lines else f"The tuning process ended with code {exit_code}."
+
+    def _succeeded(self, summary: dict) -> None:
+        held_out = summary.get("held_out", {})
+        self._store.add_reward(summary["path"], self._name)
+        self._store.finish_tuning_run(self._run_id, status="done", reward_path=summary["path"], metrics=held_out)
+        took = f" in {duration_text(summary['seconds'])}" if "seconds" in summary else ""
+        self._show_result(f"Saved {self._name}{took}. {sentence(held_out_text(held_out))}. "
+                          "Switch it on in the Rewards panel.")
+        self.reward_tuned.emit(summary["path"])
+
+    def _end_run(self, status: str, message: str) -> None:
+        self._store.finish_tuning_run(self._run_id, status=status, error=None if status == "cancelled" else message)
+        self._show_result(message)
+
+    def _show_running(self, running: bool) -> None:
+        self.start_button.setEnabled(not running)
+        self.cancel_button.setEnabled(running)
+        self.progress.setVisible(running)
+        if running:
+            self.progress.setRange(0, 0)  # busy until the first progress line
+            self.phase_label.setText("Starting…")
+        else:
+            self.phase_label.clear()
+
+    def _show_result(self, text: str) -> None:
+        self.result_label.setText(text)

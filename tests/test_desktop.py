@@ -1,0 +1,529 @@
+"""The desktop app with a fake engine (canned tokens with real StepTraces) and a real store in tmp_path."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+import json
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PySide6.QtCore import Qt
+from PySide6.QtGui import QTextCursor
+from PySide6.QtWidgets import QDialog, QMessageBox
+
+from engine.chat import RewardInfo
+from engine.decode import GenerationResult, StepTrace, TokenEvent
+from engine.errors import ModelFileError, RewardRuntimeError
+from engine.rewards import RewardCard
+from engine.store import Store
+from desktop.app import main
+from desktop.chat_view import PairWidget
+from desktop.main_window import MainWindow
+from desktop.settings import AppSettings
+from desktop.settings_dialog import SettingsDialog
+from desktop.tune_panel import TunePanel
+
+VOCABULARY = ["Hello", " there", "!", " How", " can", " I", " help", "?", " Sure", " No", " maybe"]
+REPLY = [1, 2, 3, 4, 5, 6, 7]  # " there! How can I help?"
+REPLY_TEXT = "".join(VOCABULARY[token] for token in REPLY)
+WAIT_MS = 10_000
+
+
+def step_trace(token: int, position: int) -> StepTrace:
+    """Four candidates, the chosen one first; the reward raises it at even positions and lowers it at odd ones."""
+    candidates = np.array([token] + [other for other in (8, 9, 10, 0) if other != token][:3])
+    base = np.array([-0.5, -1.5, -2.5, -3.5], dtype=np.float32)
+    rewards = np.array([[1.5 if position % 2 == 0 else -1.5, 0.0, 0.5, 0.0]], dtype=np.float32)
+    return StepTrace(token, 0, candidates, base, rewards, base + rewards[0], ("style",))
+
+
+class FakeGeneration:
+    """Streams canned tokens like engine.decode.Generation; can hold after some tokens until cancelled, or fail."""
+
+    def __init__(self, tokens: list[int], *, hold_after: int | None = None, fail_after: int | None = None) -> None:
+        self.tokens, self.hold_after, self.fail_after = tokens, hold_after, fail_after
+        self.result = GenerationResult()
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    def __iter__(self):
+        for position, token in enumerate(self.tokens):
+            if position == self.hold_after:
+                self._cancelled.wait(WAIT_MS / 1000)
+            if self._cancelled.is_set():
+                self.result.finish_reason = "cancelled"
+                return
+            if position == self.fail_after:
+                self.result.finish_reason = "error"
+                raise RewardRuntimeError("The reward model 'style' failed: broken graph.")
+            trace = step_trace(token, position)
+            self.result.token_ids.append(token)
+            self.result.trace.append(trace)
+            self.result.text += VOCABULARY[token]
+            yield TokenEvent(VOCABULARY[token], token, trace)
+        self.result.finish_reason = "stop"
+        self.result.decode_seconds = 0.5
+
+
+class FakeBase:
+    name = "fake-model"
+    path = Path("fake-model.gguf")
+
+    def token_bytes(self, token: int) -> bytes:
+        return VOCABULARY[token].encode()
+
+
+class FakeEngine:
+    """Duck-typed ChatEngine: records what the window asks; each reply plays the next queued generation."""
+
+    def __init__(self) -> None:
+        self.base = FakeBase()
+        self.alpha = 1.0
+        self.generations: list[FakeGeneration] = []  # queued; default: REPLY
+        self.replies: list[tuple[list[dict], object]] = []  # (messages, sampling config) per reply
+        self.loads: list[tuple[Path, object]] = []
+        self.load_error: Exception | None = None
+        self.active_reward_calls: list[dict] = []
+        self.alpha_calls: list[float] = []
+        self._weights: dict = {}
+
+    def reply(self, messages, config) -> FakeGeneration:
+        self.replies.append((list(messages), config))
+        return self.generations.pop(0) if self.generations else FakeGeneration(REPLY)
+
+    def run_locked(self, generation, on_event) -> GenerationResult:
+        for event in generation:
+            on_event(event)
+        return generation.result
+
+    def describe_rewards(self, paths) -> list[RewardInfo]:
+        infos = []
+        for path in map(Path, paths):
+            card = RewardCard(name=path.stem, vocabulary_fingerprint="sha256:x", vocabulary_size=11,
+                              base_model_name="fake-model", training_data={"demonstrations": 12},
+                              metrics={"held_out": {"tokens": 300, "base_nll": 2.5, "steered_nll": 2.1}})
+            compatible = "other-vocab" not in path.stem
+            infos.append(RewardInfo(path, card, compatible, "" if compatible else "Trained for another vocabulary."))
+        return infos
+
+    def set_active_rewards(self, weights) -> None:
+        self.active_reward_calls.append(dict(weights))
+        self._weights = dict(weights)
+
+    def set_alpha(self, alpha: float) -> None:
+        self.alpha_calls.append(alpha)
+        self.alpha = alpha
+
+    @property
+    def active_reward_names(self) -> list[str]:
+        return [Path(path).stem for path in self._weights]
+
+    def load_model(self, path, config) -> FakeBase:
+        self.loads.append((Path(path), config))
+        if self.load_error is not None:
+            raise self.load_error
+        return self.base
+
+
+@pytest.fixture
+def store(tmp_path):
+    with Store(tmp_path / "chats.db") as store:
+        yield store
+
+
+@pytest.fixture
+def engine():
+    return FakeEngine()
+
+
+@pytest.fixture
+def tune_commands():
+    """The tuning argv the panel runs: set ``script`` to the fake CLI's Python source; ``calls`` records kwargs."""
+    class Commands:
+        script = "pass"
+        calls: list[dict] = []
+
+        def __call__(self, **kwargs) -> list[str]:
+            self.calls.append(kwargs)
+            return [sys.executable, "-c", self.script, str(kwargs["out_path"])]
+
+    return Commands()
+
+
+@pytest.fixture
+def window(qtbot, engine, store, tune_commands):
+    window = MainWindow(engine, store, settings=AppSettings(), tune_command_factory=tune_commands)
+    qtbot.addWidget(window)
+    window.show()
+    yield window
+    window.close()
+
+
+def send(qtbot, window, text: str, *, two: bool = False) -> None:
+    window.chat_view.input.setPlainText(text)
+    (window.chat_view.two_button if two else window.chat_view.send_button).click()
+    wait_idle(qtbot, window)
+
+
+def wait_idle(qtbot, window) -> None:
+    qtbot.waitUntil(lambda: not window.session.busy, timeout=WAIT_MS)
+
+
+def stored(store, window) -> list[tuple[str, str, str]]:
+    return [(m.role, m.content, m.status) for m in store.messages(window.session.conversation_id)]
+
+
+def assistant_widget(window):
+    return [widget for widget in window.chat_view.message_widgets() if widget.role == "assistant"][-1]
+
+
+# -- chatting ---------------------------------------------------------------------------------------
+def test_enter_sends_and_the_streamed_reply_is_stored_complete(qtbot, window, store, engine):
+    composer = window.chat_view.input
+    qtbot.keyClicks(composer, "Hi")
+    qtbot.keyClick(composer, Qt.Key.Key_Return, Qt.KeyboardModifier.ShiftModifier)  # a new line, not a send
+    qtbot.keyClicks(composer, "you")
+    assert window.session.conversation_id is None
+    qtbot.keyClick(composer, Qt.Key.Key_Return)
+    wait_idle(qtbot, window)
+
+    assert stored(store, window) == [("user", "Hi\nyou", "complete"), ("assistant", REPLY_TEXT, "complete")]
+    reply = store.messages(window.session.conversation_id)[1]
+    assert reply.stats["tokens"] == len(REPLY) and reply.stats["finish_reason"] == "stop"
+    assert engine.replies[0][0] == [{"role": "user", "content": "Hi\nyou"}]
+    assert composer.toPlainText() == ""
+    assert assistant_widget(window).body.text == REPLY_TEXT
+    assert window.conversations.titles() == ["Hi"]
+
+
+def test_system_prompt_goes_first_and_is_stored(qtbot, window, store, engine):
+    window.chat_view.system_prompt.setText("Be brief.")
+    send(qtbot, window, "Hello")
+    assert store.conversation(window.session.conversation_id).system_prompt == "Be brief."
+    assert engine.replies[0][0][0] == {"role": "system", "content": "Be brief."}
+
+
+def test_stop_keeps_the_partial_text(qtbot, window, store, engine):
+    engine.generations = [FakeGeneration(REPLY, hold_after=2)]
+    window.chat_view.input.setPlainText("Hello")
+    window.chat_view.send_button.click()
+    partial = "".join(VOCABULARY[token] for token in REPLY[:2])
+    qtbot.waitUntil(lambda: assistant_widget(window).body.text == partial, timeout=WAIT_MS)
+    assert window.chat_view.stop_button.isEnabled()
+    qtbot.keyClick(window, Qt.Key.Key_Escape)
+    wait_idle(qtbot, window)
+    assert stored(store, window)[1] == ("assistant", partial, "stopped")
+
+
+def test_regenerate_replaces_the_last_reply(qtbot, window, store, engine):
+    send(qtbot, window, "Hello")
+    engine.generations = [FakeGeneration([8, 2])]
+    window.chat_view.regenerate_button.click()
+    wait_idle(qtbot, window)
+    assert stored(store, window) == [("user", "Hello", "complete"), ("assistant", " Sure!", "complete")]
+    assert engine.replies[1][0] == [{"role": "user", "content": "Hello"}]
+
+
+def test_editing_a_user_message_drops_what_followed_and_replies_again(qtbot, window, store, engine):
+    send(qtbot, window, "First")
+    send(qtbot, window, "Second")
+    first = store.messages(window.session.conversation_id)[0]
+    engine.generations = [FakeGeneration([9])]
+    window.session.edit_message(first.id, "First, edited")
+    wait_idle(qtbot, window)
+    assert stored(store, window) == [("user", "First, edited", "complete"), ("assistant", " No", "complete")]
+    assert engine.replies[-1][0] == [{"role": "user", "content": "First, edited"}]
+
+
+def test_editing_a_reply_keeps_the_edit_as_preferred(qtbot, window, store):
+    send(qtbot, window, "Hello")
+    reply = store.messages(window.session.conversation_id)[1]
+    window.session.edit_message(reply.id, "Hi! What do you need?")
+    assert store.message(reply.id).content == "Hi! What do you need?"
+    [edit] = store.feedback(message_id=reply.id)
+    assert (edit.kind, edit.prompt, edit.chosen, edit.rejected) == ("edit", "Hello", "Hi! What do you need?", REPLY_TEXT)
+
+
+def test_thumbs_up_and_down_store_one_rating_each(qtbot, window, store):
+    window.chat_view.system_prompt.setText("Be kind.")
+    send(qtbot, window, "Hello")
+    widget = assistant_widget(window)
+    widget.rating_buttons["thumbs_up"].click()
+    [up] = store.feedback(message_id=widget.message_id)
+    assert (up.kind, up.prompt, up.system, up.chosen, up.rejected) == ("thumbs_up", "Hello", "Be kind.", REPLY_TEXT, None)
+    widget.rating_buttons["thumbs_down"].click()
+    [down] = store.feedback(message_id=widget.message_id)
+    assert (down.kind, down.rejected, down.chosen) == ("thumbs_down", REPLY_TEXT, None)
+    assert not widget.rating_buttons["thumbs_up"].isChecked()
+    assert "1 thumbs down" in window.tune_panel.feedback_box.text()
+    widget.rating_buttons["thumbs_down"].click()
+    assert store.feedback(message_id=widget.message_id) == []
+
+
+def test_show_me_two_keeps_the_picked_reply_and_records_the_pick(qtbot, window, store, engine):
+    engine.generations = [FakeGeneration([8, 2]), FakeGeneration([9, 2])]
+    send(qtbot, window, "Hello", two=True)
+    [pair] = window.chat_view.findChildren(PairWidget)
+    assert [body.text for body in pair.bodies] == [" Sure!", " No!"]
+    first_seed, second_seed = (config.seed for _messages, config in engine.replies)
+    assert first_seed != second_seed
+    assert stored(store, window) == [("user", "Hello", "complete")]  # nothing kept until a pick
+    pair.pick_buttons[1].click()
+    assert stored(store, window) == [("user", "Hello", "complete"), ("assistant", " No!", "complete")]
+    [pick] = store.feedback()
+    assert (pick.kind, pick.prompt, pick.chosen, pick.rejected) == ("pick", "Hello", " No!", " Sure!")
+
+
+def test_an_engine_error_is_shown_and_the_partial_reply_kept(qtbot, window, store, engine):
+    engine.generations = [FakeGeneration(REPLY, fail_after=3)]
+    send(qtbot, window, "Hello")
+    assert "broken graph" in window.error_box.text() and window.error_box.isVisible()
+    role, content, status = stored(store, window)[1]
+    assert (content, status) == ("".join(VOCABULARY[token] for token in REPLY[:3]), "error")
+    assert "broken graph" in assistant_widget(window).status_label.text()
+
+
+def test_search_filters_the_conversation_list(window, store):
+    for title, text in (("Trip planning", "Which trains go to Lyon?"), ("Recipes", "A zebra-shaped cake")):
+        conversation_id = store.create_conversation(title)
+        store.add_message(conversation_id, "user", text)
+    window.conversations.refresh()
+    assert sorted(window.conversations.titles()) == ["Recipes", "Trip planning"]
+    window.conversations.search.setText("zebra")
+    assert window.conversations.titles() == ["Recipes"]
+    window.conversations.search.setText("trip")
+    assert window.conversations.titles() == ["Trip planning"]
+
+
+# -- rewards and the token view -----------------------------------------------------------------------
+def test_reward_dials_reach_the_engine_at_once_and_are_saved(window, store, engine, tmp_path):
+    style, other = str(tmp_path / "style.onnx"), str(tmp_path / "other-vocab.onnx")
+    store.add_reward(style, "style")
+    store.add_reward(other, "other-vocab")
+    window.rewards_panel.refresh()
+    row, incompatible = window.rewards_panel.rows
+    assert engine.active_reward_calls[-1] == {style: 1.0}  # the incompatible one is never switched on
+    assert not incompatible.enabled_box.isEnabled()
+
+    row.weight_slider.setValue(150)
+    assert engine.active_reward_calls[-1] == {style: 1.5}
+    row.enabled_box.setChecked(False)
+    assert engine.active_reward_calls[-1] == {}
+    window.rewards_panel.strength_slider.setValue(50)
+    assert engine.alpha_calls[-1] == 0.5
+    [saved_style, _other] = store.rewards()
+    assert (saved_style.enabled, saved_style.weight) == (False, 1.5)
+    assert AppSettings.load(store).alpha == 0.5
+
+
+def test_incompatible_reward_has_a_badge_with_the_reason(window, store, tmp_path):
+    store.add_reward(str(tmp_path / "other-vocab.onnx"), "other-vocab")
+    window.rewards_panel.refresh()
+    [row] = window.rewards_panel.rows
+    badges = [label for label in row.findChildren(type(window.model_label)) if label.text() == "incompatible"]
+    assert badges and badges[0].toolTip() == "Trained for another vocabulary."
+
+
+def test_token_view_tints_tokens_and_lists_candidates(qtbot, window):
+    send(qtbot, window, "Hello")
+    body = assistant_widget(window).body
+    assert not body.shows_tokens
+    window.token_view_action.trigger()
+    assert body.shows_tokens and body.toPlainText() == REPLY_TEXT
+    fragments = []
+    block = body.document().begin()
+    iterator = block.begin()
+    while not iterator.atEnd():
+        fragments.append(iterator.fragment())
+        iterator += 1
+    assert [fragment.text() for fragment in fragments] == [VOCABULARY[token] for token in REPLY]
+    for position, fragment in enumerate(fragments):
+        color = fragment.charFormat().background().color()
+        raised = position % 2 == 0
+        assert (color.green() > color.red()) == raised, (position, color.name())
+        tooltip = fragment.charFormat().toolTip()
+        assert "before" in tooltip and "after" in tooltip and "style" in tooltip
+    cursor = QTextCursor(body.document())
+    cursor.setPosition(fragments[1].position() + 1)
+    point = body.cursorRect(cursor).center()
+    point.setX(point.x() - 2)
+    assert body.token_tooltip_at(point) == fragments[1].charFormat().toolTip()
+    assert "␣there" in fragments[0].charFormat().toolTip()
+    window.token_view_action.trigger()
+    assert not body.shows_tokens
+
+
+# -- tuning --------------------------------------------------------------------------------------------
+PROGRESS_SCRIPT = r"""
+import json, os, sys, time
+def progress(phase, done, total, eta):
+    print(json.dumps({"phase": phase, "done": done, "total": total, "eta_seconds": eta}), file=sys.stderr, flush=True)
+out = sys.argv[1]
+progress("teacher", 4, 4, None)
+progress("train", 10, 20, 80)
+while not os.path.exists(out + ".go"):
+    time.sleep(0.02)
+progress("export", 1, 1, 0)
+held = {"tokens": 120, "base_nll": 2.5, "steered_nll": 2.0, "teacher_nll": 1.5, "pairs": 4, "pair_accuracy": 0.75,
+        "gap_closed": 0.5}
+print(json.dumps({"path": out, "held_out": held, "seconds": 95.0}))
+"""
+
+
+def test_tune_panel_follows_progress_and_installs_the_reward(qtbot, window, store, tune_commands):
+    tune_commands.script = PROGRESS_SCRIPT
+    send(qtbot, window, "Hello")
+    assistant_widget(window).rating_buttons["thumbs_up"].click()
+    panel = window.tune_panel
+    panel.name_edit.setText("mine")
+    assert panel.feedback_box.isChecked()
+    panel.start()
+    qtbot.waitUntil(lambda: "Training: 10/20" in panel.phase_label.text(), timeout=WAIT_MS)
+    assert "1 min 20 s left" in panel.phase_label.text()
+    assert (panel.progress.value(), panel.progress.maximum()) == (10, 20)
+    out_path = Path(tune_commands.calls[-1]["out_path"])
+    assert tune_commands.calls[-1]["feedback_db"] == store.path and out_path.name == "mine.onnx"
+    Path(f"{out_path}.go").touch()
+    qtbot.waitUntil(lambda: not panel.running, timeout=WAIT_MS)
+
+    assert "50% of the gap" in panel.result_label.text() and "2.500 → 2.000" in panel.result_label.text()
+    [run] = store.tuning_runs()
+    assert (run.status, run.reward_path, run.metrics["pair_accuracy"]) == ("done", str(out_path), 0.75)
+    assert run.sources["feedback"] is True
+    assert [entry.path for entry in store.rewards()] == [str(out_path)]
+    assert [row.path for row in window.rewards_panel.rows] == [str(out_path)]
+
+
+def test_a_failed_tuning_run_shows_the_error_line(qtbot, store, engine, tmp_path):
+    script = "import sys; print('loading', file=sys.stderr); print('prt: error: No training data.', file=sys.stderr); sys.exit(1)"
+    panel = TunePanel(engine, store, command_factory=lambda **kwargs: [sys.executable, "-c", script])
+    qtbot.addWidget(panel)
+    panel.add_data_files([tmp_path / "data.jsonl"])
+    panel.start()
+    qtbot.waitUntil(lambda: not panel.running, timeout=WAIT_MS)
+    assert panel.result_label.text() == "prt: error: No training data."
+    [run] = store.tuning_runs()
+    assert (run.status, run.error) == ("failed", "prt: error: No training data.")
+
+
+def test_a_tuning_process_that_cannot_start_is_reported(qtbot, store, engine, tmp_path):
+    panel = TunePanel(engine, store, command_factory=lambda **kwargs: [str(tmp_path / "no-such-program")])
+    qtbot.addWidget(panel)
+    panel.add_data_files([tmp_path / "data.jsonl"])
+    panel.start()
+    qtbot.waitUntil(lambda: not panel.running, timeout=WAIT_MS)
+    assert panel.result_label.text().startswith("Could not start the tuning process")
+    assert store.tuning_runs()[0].status == "failed"
+
+
+def test_cancelling_a_tuning_run_kills_it(qtbot, store, engine, tmp_path):
+    panel = TunePanel(engine, store,
+                      command_factory=lambda **kwargs: [sys.executable, "-c", "import time; time.sleep(60)"])
+    qtbot.addWidget(panel)
+    panel.set_documents_folder(tmp_path)
+    panel.start()
+    assert panel.running and panel.cancel_button.isEnabled()
+    panel.cancel_button.click()
+    qtbot.waitUntil(lambda: not panel.running, timeout=WAIT_MS)
+    assert store.tuning_runs()[0].status == "cancelled"
+    assert store.rewards() == []
+
+
+def test_tuning_needs_a_source(qtbot, store, engine):
+    panel = TunePanel(engine, store, command_factory=lambda **kwargs: pytest.fail("must not start"))
+    qtbot.addWidget(panel)
+    panel.start()
+    assert "Choose what to train on" in panel.result_label.text() and not panel.running
+
+
+# -- the entry point -------------------------------------------------------------------------------------
+def test_demo_screenshot_writes_a_png(qapp, tmp_path):
+    path = tmp_path / "window.png"
+    assert main(["--screenshot", str(path), "--demo"]) == 0
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+def test_settings_round_trip_through_the_store(store):
+    settings = AppSettings(n_threads=3, temperature=0.2, max_tokens=64, alpha=1.5)
+    settings.save(store)
+    assert AppSettings.load(store) == settings
+    assert settings.sampling(seed=4).temperature == 0.2 and settings.model_config().n_threads == 3
+    store.set_setting("desktop", {**json.loads(json.dumps(store.setting("desktop"))), "unknown": 1})
+    assert AppSettings.load(store) == settings
+
+
+# -- model, settings and data ------------------------------------------------------------------------------
+def test_loading_a_model_shows_progress_and_remembers_it(qtbot, window, engine, store, tmp_path):
+    model = tmp_path / "other.gguf"
+    window.load_model(model)
+    assert not window.session.model_ready and window.busy_bar.isVisible()
+    qtbot.waitUntil(lambda: window.session.model_ready, timeout=WAIT_MS)
+    assert not window.busy_bar.isVisible()
+    assert engine.loads == [(model, AppSettings().model_config())]
+    assert AppSettings.load(store).last_model == str(model)
+
+
+def test_a_model_that_fails_to_load_is_reported(qtbot, window, engine, tmp_path):
+    engine.load_error = ModelFileError("broken.gguf is not a GGUF model.")
+    window.load_model(tmp_path / "broken.gguf")
+    qtbot.waitUntil(lambda: window.session.model_ready, timeout=WAIT_MS)
+    assert window.error_box.text() == "broken.gguf is not a GGUF model."
+
+
+def test_changing_model_settings_reloads_the_model(qtbot, window, engine, store, monkeypatch):
+    def accept_with_changes(dialog):
+        dialog.context.setValue(2048)
+        dialog.temperature.setValue(0.3)
+        return QDialog.DialogCode.Accepted
+
+    monkeypatch.setattr(SettingsDialog, "exec", accept_with_changes)
+    window.open_settings()
+    qtbot.waitUntil(lambda: window.session.model_ready and bool(engine.loads), timeout=WAIT_MS)
+    [(path, config)] = engine.loads
+    assert path == FakeBase.path and config.n_ctx == 2048
+    saved = AppSettings.load(store)
+    assert (saved.n_ctx, saved.temperature) == (2048, 0.3)
+    send(qtbot, window, "Hello")
+    assert engine.replies[-1][1].temperature == 0.3
+
+
+def test_settings_dialog_auto_values_mean_none(qtbot, tmp_path):
+    dialog = SettingsDialog(AppSettings(n_threads=4), tmp_path)
+    qtbot.addWidget(dialog)
+    dialog.threads.setValue(dialog.threads.minimum())
+    dialog.gpu_layers.setValue(0)
+    settings = dialog.settings()
+    assert (settings.n_threads, settings.n_gpu_layers) == (None, 0)
+    assert dialog.threads.text() == "Auto"
+
+
+def test_delete_all_data_asks_first(qtbot, window, store, monkeypatch):
+    send(qtbot, window, "Hello")
+    answers = [QMessageBox.StandardButton.Cancel, QMessageBox.StandardButton.Yes]
+    monkeypatch.setattr(QMessageBox, "warning", lambda *args: answers.pop(0))
+    window.delete_all_data()
+    assert len(store.conversations()) == 1
+    window.delete_all_data()
+    assert store.conversations() == [] and window.conversations.titles() == []
+    assert window.session.conversation_id is None and window.chat_view.message_widgets() == []
+
+
+def test_the_qt_binding_keeps_its_references_to_none(qapp):
+    """PySide6 6.12.0 on Python < 3.12 drops a reference to None on every call of a void Qt method, so the app
+    dies ("Fatal Python error: none_dealloc") after a few thousand repaints; 6.11.3 is fine. Python 3.12+ is
+    immune (None is immortal there)."""
+    from PySide6.QtWidgets import QLabel
+
+    label = QLabel()
+    before = sys.getrefcount(None)
+    for _ in range(1000):
+        label.setText("x")
+    assert sys.getrefcount(None) > before - 100, "this PySide6 leaks None: install pyside6-essentials<6.12"
