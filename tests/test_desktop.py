@@ -527,3 +527,38 @@ def test_the_qt_binding_keeps_its_references_to_none(qapp):
     for _ in range(1000):
         label.setText("x")
     assert sys.getrefcount(None) > before - 100, "this PySide6 leaks None: install pyside6-essentials<6.12"
+
+
+# -- the real window on real parts ------------------------------------------------------------------
+def test_real_window_on_a_tiny_gguf_with_a_tiny_reward(qtbot, tmp_path, tiny_gguf, tiny_base):
+    """Type a prompt, get a streamed reply steered by a real ONNX reward, give feedback, find the rows in SQLite."""
+    from engine.chat import ChatEngine
+    from engine.reward_graph import random_reward_weights
+    from tiny_models import small_reward_shape, write_reward
+
+    reward = write_reward(tmp_path / "tiny-style.onnx", random_reward_weights(small_reward_shape(tiny_base.n_vocab), seed=5),
+                          vocabulary_fingerprint=tiny_base.vocabulary_fingerprint, base_name=tiny_base.name)
+    engine = ChatEngine()
+    with Store(tmp_path / "chats.db") as store:
+        store.add_reward(str(reward), "tiny-style")
+        settings = AppSettings(n_ctx=512, max_tokens=16, n_threads=2, n_gpu_layers=0)
+        window = MainWindow(engine, store, settings=settings)
+        qtbot.addWidget(window)
+        window.show()
+        window.load_model(tiny_gguf)
+        qtbot.waitUntil(lambda: window.session.model_ready, timeout=60_000)
+        window.rewards_panel.refresh()
+        assert engine.active_reward_names == ["tiny-style"]
+
+        send(qtbot, window, "Hello there")
+        [(user_role, user_text, _), (role, reply_text, status)] = stored(store, window)
+        assert (user_role, user_text, role, status) == ("user", "Hello there", "assistant", "complete")
+        assert reply_text and reply_text == assistant_widget(window).body.text
+        assert store.messages(window.session.conversation_id)[1].stats["rewards"] == ["tiny-style"]
+
+        widget = assistant_widget(window)
+        widget.rating_buttons["thumbs_up"].click()
+        [feedback] = store.feedback(message_id=widget.message_id)
+        assert (feedback.kind, feedback.prompt, feedback.chosen) == ("thumbs_up", "Hello there", reply_text)
+        window.close()
+    engine.close()
