@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """The README's two commands, the same on Linux, macOS and Windows.
 
-    python3 dev.py run    create .venv, install, fetch the default model, start chatting
-    python3 dev.py test   create .venv, install with test and training tools, run the whole test suite
+    python3 dev.py run          create .venv, install (with the training tools), fetch the default model,
+                                open the chat window
+    python3 dev.py test         create .venv, install with test and training tools, run the whole test suite
+    python3 dev.py screenshots  render the README's screenshots (offscreen, demo data) into docs/
 
 Extra arguments go to the program (run) or to pytest (test).
 """
@@ -42,9 +44,9 @@ def ensure_environment(extras: str) -> Path:
 
 
 def run(args: list[str]) -> int:
-    python = ensure_environment("")
+    python = ensure_environment("train")  # the app's tune panel runs `prt tune`, which needs torch
     subprocess.run([python, "-m", "engine.cli", "models", "fetch"], cwd=ROOT, check=True)
-    return subprocess.call([python, "-m", "engine.cli", "chat", *args], cwd=ROOT)
+    return subprocess.call([python, "-m", "engine.cli", "app", *args], cwd=ROOT)
 
 
 def test(args: list[str]) -> int:
@@ -52,8 +54,15 @@ def test(args: list[str]) -> int:
     return subprocess.call([python, "-m", "pytest", *args], cwd=ROOT)
 
 
+def screenshots(args: list[str]) -> int:
+    python = ensure_environment("train")
+    target = ROOT / "docs" / "screenshot-main.png"
+    return subprocess.call([python, "-m", "engine.cli", "app", "--demo", "--screenshot", str(target), *args],
+                           cwd=ROOT, env=os.environ | {"QT_QPA_PLATFORM": "offscreen"})
+
+
 def main() -> int:
-    commands = {"run": run, "test": test}
+    commands = {"run": run, "test": test, "screenshots": screenshots}
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
         print(__doc__.strip())
         return 2
