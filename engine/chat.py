@@ -16,16 +16,14 @@ from typing import Iterable, Mapping, Sequence
 from engine.base_model import BaseModel, BaseModelConfig, ChatMessage
 from engine.decode import Generation, GenerationResult, RewardSlot, TokenEvent
 from engine.errors import PrtError, RewardFileError
-from engine.models import app_data_dir
+from engine.models import app_data_subdir
 from engine.rewards import RewardCard, RewardModel, card_path
 from engine.steering import SamplingConfig
 
 
 def rewards_dir() -> Path:
     """Where tuned rewards are saved by default."""
-    path = app_data_dir() / "rewards"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return app_data_subdir("rewards")
 
 
 @dataclass(frozen=True)

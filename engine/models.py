@@ -44,10 +44,15 @@ def app_data_dir() -> Path:
     return path
 
 
-def models_dir() -> Path:
-    path = app_data_dir() / "models"
+def app_data_subdir(name: str) -> Path:
+    """A folder inside the app's data folder, created on first use."""
+    path = app_data_dir() / name
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def models_dir() -> Path:
+    return app_data_subdir("models")
 
 
 @dataclass(frozen=True)
