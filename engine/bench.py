@@ -13,6 +13,9 @@ context lengths. Decode speed is timed from the first token to the last, so
 prompt prefill does not blur the ratio; ratios are medians over runs made back
 to back, so a machine that speeds up or slows down mid-run does not skew them. The reward's own step is then timed
 alone at a short and a long context.
+
+``prt bench-rewards`` (``run_merge_bench``): N rewards scored per step by N sessions vs one merged
+session (engine/mixing.py), steps interleaved, at a short and a long context; and the model bytes.
 """
 
 from __future__ import annotations
@@ -22,17 +25,19 @@ import platform
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence, Union
 
 import numpy as np
+import onnx
 import psutil
 
 from engine.base_model import BaseModel
 from engine.decode import Generation, RewardSlot, attach_rewards
-from engine.reward_graph import RewardNetworkShape, build_reward_model, random_reward_weights
-from engine.rewards import RewardCard, RewardModel, save_reward
+from engine.mixing import stacked_model
+from engine.reward_graph import RewardNetworkShape, build_reward_model, random_reward_weights, read_reward_weights
+from engine.rewards import RewardCard, RewardModel, RewardSession, open_session, save_reward
 from engine.steering import SamplingConfig
 
 PROMPTS = (
@@ -43,6 +48,7 @@ PROMPTS = (
 REFERENCE_SHAPE = dict(width=128, layers=2, heads=4)
 SHORT_CONTEXT = 16
 TIMED_REWARD_STEPS = 200
+RewardRuntime = Union[RewardModel, RewardSession]  # both: reset, sync, advance, rewind
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -158,17 +164,82 @@ def _engine_decode_seconds(base: BaseModel, prompt: list[int], slots: list[Rewar
 
 
 def _reward_step_ms(reward: RewardModel, context: int, top_k: int) -> float:
+    return _interleaved_step_ms({"one": [reward]}, context, top_k, reward.card.vocabulary_size)["one"]
+
+
+def _interleaved_step_ms(ways: dict[str, Sequence[RewardRuntime]], context: int, top_k: int,
+                         vocab_size: int) -> dict[str, float]:
+    """Median ms of one decode step at ``context`` tokens, for each way of scoring (all its runtimes in turn);
+    the ways take turns at every step, so a machine that changes speed hits each equally."""
     rng = np.random.default_rng(context)
-    candidates = rng.integers(0, reward.card.vocabulary_size, top_k)
-    reward.reset()
-    reward.sync(rng.integers(0, reward.card.vocabulary_size, context).tolist(), candidates)
-    timings = []
-    for token in rng.integers(0, reward.card.vocabulary_size, TIMED_REWARD_STEPS).tolist():
-        started = time.perf_counter()
-        reward.advance([token], candidates)
-        timings.append(time.perf_counter() - started)
-        reward.rewind(context)  # stay at this context length
-    return float(np.median(timings) * 1e3)
+    candidates = rng.integers(0, vocab_size, top_k)
+    prefix = rng.integers(0, vocab_size, context).tolist()
+    for runtime in (runtime for runtimes in ways.values() for runtime in runtimes):
+        runtime.reset()
+        runtime.sync(prefix, candidates)
+    timings: dict[str, list[float]] = {name: [] for name in ways}
+    for token in rng.integers(0, vocab_size, TIMED_REWARD_STEPS).tolist():
+        for name, runtimes in ways.items():
+            started = time.perf_counter()
+            for runtime in runtimes:
+                runtime.advance([token], candidates)
+            timings[name].append(time.perf_counter() - started)
+            for runtime in runtimes:
+                runtime.rewind(context)  # stay at this context length
+    return {name: float(np.median(values) * 1e3) for name, values in timings.items()}
+
+
+# -- several rewards: separate sessions vs one merged session ------------------------------------------
+def run_merge_bench(*, rewards: int = 4, vocab_size: int = 49152, top_k: int = 40, long_context: int = 1000) -> dict:
+    """Per-step cost and memory of ``rewards`` reference-size rewards sharing one embedding (as rewards tuned for
+    one base do): one session each vs one merged session, measured warm in one run."""
+    if rewards < 2 or vocab_size < 2 or top_k < 1 or long_context < SHORT_CONTEXT:
+        raise ValueError(f"the merge bench needs rewards >= 2, vocab_size >= 2, top_k >= 1, long_context >= {SHORT_CONTEXT}")
+    with tempfile.TemporaryDirectory(prefix="prt-bench-") as folder:
+        paths = _write_sharing_rewards(Path(folder), rewards, vocab_size)
+        merged_model = stacked_model([read_reward_weights(onnx.load(str(path))) for path in paths])
+        separate = [RewardModel(path) for path in paths]
+        merged = RewardSession(open_session(merged_model, threads=1), title="merged", source="merged")
+        ways = {"separate": separate, "merged": [merged]}
+        step_ms = {context: _interleaved_step_ms(ways, context, top_k, vocab_size)
+                   for context in (SHORT_CONTEXT, long_context)}
+        separate_bytes, merged_bytes = sum(path.stat().st_size for path in paths), len(merged_model)
+    return {
+        "rewards": rewards,
+        "reward": {**REFERENCE_SHAPE, "vocab_size": vocab_size, "top_k": top_k},
+        "ms_per_step": {str(context): {name: round(ms, 4) for name, ms in timings.items()}
+                        for context, timings in step_ms.items()},
+        "ratio_merged_over_separate": {str(context): round(timings["merged"] / timings["separate"], 3)
+                                       for context, timings in step_ms.items()},
+        "model_bytes": {"separate": separate_bytes, "merged": merged_bytes,  # the initializers, nearly all of it
+                        "ratio": round(merged_bytes / separate_bytes, 3)},
+    }
+
+
+def format_merge_report(report: dict) -> str:
+    lines = [f"{report['rewards']} rewards, each 2 layers x 128 wide, vocabulary {report['reward']['vocab_size']}, "
+             f"top-{report['reward']['top_k']}"]
+    for context, timings in report["ms_per_step"].items():
+        lines.append(f"step at {context:>5} tokens   separate {timings['separate']:.3f} ms   merged "
+                     f"{timings['merged']:.3f} ms   merged/separate {report['ratio_merged_over_separate'][context]:.3f}")
+    sizes = report["model_bytes"]
+    lines.append(f"model bytes         separate {sizes['separate'] / 1e6:.1f} MB   merged {sizes['merged'] / 1e6:.1f} MB"
+                 f"   merged/separate {sizes['ratio']:.3f}")
+    return "\n".join(lines)
+
+
+def _write_sharing_rewards(folder: Path, count: int, vocab_size: int) -> list[Path]:
+    """Reference-size rewards with random weights and one shared embedding."""
+    shape = RewardNetworkShape(vocab_size=vocab_size, **REFERENCE_SHAPE)
+    embedding = random_reward_weights(shape, seed=0).embedding
+    paths = []
+    for seed in range(count):
+        weights = replace(random_reward_weights(shape, seed=seed), embedding=embedding)
+        card = RewardCard(name=f"reference-{seed}", description="random weights, for benchmarking only",
+                          vocabulary_fingerprint="sha256:bench", vocabulary_size=vocab_size,
+                          base_model_name="none", network=REFERENCE_SHAPE)
+        paths.append(save_reward(folder / f"reference-{seed}.onnx", build_reward_model(weights), card))
+    return paths
 
 
 def peak_rss_bytes() -> int:

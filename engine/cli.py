@@ -365,6 +365,68 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_rewards(args: argparse.Namespace) -> int:
+    from engine.bench import format_merge_report, run_merge_bench
+
+    try:
+        report = run_merge_bench(rewards=args.rewards, vocab_size=args.vocab_size, top_k=args.top_k,
+                                 long_context=args.long_context)
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+    print(json.dumps(report, indent=2) if args.json else format_merge_report(report))
+    return 0
+
+
+def cmd_library_build(args: argparse.Namespace) -> int:
+    train = _training_modules()
+    from rewards_onnx.library import build_library, default_library_dir
+
+    if args.count < 2:
+        raise UsageError(f"--count must be at least 2 (one answer is held out), got {args.count}")
+    bar = _ProgressBar()
+    with _load_base(args) as base:
+        out_dir = Path(args.out) if args.out else default_library_dir(base.path)
+        try:
+            built = build_library(base, out_dir, count=args.count, config=train.TuneConfig(seed=args.seed),
+                                  on_progress=lambda p: bar(p.phase, p.done, p.total, p.eta_seconds, p.message))
+        finally:
+            bar.close()
+    if args.json:
+        print(json.dumps({"folder": str(out_dir), "rewards": [entry.to_json() for entry in built]}))
+    else:
+        for entry in built:
+            gap = entry.tuned.held_out.gap_closed
+            print(f"{entry.style.name:<11} {entry.style.label:<24} {entry.examples} answers, distill "
+                  f"{entry.distill_seconds:.0f}s + tune {entry.tuned.seconds:.0f}s"
+                  + (f", {gap:.0%} of the held-out gap to the teacher closed" if gap is not None else ""))
+        print(f"Saved in {out_dir}")
+    return 0
+
+
+def cmd_library_check(args: argparse.Namespace) -> int:
+    from rewards_onnx.library import check_library, default_library_dir
+
+    bar = _ProgressBar()
+    with _load_base(args) as base:
+        folder = Path(args.library) if args.library else default_library_dir(base.path)
+        try:
+            checks = check_library(base, folder, prompts=args.prompts, max_tokens=args.max_tokens,
+                                   progress=lambda done, total: bar("check", done, total, None))
+        except ValueError as error:
+            raise UsageError(str(error)) from error
+        finally:
+            bar.close()
+    if args.json:
+        print(json.dumps({"library": str(folder), "checks": [check.to_json() for check in checks]}))
+    else:
+        for check in checks:
+            result = check.to_json()
+            print(f"{result['reward']:<11} {result['marker']} ({result['direction']}): without {result['without']:.3g}"
+                  f" -> with {result['with']:.3g} (shift {result['shift']:+.3g} +- {result['shift_standard_error']:.2g};"
+                  f" teacher {result['teacher']:.3g}): {'moved as intended' if check.moved else 'did NOT move'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prt", description="Private chat steered by portable rewards.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -445,6 +507,36 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--seed", type=int, default=0)
     distill.add_argument("--json", action="store_true")
     distill.set_defaults(handler=cmd_distill)
+
+    bench_rewards = commands.add_parser("bench-rewards",
+                                        help="per-step cost and memory: N rewards as N sessions vs one merged session")
+    bench_rewards.add_argument("--rewards", type=int, default=4, help="rewards to score per step (default: %(default)s)")
+    bench_rewards.add_argument("--vocab-size", type=int, default=49152, help="(default: %(default)s, SmolLM2's)")
+    bench_rewards.add_argument("--top-k", type=int, default=SamplingConfig().top_k)
+    bench_rewards.add_argument("--long-context", type=int, default=1000, help="context for the long timing")
+    bench_rewards.add_argument("--json", action="store_true")
+    bench_rewards.set_defaults(handler=cmd_bench_rewards)
+
+    from rewards_onnx.library import CHECK_MAX_TOKENS, DEFAULT_COUNT  # no torch at import
+
+    library = commands.add_parser("library", help="base style rewards for a model: build them, check what they change")
+    library_actions = library.add_subparsers(dest="action", required=True)
+    library_build = library_actions.add_parser("build", help="distill and tune the base rewards for a model")
+    _add_model_arguments(library_build)
+    library_build.add_argument("--out", default=None,
+                               help="folder for the rewards (default: the app's rewards/library/<model name>)")
+    library_build.add_argument("--count", type=int, default=DEFAULT_COUNT,
+                               help="distilled answers per reward (default: %(default)s)")
+    library_build.add_argument("--seed", type=int, default=0)
+    library_build.add_argument("--json", action="store_true")
+    library_build.set_defaults(handler=cmd_library_build)
+    library_check = library_actions.add_parser("check", help="replies with and without each base reward: its marker")
+    _add_model_arguments(library_check)
+    library_check.add_argument("--library", default=None, help="the rewards' folder (default: the model's library)")
+    library_check.add_argument("--prompts", type=int, default=16, help="held-out prompts (default: %(default)s)")
+    library_check.add_argument("--max-tokens", type=int, default=CHECK_MAX_TOKENS, help="per reply (default: %(default)s)")
+    library_check.add_argument("--json", action="store_true")
+    library_check.set_defaults(handler=cmd_library_check)
 
     app = commands.add_parser("app", help="open the desktop chat window (prt app --help: its options)", add_help=False)
     app.set_defaults(handler=cmd_app)  # its options belong to desktop.app and pass through

@@ -18,6 +18,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from engine.base_model import BaseModel
+from engine.mixing import ScoringGroup, scoring_groups
 from engine.rewards import RewardModel
 from engine.steering import Candidates, CandidateSelector, Sampler, SamplingConfig, log_softmax, steered_scores
 
@@ -144,11 +145,13 @@ class Generation:
     """A steered generation from prompt tokens; iterate it to run it."""
 
     def __init__(self, base: BaseModel, prompt_tokens: Sequence[int], *, rewards: Sequence[RewardSlot] = (),
-                 config: SamplingConfig = SamplingConfig()) -> None:
+                 config: SamplingConfig = SamplingConfig(), merge_rewards: bool = True) -> None:
         self.base = base
         self.prompt_tokens = list(prompt_tokens)
         self.rewards = list(rewards)
         self.config = config
+        self.merge_rewards = merge_rewards  # score mergeable rewards with one session per step (engine/mixing.py)
+        self._groups: list[ScoringGroup] = []
         self.result = GenerationResult(prompt_tokens=len(self.prompt_tokens))
         self._cancelled = threading.Event()
         self._started = False
@@ -180,6 +183,7 @@ class Generation:
         result.finish_reason = "error"  # until the loop ends normally
         try:
             base.check_fits(len(self.prompt_tokens) + 1)
+            self._groups = scoring_groups([slot.reward for slot in self.rewards], merge=self.merge_rewards)
             base.sync(self.prompt_tokens)
             candidates, reward_values = self._score(self.prompt_tokens, prefill=True)
             decoding_from = time.perf_counter()
@@ -226,10 +230,8 @@ class Generation:
 
     def _score(self, new_tokens: Sequence[int], *, prefill: bool) -> tuple[Candidates, np.ndarray]:
         candidates = self._select(self.base.last_logits())
-        if not self.rewards:
-            return candidates, np.zeros((0, len(candidates.token_ids)), dtype=np.float32)
-        if prefill:
-            values = [slot.reward.sync(new_tokens, candidates.token_ids) for slot in self.rewards]
-        else:
-            values = [slot.reward.advance(new_tokens, candidates.token_ids) for slot in self.rewards]
-        return candidates, np.stack(values)
+        values = np.zeros((len(self.rewards), len(candidates.token_ids)), dtype=np.float32)  # [R, K]
+        for group in self._groups:
+            score = group.session.sync if prefill else group.session.advance
+            values[list(group.indices)] = score(new_tokens, candidates.token_ids)
+        return candidates, values

@@ -14,12 +14,18 @@ scale per row. The reward of candidate c after the last position is
 
 With ``W_head = 0`` and ``b = 0`` every reward is 0: an untrained reward leaves
 the base model unchanged.
+
+Several rewards of one shape and one embedding can be stacked into one graph
+(``build_stacked_reward_model``): the batch axis becomes the reward axis, so the
+engine scores them all with one run per step (engine/mixing.py).
+``read_reward_weights`` reads a reward file's weights back for that.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 import onnx
@@ -170,11 +176,21 @@ class _GraphBuilder:
 
 
 def build_reward_model(weights: RewardWeights, *, metadata: dict[str, str] | None = None) -> onnx.ModelProto:
-    shape = weights.shape
+    return build_stacked_reward_model([weights], metadata=metadata)
+
+
+def build_stacked_reward_model(stack: Sequence[RewardWeights], *,
+                               metadata: dict[str, str] | None = None) -> onnx.ModelProto:
+    """N rewards of one shape and one embedding in one graph: rewards [N, K], state [N, H, P, D] per layer.
+
+    The contract's batch axis is the reward axis; one reward (N = 1) is exactly the graph of the contract.
+    The embedding, the position biases and the candidates' embeddings are computed once for all N rewards.
+    """
+    shape = _common_shape(stack)
     g = _GraphBuilder()
     heads, head_dim, width = shape.heads, shape.head_dim, shape.width
 
-    embedding_q, embedding_scale = quantize_rows(weights.embedding)
+    embedding_q, embedding_scale = quantize_rows(stack[0].embedding)
     table = g.const("embedding_int8", embedding_q)
     row_scale = g.const("embedding_scale", embedding_scale[:, None])  # [V, 1]
 
@@ -182,30 +198,92 @@ def build_reward_model(weights: RewardWeights, *, metadata: dict[str, str] | Non
         rows = g.op("Cast", [g.op("Gather", [table, ids])], to=TensorProto.FLOAT)
         return g.op("Mul", [rows, g.op("Gather", [row_scale, ids])])
 
-    x = embed(INPUT_IDS)
+    x = embed(INPUT_IDS)  # [1, T, d]; the first layer norm broadcasts it to [N, T, d]
     bias = _alibi_causal_bias(g, heads)  # [1, H, T, P+T]
 
-    for index, layer in enumerate(weights.layers):
+    for index in range(shape.layers):
+        layer = [weights.layers[index] for weights in stack]
         x = _attention_block(g, x, layer, index, bias, heads=heads, head_dim=head_dim)
         x = _mlp_block(g, x, layer)
 
     last = g.op("Slice", [x, g.const("minus_one", np.array([-1])), g.const("int_max", np.array([2**62])),
-                          g.const("axis_seq", np.array([1]))])  # [1, 1, d]
-    last = _layer_norm(g, last, weights.final_scale, weights.final_bias)
-    query = g.op("MatMul", [last, g.const("head", weights.head)])  # [1, 1, d]
+                          g.const("axis_seq", np.array([1]))])  # [N, 1, d]
+    last = _layer_norm(g, last, [w.final_scale for w in stack], [w.final_bias for w in stack])
+    query = _matmul(g, last, "head", [w.head for w in stack])  # [N, 1, d]
     candidates = embed(CANDIDATE_IDS)  # [1, K, d]
-    dots = g.op("MatMul", [candidates, g.op("Transpose", [query], perm=[0, 2, 1])])  # [1, K, 1]
-    dots = g.op("Squeeze", [dots, g.const("axis_last", np.array([2]))])  # [1, K]
-    token_bias = g.op("Gather", [g.const("token_bias", weights.token_bias), CANDIDATE_IDS])  # [1, K]
-    g.op("Add", [dots, token_bias], output_names=[REWARDS])
+    dots = g.op("MatMul", [candidates, g.op("Transpose", [query], perm=[0, 2, 1])])  # [N, K, 1]
+    dots = g.op("Squeeze", [dots, g.const("axis_last", np.array([2]))])  # [N, K]
+    g.op("Add", [dots, _candidate_token_bias(g, [w.token_bias for w in stack])], output_names=[REWARDS])
 
-    graph = helper.make_graph(g.nodes, "prt_reward", _graph_inputs(shape), _graph_outputs(shape), g.initializers)
+    graph = helper.make_graph(g.nodes, "prt_reward", _graph_inputs(shape, len(stack)),
+                              _graph_outputs(shape, len(stack)), g.initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)], producer_name="prt")
     model.ir_version = 9
     properties = {"prt_contract_version": str(CONTRACT_VERSION), "vocab_size": str(shape.vocab_size),
                   "width": str(width), "layers": str(shape.layers), "heads": str(heads), **(metadata or {})}
     helper.set_model_props(model, properties)
     return model
+
+
+def _common_shape(stack: Sequence[RewardWeights]) -> RewardNetworkShape:
+    if not stack:
+        raise ValueError("stack must hold at least one reward")
+    shape = stack[0].shape
+    for weights in stack[1:]:
+        if weights.shape != shape:
+            raise ValueError(f"stacked rewards must share one shape, got {shape} and {weights.shape}")
+        if weights.embedding is not stack[0].embedding and not np.array_equal(weights.embedding, stack[0].embedding):
+            raise ValueError("stacked rewards must share one embedding")
+    return shape
+
+
+def _stacked(g: _GraphBuilder, hint: str, arrays: list[np.ndarray], *, per_position: bool = False) -> str:
+    """One reward's parameter as it is; N rewards' stacked on a leading reward axis, with a length-1
+    position axis after it for parameters added to every position ([N, 1, ...])."""
+    if len(arrays) == 1:
+        return g.const(hint, arrays[0])
+    stacked = np.stack(arrays)
+    return g.const(hint, stacked[:, None] if per_position else stacked)
+
+
+def _matmul(g: _GraphBuilder, x: str, hint: str, weights: list[np.ndarray]) -> str:
+    """x [N, T, a] times each reward's own [a, b]: [N, T, b], as one batched MatMul."""
+    return g.op("MatMul", [x, _stacked(g, hint, weights)])
+
+
+def _candidate_token_bias(g: _GraphBuilder, biases: list[np.ndarray]) -> str:
+    """b_c of each reward for each candidate: [N, K]."""
+    if len(biases) == 1:
+        return g.op("Gather", [g.const("token_bias", biases[0]), CANDIDATE_IDS])  # [1, K]
+    flat_ids = g.op("Squeeze", [CANDIDATE_IDS, g.const("axis0", np.array([0]))])  # [K]
+    return g.op("Gather", [_stacked(g, "token_bias", biases), flat_ids], axis=1)  # [N, K]
+
+
+def read_reward_weights(model: onnx.ModelProto) -> RewardWeights:
+    """The weights of a one-reward graph made by ``build_reward_model`` (its inverse; the embedding comes back
+    int8-rounded). Raises ValueError for any other graph."""
+    properties = {entry.key: entry.value for entry in model.metadata_props}
+    arrays: dict[str, list[np.ndarray]] = {}
+    for tensor in model.graph.initializer:  # in build order; names are "<hint>_<counter>"
+        arrays.setdefault(tensor.name.rsplit("_", 1)[0], []).append(numpy_helper.to_array(tensor))
+    try:
+        width, layers = int(properties["width"]), int(properties["layers"])
+        (table,), (row_scale,), (head,), (token_bias,) = (arrays[name] for name in (
+            "embedding_int8", "embedding_scale", "head", "token_bias"))
+        shape = RewardNetworkShape(vocab_size=int(properties["vocab_size"]), width=width, layers=layers,
+                                   heads=int(properties["heads"]), mlp_ratio=arrays["fc1"][0].shape[1] // width)
+        scales, biases = arrays["ln_scale"], arrays["ln_bias"]  # per layer: ln1, ln2; then the final one
+        if properties["prt_contract_version"] != str(CONTRACT_VERSION) or len(scales) != 2 * layers + 1:
+            raise ValueError("not a one-reward graph of this contract version")
+        return RewardWeights(
+            shape=shape, embedding=table.astype(np.float32) * row_scale, final_scale=scales[-1],
+            final_bias=biases[-1], head=head, token_bias=token_bias,
+            layers=[LayerWeights(ln1_scale=scales[2 * i], ln1_bias=biases[2 * i], qkv=arrays["qkv"][i],
+                                 out=arrays["attn_out"][i], ln2_scale=scales[2 * i + 1], ln2_bias=biases[2 * i + 1],
+                                 fc1=arrays["fc1"][i], fc1_bias=arrays["fc1_bias"][i], fc2=arrays["fc2"][i],
+                                 fc2_bias=arrays["fc2_bias"][i]) for i in range(layers)])
+    except (KeyError, IndexError, ValueError) as error:
+        raise ValueError(f"not a reward graph of this builder: {error}") from error
 
 
 def _alibi_causal_bias(g: _GraphBuilder, heads: int) -> str:
@@ -226,47 +304,55 @@ def _alibi_causal_bias(g: _GraphBuilder, heads: int) -> str:
     return g.op("Where", [future, g.const("neg_big", np.array(-1e9, dtype=np.float32)), linear])
 
 
-def _layer_norm(g: _GraphBuilder, x: str, scale: np.ndarray, bias: np.ndarray) -> str:
-    return g.op("LayerNormalization", [x, g.const("ln_scale", scale), g.const("ln_bias", bias)],
-                axis=-1, epsilon=LAYER_NORM_EPS)
+def _layer_norm(g: _GraphBuilder, x: str, scales: list[np.ndarray], biases: list[np.ndarray]) -> str:
+    if len(scales) == 1:
+        return g.op("LayerNormalization", [x, g.const("ln_scale", scales[0]), g.const("ln_bias", biases[0])],
+                    axis=-1, epsilon=LAYER_NORM_EPS)
+    # LayerNormalization takes one [d] scale: normalize plainly, then apply each reward's [N, 1, d] affine
+    unit = g.const("ln_unit", np.ones_like(scales[0]))
+    normed = g.op("LayerNormalization", [x, unit], axis=-1, epsilon=LAYER_NORM_EPS)
+    scaled = g.op("Mul", [normed, _stacked(g, "ln_scale", scales, per_position=True)])
+    return g.op("Add", [scaled, _stacked(g, "ln_bias", biases, per_position=True)])
 
 
-def _attention_block(g: _GraphBuilder, x: str, layer: LayerWeights, index: int, bias: str, *,
+def _attention_block(g: _GraphBuilder, x: str, layer: list[LayerWeights], index: int, bias: str, *,
                      heads: int, head_dim: int) -> str:
     """One fused MultiHeadAttention node: appends K/V to the state, adds the bias, attends."""
     width = heads * head_dim
-    normed = _layer_norm(g, x, layer.ln1_scale, layer.ln1_bias)
-    qkv = g.op("MatMul", [normed, g.const("qkv", layer.qkv)])  # [1, T, 3d]
-    q, k, v = g.op("Split", [qkv, g.const("split3", np.array([width] * 3))], axis=2, outputs=3)  # [1, T, d] each
+    normed = _layer_norm(g, x, [w.ln1_scale for w in layer], [w.ln1_bias for w in layer])
+    qkv = _matmul(g, normed, "qkv", [w.qkv for w in layer])  # [N, T, 3d]
+    q, k, v = g.op("Split", [qkv, g.const("split3", np.array([width] * 3))], axis=2, outputs=3)  # [N, T, d] each
     attended = g.fresh("attended")
     g.nodes.append(helper.make_node(
         "MultiHeadAttention", [q, k, v, "", "", bias, past_key(index), past_value(index)],
         [attended, present_key(index), present_value(index)], domain=MS_DOMAIN,
-        num_heads=heads, scale=1 / math.sqrt(head_dim)))  # [1, T, d]; present [1, H, P+T, hd]
-    return g.op("Add", [x, g.op("MatMul", [attended, g.const("attn_out", layer.out)])])
+        num_heads=heads, scale=1 / math.sqrt(head_dim)))  # [N, T, d]; present [N, H, P+T, hd]
+    return g.op("Add", [x, _matmul(g, attended, "attn_out", [w.out for w in layer])])
 
 
-def _mlp_block(g: _GraphBuilder, x: str, layer: LayerWeights) -> str:
-    normed = _layer_norm(g, x, layer.ln2_scale, layer.ln2_bias)
-    hidden = g.op("Add", [g.op("MatMul", [normed, g.const("fc1", layer.fc1)]), g.const("fc1_bias", layer.fc1_bias)])
+def _mlp_block(g: _GraphBuilder, x: str, layer: list[LayerWeights]) -> str:
+    normed = _layer_norm(g, x, [w.ln2_scale for w in layer], [w.ln2_bias for w in layer])
+    hidden = g.op("Add", [_matmul(g, normed, "fc1", [w.fc1 for w in layer]),
+                          _stacked(g, "fc1_bias", [w.fc1_bias for w in layer], per_position=True)])
     gelu = g.op("Gelu", [hidden])  # exact (erf) GELU
-    out = g.op("Add", [g.op("MatMul", [gelu, g.const("fc2", layer.fc2)]), g.const("fc2_bias", layer.fc2_bias)])
+    out = g.op("Add", [_matmul(g, gelu, "fc2", [w.fc2 for w in layer]),
+                       _stacked(g, "fc2_bias", [w.fc2_bias for w in layer], per_position=True)])
     return g.op("Add", [x, out])
 
 
-def _graph_inputs(shape: RewardNetworkShape) -> list[onnx.ValueInfoProto]:
+def _graph_inputs(shape: RewardNetworkShape, rewards: int) -> list[onnx.ValueInfoProto]:
     inputs = [helper.make_tensor_value_info(INPUT_IDS, TensorProto.INT64, [1, "new_tokens"]),
               helper.make_tensor_value_info(CANDIDATE_IDS, TensorProto.INT64, [1, "candidates"])]
-    state = [1, shape.heads, "past_tokens", shape.head_dim]
+    state = [rewards, shape.heads, "past_tokens", shape.head_dim]
     for layer in range(shape.layers):
         inputs += [helper.make_tensor_value_info(past_key(layer), TensorProto.FLOAT, state),
                    helper.make_tensor_value_info(past_value(layer), TensorProto.FLOAT, state)]
     return inputs
 
 
-def _graph_outputs(shape: RewardNetworkShape) -> list[onnx.ValueInfoProto]:
-    outputs = [helper.make_tensor_value_info(REWARDS, TensorProto.FLOAT, [1, "candidates"])]
-    state = [1, shape.heads, "total_tokens", shape.head_dim]
+def _graph_outputs(shape: RewardNetworkShape, rewards: int) -> list[onnx.ValueInfoProto]:
+    outputs = [helper.make_tensor_value_info(REWARDS, TensorProto.FLOAT, [rewards, "candidates"])]
+    state = [rewards, shape.heads, "total_tokens", shape.head_dim]
     for layer in range(shape.layers):
         outputs += [helper.make_tensor_value_info(present_key(layer), TensorProto.FLOAT, state),
                     helper.make_tensor_value_info(present_value(layer), TensorProto.FLOAT, state)]

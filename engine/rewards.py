@@ -24,7 +24,7 @@ from engine.base_model import common_prefix_length
 from engine.errors import RewardFileError, RewardRuntimeError, VocabularyMismatchError
 from engine.files import file_sha256, write_atomically
 
-CARD_FORMAT_VERSION = 1
+CARD_FORMAT_VERSION = 2  # 2 added ``label``; cards of format 1 load with an empty label
 
 
 @dataclass(kw_only=True)
@@ -37,6 +37,7 @@ class RewardCard:
     base_model_name: str
     base_model_sha256: str | None = None
     description: str = ""
+    label: str = ""  # a short human label for the app, e.g. "Short and to the point"
     network: dict[str, int] = field(default_factory=dict)
     training_data: dict[str, Any] = field(default_factory=dict)  # counts only, never content
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -53,13 +54,13 @@ class RewardCard:
             raise RewardFileError(f"The reward card {path} is missing; a reward needs its .json card beside the .onnx file.")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-            card = cls(**data)
-        except (ValueError, TypeError) as error:
+            version = int(data.get("format_version", CARD_FORMAT_VERSION))
+            if version > CARD_FORMAT_VERSION:  # before reading fields a newer app may have added
+                raise RewardFileError(f"The reward card {path} has format {version}; this app reads up to "
+                                      f"{CARD_FORMAT_VERSION}. Update the app.")
+            return cls(**data)
+        except (ValueError, TypeError, AttributeError) as error:
             raise RewardFileError(f"The reward card {path} is not a valid card ({error}); re-export the reward.") from error
-        if card.format_version > CARD_FORMAT_VERSION:
-            raise RewardFileError(f"The reward card {path} has format {card.format_version}; this app reads up to "
-                                  f"{CARD_FORMAT_VERSION}. Update the app.")
-        return card
 
 
 def card_path(onnx_path: Path) -> Path:
@@ -74,25 +75,26 @@ def save_reward(path: Path, model: onnx.ModelProto, card: RewardCard) -> Path:
     data = model.SerializeToString()
     write_atomically(path, data)
     card.onnx_sha256 = file_sha256(path)
-    write_atomically(card_path(path), card.to_json())
+    write_card(path, card)
     return path
 
 
-class RewardModel:
-    """One reward: an onnxruntime session plus its KV state for the current sequence."""
+def write_card(onnx_path: Path, card: RewardCard) -> None:
+    """(Re)write the card beside a reward file, atomically."""
+    write_atomically(card_path(onnx_path), card.to_json())
 
-    def __init__(self, path: Path | str, *, threads: int = 1) -> None:
-        self.path = Path(path).expanduser()
-        if not self.path.is_file():
-            raise RewardFileError(f"Reward file not found: {self.path}.")
-        self.card = RewardCard.load(card_path(self.path))
-        self.name = self.card.name
-        actual = file_sha256(self.path)
-        if self.card.onnx_sha256 and actual != self.card.onnx_sha256:
-            raise RewardFileError(f"The reward {self.path} does not match its card (sha256 {actual[:12]}... "
-                                  f"vs {self.card.onnx_sha256[:12]}...): it was truncated or changed. Re-export it.")
-        self._session = _open_session(self.path, threads)
-        self.layers, self.heads, self.head_dim = _check_contract(self._session, self.path)
+
+class RewardSession:
+    """An onnxruntime session that follows the reward contract, plus the KV state of one token sequence.
+
+    It computes ``rows`` rewards per call: 1 for a reward file, N for rewards stacked into one graph
+    (engine/mixing.py). Rewards come back as [rows, K]; the state is [rows, H, P, D] per layer.
+    """
+
+    def __init__(self, session: ort.InferenceSession, *, title: str, source: Path | str) -> None:
+        self.title = title  # names the reward(s) in errors: "The reward 'x'"
+        self._session = session
+        self.rows, self.layers, self.heads, self.head_dim = _check_contract(session, source)
         self._output_names = [contract.REWARDS] + [name for layer in range(self.layers)
                                                    for name in (contract.present_key(layer), contract.present_value(layer))]
         self._state_names = [name for layer in range(self.layers)
@@ -101,21 +103,12 @@ class RewardModel:
         self._state: list[np.ndarray] = []
         self.reset()
 
-    def check_compatible(self, *, base_name: str, base_fingerprint: str) -> None:
-        if self.card.vocabulary_fingerprint != base_fingerprint:
-            raise VocabularyMismatchError(
-                f"The reward '{self.name}' was trained for '{self.card.base_model_name}' "
-                f"({self.card.vocabulary_size} tokens, vocabulary {self.card.vocabulary_fingerprint[:19]}), "
-                f"but the loaded model '{base_name}' has a different vocabulary ({base_fingerprint[:19]}); "
-                "use a reward trained for this model's family, or tune one with this model.")
-
-    # -- state --------------------------------------------------------------
     @property
     def n_past(self) -> int:
         return len(self._tokens)
 
     def reset(self) -> None:
-        empty = np.zeros((1, self.heads, 0, self.head_dim), dtype=np.float32)
+        empty = np.zeros((self.rows, self.heads, 0, self.head_dim), dtype=np.float32)
         self._state = [empty] * len(self._state_names)
         self._tokens = []
 
@@ -125,28 +118,75 @@ class RewardModel:
             self._state = [tensor[:, :, :n_tokens] for tensor in self._state]
             self._tokens = self._tokens[:n_tokens]
 
-    # -- scoring ------------------------------------------------------------
     def advance(self, new_tokens: Sequence[int], candidates: np.ndarray) -> np.ndarray:
-        """Append ``new_tokens`` to the state and return the rewards [K] of the candidates for the next token."""
+        """Append ``new_tokens`` to the state and return the rewards [rows, K] of the candidates for the next token."""
         feeds = {contract.INPUT_IDS: np.asarray(new_tokens, dtype=np.int64).reshape(1, -1),
                  contract.CANDIDATE_IDS: np.asarray(candidates, dtype=np.int64).reshape(1, -1),
                  **dict(zip(self._state_names, self._state))}
         try:
             rewards, *state = self._session.run(self._output_names, feeds)
         except Exception as error:  # onnxruntime raises its own exception types
-            raise RewardRuntimeError(f"The reward '{self.name}' failed at token {self.n_past}: {error}") from error
+            raise RewardRuntimeError(f"{self.title} failed at token {self.n_past}: {error}") from error
         self._state = state
         self._tokens.extend(int(token) for token in new_tokens)
-        return rewards[0]
+        return rewards
 
     def sync(self, tokens: Sequence[int], candidates: np.ndarray) -> np.ndarray:
-        """Make the state hold ``tokens`` (reusing the common prefix) and score the candidates after them."""
+        """Make the state hold ``tokens`` (reusing the common prefix) and score the candidates after them: [rows, K]."""
         keep = min(common_prefix_length(self._tokens, tokens), len(tokens) - 1)
         self.rewind(keep)
         return self.advance(tokens[keep:], candidates)
 
 
-def _open_session(path: Path, threads: int) -> ort.InferenceSession:
+class RewardModel:
+    """One reward file: its card and a session with KV state for the current sequence."""
+
+    def __init__(self, path: Path | str, *, threads: int = 1) -> None:
+        self.path = Path(path).expanduser()
+        if not self.path.is_file():
+            raise RewardFileError(f"Reward file not found: {self.path}.")
+        self.card = RewardCard.load(card_path(self.path))
+        self.name = self.card.name
+        self.threads = threads
+        actual = file_sha256(self.path)
+        if self.card.onnx_sha256 and actual != self.card.onnx_sha256:
+            raise RewardFileError(f"The reward {self.path} does not match its card (sha256 {actual[:12]}... "
+                                  f"vs {self.card.onnx_sha256[:12]}...): it was truncated or changed. Re-export it.")
+        self.session = RewardSession(open_session(self.path, threads=threads), title=f"The reward '{self.name}'",
+                                     source=self.path)
+        if self.session.rows != 1:
+            raise RewardFileError(f"The reward {self.path} holds {self.session.rows} rewards; a reward file holds one.")
+
+    def check_compatible(self, *, base_name: str, base_fingerprint: str) -> None:
+        if self.card.vocabulary_fingerprint != base_fingerprint:
+            raise VocabularyMismatchError(
+                f"The reward '{self.name}' was trained for '{self.card.base_model_name}' "
+                f"({self.card.vocabulary_size} tokens, vocabulary {self.card.vocabulary_fingerprint[:19]}), "
+                f"but the loaded model '{base_name}' has a different vocabulary ({base_fingerprint[:19]}); "
+                "use a reward trained for this model's family, or tune one with this model.")
+
+    # -- state and scoring: the session's, for this one reward ---------------------------
+    @property
+    def n_past(self) -> int:
+        return self.session.n_past
+
+    def reset(self) -> None:
+        self.session.reset()
+
+    def rewind(self, n_tokens: int) -> None:
+        self.session.rewind(n_tokens)
+
+    def advance(self, new_tokens: Sequence[int], candidates: np.ndarray) -> np.ndarray:
+        """Append ``new_tokens`` to the state and return the rewards [K] of the candidates for the next token."""
+        return self.session.advance(new_tokens, candidates)[0]
+
+    def sync(self, tokens: Sequence[int], candidates: np.ndarray) -> np.ndarray:
+        """Make the state hold ``tokens`` (reusing the common prefix) and score the candidates after them: [K]."""
+        return self.session.sync(tokens, candidates)[0]
+
+
+def open_session(model: Path | bytes, *, threads: int) -> ort.InferenceSession:
+    """A CPU session for a reward graph (a file, or a serialized model); onnxruntime's errors become RewardFileError."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads  # the base model owns the other cores
     options.inter_op_num_threads = 1
@@ -155,15 +195,17 @@ def _open_session(path: Path, threads: int) -> ort.InferenceSession:
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
     try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        source = model if isinstance(model, bytes) else str(model)
+        return ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as error:  # onnxruntime raises its own exception types
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise RewardFileError(f"The reward {path} is not a readable ONNX model ({first_line}); "
+        what = "graph built in memory" if isinstance(model, bytes) else model
+        raise RewardFileError(f"The reward {what} is not a readable ONNX model ({first_line}); "
                               "it may be truncated or corrupt. Re-export it.") from error
 
 
-def _check_contract(session: ort.InferenceSession, path: Path) -> tuple[int, int, int]:
-    """Check the inputs/outputs against the contract; return (layers, heads, head_dim)."""
+def _check_contract(session: ort.InferenceSession, path: Path | str) -> tuple[int, int, int, int]:
+    """Check the inputs/outputs against the contract; return (rows, layers, heads, head_dim)."""
     inputs = {node.name: node for node in session.get_inputs()}
     outputs = {node.name for node in session.get_outputs()}
     layers = sum(1 for name in inputs if name.startswith("past_key_"))
@@ -175,7 +217,7 @@ def _check_contract(session: ort.InferenceSession, path: Path) -> tuple[int, int
         raise RewardFileError(
             f"The reward {path} does not follow the reward contract (inputs {sorted(inputs)}, outputs "
             f"{sorted(outputs)}); see docs/reward-onnx-contract.md.")
-    _, heads, _, head_dim = inputs[contract.past_key(0)].shape
+    rows, heads, _, head_dim = inputs[contract.past_key(0)].shape
     if not isinstance(heads, int) or not isinstance(head_dim, int):
         raise RewardFileError(f"The reward {path} must declare fixed head count and head size in its state inputs.")
-    return layers, heads, head_dim
+    return rows if isinstance(rows, int) else 1, layers, heads, head_dim  # a symbolic batch: one sequence

@@ -1,0 +1,120 @@
+"""The base reward library: markers, build on a tiny GGUF, check, the CLI, and cards with labels."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from engine.errors import RewardFileError
+from engine.mixing import scoring_groups
+from engine.rewards import CARD_FORMAT_VERSION, RewardCard, RewardModel, card_path
+from rewards_onnx import library
+from rewards_onnx.data import Demonstration
+from rewards_onnx.distill import example_prompts
+from rewards_onnx.library import (STYLES, LibraryError, MarkerCheck, build_library, check_library, check_prompts,
+                                  list_line_share, mean_word_length, personal_words_per_100_words, word_count)
+from rewards_onnx.train import TuneConfig
+from test_cli import assert_one_line_error, prt
+
+TINY_TUNE = TuneConfig(epochs=1, width=32, layers=1, heads=4, held_out_fraction=0.5)
+
+
+def fake_distill(base, system, count, **options):
+    """A tiny random GGUF never ends an answer on its own, so distillation proper has nothing to keep:
+    stand in with answers the teacher could have given (distill itself is tested in test_training.py)."""
+    options["progress"](count, count)
+    return [Demonstration(prompt, f"A short answer {index}.", teacher_system=system, teacher_temperature=0.7)
+            for index, prompt in enumerate(example_prompts(0)[:count])]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_base):
+    folder = tmp_path_factory.mktemp("library")
+    progress = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(library, "distill", fake_distill)
+        entries = build_library(tiny_base, folder, count=4, config=TINY_TUNE, on_progress=progress.append)
+    return folder, entries, progress
+
+
+def test_markers_on_hand_written_replies():
+    assert word_count("One short sentence here.") == 4
+    assert list_line_share("Here you go:\n- tea\n* milk\n\n1. sugar\n2) lemon\nEnjoy.") == pytest.approx(4 / 6)
+    assert list_line_share("-not an item\nplain prose") == 0 and list_line_share("") == 0
+    assert mean_word_length("I saw a big dog.") == pytest.approx(2.2) and mean_word_length("...") == 0
+    assert personal_words_per_100_words("I'm sure you'll like my tea. Iris met Yourk.") == pytest.approx(100 * 3 / 9)
+    assert personal_words_per_100_words("") == 0
+
+
+def test_check_prompts_are_never_training_prompts():
+    prompts = check_prompts(50)
+    assert len(set(prompts)) == 50
+    assert not set(prompts) & set(example_prompts(0))
+    with pytest.raises(ValueError, match="prompts must be between 1 and"):
+        check_prompts(0)
+
+
+def test_build_makes_one_labelled_reward_per_style(built, tiny_base):
+    folder, entries, progress = built
+    assert [entry.path for entry in entries] == [folder / f"{style.name}.onnx" for style in STYLES]
+    for entry in entries:
+        card = RewardCard.load(card_path(entry.path))
+        assert card.name == entry.style.name and card.label == entry.style.label
+        assert entry.style.system in card.description
+        assert card.metrics["held_out"]["tokens"] > 0 and card.metrics["library"]["direction"] == entry.style.direction
+        assert card.training_data["demonstrations"] == 4 and card.format_version == CARD_FORMAT_VERSION
+    assert json.loads(json.dumps(entries[0].to_json()))["label"] == STYLES[0].label
+    assert {p.phase for p in progress} == {"distill", "teacher", "train", "export"}
+    assert any(p.message.startswith("casual") for p in progress if p.phase == "train")
+    rewards = [RewardModel(entry.path) for entry in entries]  # one tune seed: one shared embedding, one session
+    assert [group.indices for group in scoring_groups(rewards)] == [tuple(range(len(STYLES)))]
+
+
+def test_check_measures_each_reward_with_and_without_it(built, tiny_base):
+    folder, _, _ = built
+    checks = check_library(tiny_base, folder, prompts=2, max_tokens=6)
+    assert [check.style for check in checks] == list(STYLES)
+    for check in checks:
+        assert len(check.without) == len(check.steered) == len(check.teacher) == 2
+        assert set(check.to_json()) >= {"without", "with", "teacher", "shift", "shift_standard_error", "moved"}
+
+
+def test_moved_means_the_intended_direction():
+    concise = next(style for style in STYLES if style.direction < 0)
+    shorter = MarkerCheck(concise, without=[80, 60], steered=[40, 50], teacher=[20, 30])
+    assert shorter.moved and shorter.shift == -25 and shorter.shift_standard_error == pytest.approx(15)
+    assert not MarkerCheck(concise, without=[80], steered=[90], teacher=[20]).moved
+
+
+def test_cli_check_prints_json_and_refuses_an_empty_folder(built, tiny_gguf, tmp_path):
+    folder, _, _ = built
+    checked = prt("library", "check", "--model", str(tiny_gguf), "--library", str(folder), "--prompts", "1",
+                  "--max-tokens", "4", "--ctx", "512", "--json")
+    assert checked.returncode == 0, checked.stderr
+    assert [check["reward"] for check in json.loads(checked.stdout)["checks"]] == [style.name for style in STYLES]
+    empty = prt("library", "check", "--model", str(tiny_gguf), "--library", str(tmp_path), "--ctx", "512")
+    assert_one_line_error(empty, "No base rewards in")
+
+
+def test_check_refuses_a_folder_without_rewards(tmp_path, tiny_base):
+    with pytest.raises(LibraryError, match="prt library build"):
+        check_library(tiny_base, tmp_path)
+
+
+def test_cards_of_format_1_load_without_a_label_and_newer_formats_ask_for_an_update(tmp_path):
+    old = {"name": "old", "vocabulary_fingerprint": "sha256:x", "vocabulary_size": 3, "base_model_name": "m",
+           "format_version": 1}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert RewardCard.load(tmp_path / "old.json").label == ""
+    (tmp_path / "new.json").write_text(json.dumps({**old, "format_version": CARD_FORMAT_VERSION + 1, "colour": "red"}))
+    with pytest.raises(RewardFileError, match="Update the app"):
+        RewardCard.load(tmp_path / "new.json")
+
+
+def test_the_cli_parser_and_checking_need_no_torch():
+    code = ("import sys, engine.cli, rewards_onnx.library; engine.cli.build_parser(); "
+            "assert 'torch' not in sys.modules")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0
