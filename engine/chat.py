@@ -11,7 +11,7 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence, TypeVar
 
 from engine.base_model import BaseModel, BaseModelConfig, ChatMessage
 from engine.decode import Generation, GenerationResult, RewardSlot, TokenEvent
@@ -19,6 +19,9 @@ from engine.errors import PrtError, RewardFileError
 from engine.models import app_data_subdir
 from engine.rewards import RewardCard, RewardModel, card_path
 from engine.steering import SamplingConfig
+
+
+T = TypeVar("T")
 
 
 def rewards_dir() -> Path:
@@ -135,6 +138,13 @@ class ChatEngine:
                 on_event(event)
         return generation.result
 
+    def run_exclusive(self, work: Callable[[BaseModel], T]) -> T:
+        """``work(base)`` while no reply or model change runs, e.g. the style survey writing its replies."""
+        with self._lock:
+            if self.base is None:
+                raise PrtError("No model is loaded yet; pick one in the model list.")
+            return work(self.base)
+
 
 class ReplyRecorder:
     """Keeps an assistant message in the store up to date while it streams.
@@ -191,6 +201,12 @@ def tune_command(*, model_path: Path | str, out_path: Path | str, data_files: Se
     if epochs:
         argv += ["--epochs", str(epochs)]
     return argv
+
+
+def library_build_command(*, model_path: Path | str, out_dir: Path | str) -> list[str]:
+    """The argv that builds the base style rewards for a model, reporting like ``tune_command``."""
+    return [sys.executable, "-m", "engine.cli", "library", "build", "--model", str(model_path), "--out", str(out_dir),
+            "--json", "--progress-json"]
 
 
 @dataclass(frozen=True)

@@ -379,13 +379,14 @@ def cmd_bench_rewards(args: argparse.Namespace) -> int:
 
 def cmd_library_build(args: argparse.Namespace) -> int:
     train = _training_modules()
-    from rewards_onnx.library import build_library, default_library_dir
+    from engine.onboarding import library_dir
+    from rewards_onnx.library import build_library
 
     if args.count < 2:
         raise UsageError(f"--count must be at least 2 (one answer is held out), got {args.count}")
-    bar = _ProgressBar()
+    bar = _JsonProgress() if args.progress_json else _ProgressBar()
     with _load_base(args) as base:
-        out_dir = Path(args.out) if args.out else default_library_dir(base.path)
+        out_dir = Path(args.out) if args.out else library_dir(base.path)
         try:
             built = build_library(base, out_dir, count=args.count, config=train.TuneConfig(seed=args.seed),
                                   on_progress=lambda p: bar(p.phase, p.done, p.total, p.eta_seconds, p.message))
@@ -404,11 +405,12 @@ def cmd_library_build(args: argparse.Namespace) -> int:
 
 
 def cmd_library_check(args: argparse.Namespace) -> int:
-    from rewards_onnx.library import check_library, default_library_dir
+    from engine.onboarding import library_dir
+    from rewards_onnx.library import check_library
 
     bar = _ProgressBar()
     with _load_base(args) as base:
-        folder = Path(args.library) if args.library else default_library_dir(base.path)
+        folder = Path(args.library) if args.library else library_dir(base.path)
         try:
             checks = check_library(base, folder, prompts=args.prompts, max_tokens=args.max_tokens,
                                    progress=lambda done, total: bar("check", done, total, None))
@@ -423,7 +425,7 @@ def cmd_library_check(args: argparse.Namespace) -> int:
             result = check.to_json()
             print(f"{result['reward']:<11} {result['marker']} ({result['direction']}): without {result['without']:.3g}"
                   f" -> with {result['with']:.3g} (shift {result['shift']:+.3g} +- {result['shift_standard_error']:.2g};"
-                  f" teacher {result['teacher']:.3g}): {'moved as intended' if check.moved else 'did NOT move'}")
+                  f" teacher {result['teacher']:.3g}): {'moved as intended' if check.moved else 'did not move beyond noise (2 standard errors)'}")
     return 0
 
 
@@ -529,6 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
                                help="distilled answers per reward (default: %(default)s)")
     library_build.add_argument("--seed", type=int, default=0)
     library_build.add_argument("--json", action="store_true")
+    library_build.add_argument("--progress-json", action="store_true", help="progress as JSON lines on stderr")
     library_build.set_defaults(handler=cmd_library_build)
     library_check = library_actions.add_parser("check", help="replies with and without each base reward: its marker")
     _add_model_arguments(library_check)

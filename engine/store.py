@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import sqlite_utils
 from sqlite_utils.db import NotFoundError
@@ -399,6 +399,27 @@ class Store:
             return self._db["feedback"].insert({
                 "conversation_id": conversation_id, "message_id": message_id, "kind": kind, "prompt": prompt,
                 "system": system, "chosen": chosen, "rejected": rejected, "created": now}).last_pk
+
+    @_synchronized
+    def save_style_profile(self, profile: dict, *, picks: Sequence[tuple[str, str, str]],
+                           dials: Mapping[Path | str, tuple[str, float]]) -> None:
+        """All or nothing: the profile (setting 'style_profile'), each (prompt, chosen, rejected) pick as 'pick'
+        feedback, and each base reward installed with its dial set to the profile's weight (off at 0)."""
+        problems = [problem for prompt, chosen, rejected in picks
+                    if (problem := _feedback_problem("pick", prompt, chosen, rejected))]
+        if problems:
+            raise StoreError(problems[0])
+        if not all(math.isfinite(weight) for _name, weight in dials.values()):
+            raise ValueError(f"dial weights must be finite numbers, got {dict(dials)!r}")
+        now = self._now()
+        with self._transaction():
+            self._db["settings"].upsert({"key": "style_profile", "value": _json(profile, "style_profile")}, pk="key")
+            self._db["feedback"].insert_all({"kind": "pick", "prompt": prompt, "chosen": chosen, "rejected": rejected,
+                                             "created": now} for prompt, chosen, rejected in picks)
+            for path, (name, weight) in dials.items():
+                self._db.execute("INSERT INTO rewards (path, name, enabled, weight, added) VALUES (?, ?, ?, ?, ?) "
+                                 "ON CONFLICT (path) DO UPDATE SET name = excluded.name, enabled = excluded.enabled, "
+                                 "weight = excluded.weight", [os.path.abspath(path), name, weight != 0, weight, now])
 
     @_synchronized
     def remove_feedback(self, feedback_id: int) -> None:

@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # building imports torch (rewards_onnx.train) when it runs; c
 DEFAULT_COUNT = 40  # distilled answers per reward: the whole build takes about 15 minutes on a 2-core VM
 TEACHER_TEMPERATURE = 0.7  # distillation and check sample at this temperature
 CHECK_MAX_TOKENS = 256
+SIGNIFICANT_ERRORS = 2.0  # a marker "moved" when its shift exceeds this many standard errors (about 95%)
 # Topics never used by the distilled training data (rewards_onnx/distill.TOPICS), for check prompts
 CHECK_TOPICS = [
     "umbrellas", "glaciers", "libraries", "trains", "kites", "snowflakes", "lighthouses", "owls", "bridges",
@@ -102,12 +103,6 @@ STYLES = (
               "think using 'I', and talk to me as 'you'.", personal_words_per_100_words,
               "'I'/'you' words per 100 words", +1),
 )
-
-
-def default_library_dir(model_path: Path) -> Path:
-    from engine.chat import rewards_dir
-
-    return rewards_dir() / "library" / Path(model_path).stem
 
 
 def check_prompts(count: int) -> list[str]:
@@ -197,8 +192,8 @@ class MarkerCheck:
 
     @property
     def moved(self) -> bool:
-        """Whether the reward moved the marker in the intended direction."""
-        return self.style.direction * self.shift > 0
+        """Whether the reward moved the marker in the intended direction by more than two standard errors."""
+        return self.style.direction * self.shift > SIGNIFICANT_ERRORS * self.shift_standard_error
 
     def to_json(self) -> dict:
         return {"reward": self.style.name, "label": self.style.label, "marker": self.style.marker_name,

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from engine.errors import RewardFileError
@@ -82,11 +83,13 @@ def test_check_measures_each_reward_with_and_without_it(built, tiny_base):
         assert set(check.to_json()) >= {"without", "with", "teacher", "shift", "shift_standard_error", "moved"}
 
 
-def test_moved_means_the_intended_direction():
+def test_moved_means_the_intended_direction_beyond_noise():
     concise = next(style for style in STYLES if style.direction < 0)
-    shorter = MarkerCheck(concise, without=[80, 60], steered=[40, 50], teacher=[20, 30])
-    assert shorter.moved and shorter.shift == -25 and shorter.shift_standard_error == pytest.approx(15)
-    assert not MarkerCheck(concise, without=[80], steered=[90], teacher=[20]).moved
+    shorter = MarkerCheck(concise, without=[80, 60, 70], steered=[52, 30, 38], teacher=[20, 30, 25])
+    assert shorter.moved and shorter.shift == -30 and shorter.shift_standard_error == pytest.approx(2 / np.sqrt(3))
+    noisy = MarkerCheck(concise, without=[80, 60], steered=[40, 50], teacher=[20, 30])
+    assert noisy.shift == -25 and noisy.shift_standard_error == pytest.approx(15) and not noisy.moved
+    assert not MarkerCheck(concise, without=[80, 70], steered=[90, 85], teacher=[20, 20]).moved
 
 
 def test_cli_check_prints_json_and_refuses_an_empty_folder(built, tiny_gguf, tmp_path):

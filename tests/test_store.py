@@ -464,3 +464,19 @@ def test_examples_from_store_without_usable_feedback_is_an_error(store):
     store.add_feedback("thumbs_down", prompt="Hi", rejected="Bye.")
     with pytest.raises(DatasetError, match=r"\(1 thumbs down"):
         examples_from_store(store)
+
+
+def test_a_style_profile_is_saved_all_or_nothing(store, tmp_path):
+    dials = {tmp_path / "concise.onnx": ("concise", -1.5), tmp_path / "casual.onnx": ("casual", 0.0)}
+    with pytest.raises(StoreError, match="the chosen text is empty"):
+        store.save_style_profile({"profile": 1}, picks=[("Q?", "", "B")], dials=dials)
+    with pytest.raises(ValueError, match="finite"):
+        store.save_style_profile({"profile": 1}, picks=[], dials={tmp_path / "x.onnx": ("x", float("nan"))})
+    assert (store.setting("style_profile"), store.feedback(), store.rewards()) == (None, [], [])
+
+    store.save_style_profile({"profile": 1}, picks=[("Q?", "A", "B")], dials=dials)
+    store.set_reward_state(tmp_path / "casual.onnx", weight=0.3)
+    store.save_style_profile({"profile": 2}, picks=[], dials=dials)  # a retune resets the dials it owns
+    assert store.setting("style_profile") == {"profile": 2}
+    assert [(f.kind, f.prompt, f.chosen, f.rejected) for f in store.feedback()] == [("pick", "Q?", "A", "B")]
+    assert [(r.name, r.enabled, r.weight) for r in store.rewards()] == [("casual", False, 0.0), ("concise", True, -1.5)]
