@@ -59,7 +59,7 @@ def _real_window(cleanup: contextlib.ExitStack, model: str | None) -> MainWindow
     engine = ChatEngine()
     cleanup.callback(engine.close)
     settings = AppSettings.load(store)
-    window = MainWindow(engine, store, settings=settings)
+    window = MainWindow(engine, store, settings=settings, offer_style_survey=True)
     path = _model_to_load(model, settings)
     if path is None:
         window.statusBar().showMessage(NO_MODEL)

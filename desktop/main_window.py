@@ -22,6 +22,7 @@ from desktop.model_picker import ModelPicker
 from desktop.rewards_panel import RewardsPanel
 from desktop.settings import AppSettings, save_data_folder
 from desktop.settings_dialog import SettingsDialog
+from desktop.style_dialog import StyleDialog, first_run_pending
 from desktop.tune_panel import TunePanel
 from desktop.workers import run_in_background, wait_for_background_work
 
@@ -30,7 +31,8 @@ APP_TITLE = "PRT Chat"
 
 class MainWindow(QMainWindow):
     def __init__(self, engine, store, *, settings: AppSettings | None = None,
-                 tune_command_factory: Callable[..., list[str]] = tune_command) -> None:
+                 tune_command_factory: Callable[..., list[str]] = tune_command, offer_style_survey: bool = False) -> None:
+        """``offer_style_survey``: open "Find your style" after the first model loads, until answered or skipped."""
         super().__init__()
         self.setWindowTitle(APP_TITLE)
         self.engine, self.store = engine, store
@@ -41,6 +43,8 @@ class MainWindow(QMainWindow):
         self.rewards_panel = RewardsPanel(engine, store, strength=self.settings.alpha)
         self.tune_panel = TunePanel(engine, store, command_factory=tune_command_factory)
         self.model_picker = ModelPicker()
+        self.style_dialog: StyleDialog | None = None
+        self._offer_style_survey = offer_style_survey
         self.error_box = QMessageBox(QMessageBox.Icon.Warning, APP_TITLE, "", QMessageBox.StandardButton.Ok, self)
         self._build_layout()
         self._build_status_bar()
@@ -102,6 +106,8 @@ class MainWindow(QMainWindow):
         self._action(chat_menu, "&Find chats", self.conversations.focus_search, QKeySequence.StandardKey.Find)
         self._action(chat_menu, "&Stop the reply", self.session.stop, Qt.Key.Key_Escape)
         self._action(chat_menu, "&Regenerate", self.session.regenerate, "Ctrl+R")
+        chat_menu.addSeparator()
+        self._action(chat_menu, "Find or retune my st&yle…", self.open_style_dialog)
         view_menu = bar.addMenu("&View")
         self.token_view_action = self._action(view_menu, "&Token view", self.chat_view.set_token_view, "Ctrl+T",
                                               checkable=True)
@@ -132,6 +138,7 @@ class MainWindow(QMainWindow):
         self.rewards_panel.changed.connect(self._show_model_and_rewards)
         self.rewards_panel.strength_changed.connect(self._save_strength)
         self.rewards_panel.error.connect(self.show_error)
+        self.rewards_panel.style_requested.connect(self.open_style_dialog)
         self.tune_panel.reward_tuned.connect(lambda _path: self.rewards_panel.refresh())
         self.model_picker.model_chosen.connect(self.load_model)
         self.model_picker.error.connect(self.show_error)
@@ -155,6 +162,8 @@ class MainWindow(QMainWindow):
         self.model_picker.show_current(path)
         self.rewards_panel.refresh()  # badges and active rewards, for the new vocabulary
         self.statusBar().showMessage(f"Loaded {path.stem}", 5000)
+        if self._offer_style_survey and first_run_pending(self.store):
+            self.open_style_dialog()
 
     def _model_failed(self, message: str) -> None:
         self._show_loading("")
@@ -184,6 +193,16 @@ class MainWindow(QMainWindow):
     def _conversation_deleted(self, conversation_id: int) -> None:
         if self.session.conversation_id == conversation_id:
             self.session.open(None)
+
+    # -- style -----------------------------------------------------------------------------
+    def open_style_dialog(self) -> None:
+        """"Find your style": window-modal, so the chat waits while the questions use the model."""
+        if self.style_dialog is not None and self.style_dialog.isVisible():
+            self.style_dialog.raise_()
+            return
+        self.style_dialog = StyleDialog(self.engine, self.store, self)
+        self.style_dialog.profile_saved.connect(self.rewards_panel.refresh)
+        self.style_dialog.open()
 
     # -- settings and data -----------------------------------------------------------------
     def _save_strength(self, strength: float) -> None:
@@ -252,5 +271,7 @@ class MainWindow(QMainWindow):
         """Stop the reply and any tuning, wait for the workers, and let their results reach the store."""
         self.session.stop()
         self.tune_panel.shutdown()
+        if self.style_dialog is not None:
+            self.style_dialog.reject()  # cancels its build or replies
         wait_for_background_work()
         QCoreApplication.sendPostedEvents()

@@ -13,6 +13,8 @@ from PySide6.QtWidgets import (QCheckBox, QFileDialog, QFrame, QHBoxLayout, QLab
 
 from engine.chat import RewardInfo
 from engine.errors import PrtError
+from engine.onboarding import saved_profile
+from engine.pref import Profile, ProfileError
 from desktop.formatting import held_out_text, sentence, training_data_text
 from desktop.theme import lowered_color, raised_color
 
@@ -21,11 +23,24 @@ MAX_WEIGHT = 2.0
 MAX_STRENGTH = 3.0
 
 
-def _slider(maximum: float, value: float) -> QSlider:
+def _slider(minimum: float, maximum: float, value: float) -> QSlider:
     slider = QSlider(Qt.Orientation.Horizontal)
-    slider.setRange(0, round(maximum * WEIGHT_STEPS))
+    slider.setRange(round(minimum * WEIGHT_STEPS), round(maximum * WEIGHT_STEPS))
     slider.setValue(round(value * WEIGHT_STEPS))
     return slider
+
+
+def row_title(info: RewardInfo, name: str) -> str:
+    """The card's human label with the reward's name, e.g. 'Short and to the point (concise)'."""
+    label = info.card.label if info.card is not None else ""
+    return f"{label} ({name})" if label and label != name else name
+
+
+def profile_summary(profile: Profile | None) -> str:
+    if profile is None:
+        return "No style profile yet: answer a few questions to set the style dials."
+    answers = len(profile.answers)
+    return f"Style: {profile.name}, from {answers} answer{'s' if answers != 1 else ''}."
 
 
 def card_text(info: RewardInfo) -> str:
@@ -53,12 +68,13 @@ class RewardRow(QFrame):
         self.path = entry.path
         self.usable = info.compatible is True
         self.setFrameShape(QFrame.Shape.StyledPanel)
-        self.enabled_box = QCheckBox(entry.name)
+        self.enabled_box = QCheckBox(row_title(info, entry.name))
         self.enabled_box.setChecked(entry.enabled)
         self.enabled_box.setEnabled(self.usable)
-        self.weight_slider = _slider(MAX_WEIGHT, entry.weight)
+        self.weight_slider = _slider(-MAX_WEIGHT, MAX_WEIGHT, entry.weight)  # below 0: away from this reward
         self.weight_label = QLabel()
         self._show_weight()
+        self.weight_slider.setToolTip("Above 0 steers toward this reward, below 0 away from it")
         self.enabled_box.toggled.connect(self.changed)
         self.weight_slider.valueChanged.connect(self._show_weight)
         self.weight_slider.valueChanged.connect(self.changed)
@@ -101,19 +117,20 @@ class RewardRow(QFrame):
         self.enabled_box.blockSignals(False)
 
     def _show_weight(self) -> None:
-        self.weight_label.setText(f"{self.weight:.2f}")
+        self.weight_label.setText(f"{self.weight:+.2f}")
 
 
 class RewardsPanel(QWidget):
     changed = Signal()  # which rewards steer, or how strongly, changed
     strength_changed = Signal(float)
     error = Signal(str)
+    style_requested = Signal()  # "Retune my style…"
 
     def __init__(self, engine, store, *, strength: float = 1.0) -> None:
         super().__init__()
         self._engine, self._store = engine, store
         self.rows: list[RewardRow] = []
-        self.strength_slider = _slider(MAX_STRENGTH, strength)
+        self.strength_slider = _slider(0, MAX_STRENGTH, strength)
         self.strength_label = QLabel()
         self.strength_slider.valueChanged.connect(self._strength_moved)
         strength_row = QHBoxLayout()
@@ -128,9 +145,17 @@ class RewardsPanel(QWidget):
         scroll.setWidget(rows)
         add = QPushButton("Add reward file…")
         add.clicked.connect(self.choose_reward_file)
+        self.profile_label = QLabel(wordWrap=True)
+        self.style_button = QPushButton("Retune my style…")
+        self.style_button.setToolTip("Answer up to ten “which reply do you prefer?” questions to set the style dials")
+        self.style_button.clicked.connect(self.style_requested)
+        profile_row = QHBoxLayout()
+        profile_row.addWidget(self.profile_label, 1)
+        profile_row.addWidget(self.style_button)
         self.empty_note = QLabel("No rewards installed yet. Tune one from your feedback, or add a reward file "
                                  "(.onnx with its .json card).", wordWrap=True)
         layout = QVBoxLayout(self)
+        layout.addLayout(profile_row)
         layout.addLayout(strength_row)
         layout.addWidget(self.empty_note)
         layout.addWidget(scroll, 1)
@@ -155,7 +180,17 @@ class RewardsPanel(QWidget):
             row.remove_requested.connect(self._remove)
             self._rows_layout.insertWidget(self._rows_layout.count() - 1, row)
         self.empty_note.setVisible(not self.rows)
+        self._show_profile()
         self._try_apply()
+
+    def _show_profile(self) -> None:
+        try:
+            profile = saved_profile(self._store)
+        except ProfileError as error:
+            self.profile_label.setText(str(error))
+            return
+        self.profile_label.setText(profile_summary(profile))
+        self.style_button.setText("Retune my style…" if profile is not None else "Find my style…")
 
     def add_reward_file(self, path: Path | str) -> None:
         info = self._engine.describe_rewards([path])[0]

@@ -1,27 +1,25 @@
 """The tune panel: pick the data, train a reward in a child process, follow its progress, keep the result.
 
-Tuning runs as ``python -m engine.cli tune ... --json --progress-json`` (engine.chat.tune_command):
-torch never loads into the app, every stderr line is a TuneProgress, the last stdout line is the
-summary, and cancelling is a kill (the CLI writes its files atomically, so nothing half-written stays).
+Tuning runs as ``python -m engine.cli tune ... --json --progress-json`` (engine.chat.tune_command) in a
+ProgressProcess (desktop/child_process.py).
 """
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Callable
 
-from PySide6.QtCore import QProcess, QProcessEnvironment, Qt, Signal
+from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (QCheckBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QLineEdit, QListWidget,
                                QProgressBar, QPushButton, QVBoxLayout, QWidget)
 
 from engine.chat import TuneProgress, rewards_dir, tune_command
+from desktop.child_process import ProgressProcess, show_progress
 from desktop.formatting import duration_text, held_out_text, sentence
 
 PHASES = {"teacher": "Scoring your data with the model", "train": "Training", "export": "Exporting and checking"}
 FEEDBACK_LABELS = {"thumbs_up": "thumbs up", "thumbs_down": "thumbs down", "pick": "picks", "edit": "edits"}
-ERROR_PREFIX = "prt: error: "
 
 
 def safe_file_name(name: str) -> str:
@@ -34,28 +32,19 @@ def feedback_text(counts: dict[str, int]) -> str:
     return f"Collected feedback: {total} ({details})"
 
 
-def summary_from(stdout: str) -> dict | None:
-    """The JSON summary on the last non-empty stdout line, if there is one."""
-    lines = [line for line in stdout.splitlines() if line.strip()]
-    try:
-        summary = json.loads(lines[-1]) if lines else None
-    except ValueError:
-        return None
-    return summary if isinstance(summary, dict) and "path" in summary else None
-
-
 class TunePanel(QWidget):
     reward_tuned = Signal(str)  # the new reward's path
 
     def __init__(self, engine, store, *, command_factory: Callable[..., list[str]] = tune_command) -> None:
         super().__init__()
         self._engine, self._store, self._command_factory = engine, store, command_factory
-        self._process: QProcess | None = None
+        self._process = ProgressProcess(self, summary_key="path", what="tuning process")
+        self._process.progress.connect(self._show_progress)
+        self._process.succeeded.connect(self._succeeded)
+        self._process.failed.connect(lambda message: self._end_run("failed", message))
+        self._process.cancelled.connect(lambda: self._end_run("cancelled", "Cancelled; nothing was saved."))
         self._run_id: int | None = None
         self._name = ""  # the reward's name, as given when the run started
-        self._cancelled = False
-        self._stderr_tail = b""  # an unfinished stderr line
-        self._other_lines: list[str] = []  # stderr lines that are not progress (the error, if any)
         self.name_edit = QLineEdit("my-style")
         self.feedback_box = QCheckBox(enabled=False)
         self.documents_box = QCheckBox("Documents folder: none", enabled=False)
@@ -142,7 +131,7 @@ class TunePanel(QWidget):
     # -- the run ----------------------------------------------------------------
     @property
     def running(self) -> bool:
-        return self._process is not None
+        return self._process.running
 
     def start(self) -> None:
         if self.running:
@@ -153,19 +142,9 @@ class TunePanel(QWidget):
             return
         self._name = self.name_edit.text().strip()
         self._run_id = self._store.start_tuning_run({**self._sources(), "name": self._name})
-        self._cancelled, self._stderr_tail, self._other_lines = False, b"", []
-        process = QProcess(self)
-        environment = QProcessEnvironment.systemEnvironment()
-        environment.insert("PYTHONUNBUFFERED", "1")
-        process.setProcessEnvironment(environment)
-        process.setWorkingDirectory(str(rewards_dir()))
-        process.readyReadStandardError.connect(self._read_progress)
-        process.finished.connect(self._finished)
-        process.errorOccurred.connect(self._failed_to_start)
-        self._process = process
         self._show_running(True)
         self._show_result("")
-        process.start(argv[0], argv[1:])
+        self._process.start(argv, rewards_dir())
 
     def _command(self) -> tuple[str, list[str]]:
         """(what is missing, []) or ('', the tuning argv)."""
@@ -186,68 +165,18 @@ class TunePanel(QWidget):
                                          name=self.name_edit.text().strip())
 
     def cancel(self) -> None:
-        if self._process is not None:
-            self._cancelled = True
-            self._process.kill()
+        self._process.cancel()
 
     def shutdown(self) -> None:
         """Cancel a run and wait until it is recorded as cancelled."""
-        process = self._process
         self.cancel()
-        if process is not None:
-            process.waitForFinished(5000)
-
-    def _read_progress(self) -> None:
-        self._take_stderr(bytes(self._process.readAllStandardError()))
-
-    def _take_stderr(self, data: bytes, *, final: bool = False) -> None:
-        """Handle the complete lines in ``data`` (all of it when ``final``); keep the rest for next time."""
-        lines = (self._stderr_tail + data).split(b"\n")
-        self._stderr_tail = b"" if final else lines.pop()
-        for line in (raw.decode("utf-8", errors="replace") for raw in lines):
-            progress = TuneProgress.parse(line)
-            if progress is not None:
-                self._show_progress(progress)
-            elif line.strip():
-                self._other_lines.append(line.strip())
+        self._process.wait(5000)
 
     def _show_progress(self, progress: TuneProgress) -> None:
-        self.progress.setRange(0, max(progress.total, 1))
-        self.progress.setValue(progress.done)
-        eta = f" · about {duration_text(progress.eta_seconds)} left" if progress.eta_seconds is not None else ""
-        message = f" · {progress.message}" if progress.message else ""
-        self.phase_label.setText(f"{PHASES.get(progress.phase, progress.phase)}: {progress.done}/{progress.total}"
-                                 f"{eta}{message}")
-
-    def _detach_process(self) -> QProcess:
-        process, self._process = self._process, None
-        process.deleteLater()
-        self._show_running(False)
-        return process
-
-    def _finished(self, exit_code: int, _exit_status=None) -> None:
-        process = self._detach_process()
-        self._take_stderr(bytes(process.readAllStandardError()), final=True)
-        summary = summary_from(bytes(process.readAllStandardOutput()).decode("utf-8", errors="replace"))
-        if self._cancelled:
-            self._end_run("cancelled", "Cancelled; nothing was saved.")
-        elif exit_code == 0 and summary is not None:
-            self._succeeded(summary)
-        else:
-            self._end_run("failed", self._error_line(exit_code))
-
-    def _failed_to_start(self, error: QProcess.ProcessError) -> None:
-        if error == QProcess.ProcessError.FailedToStart and self._process is not None:
-            process = self._detach_process()
-            self._end_run("failed", f"Could not start the tuning process: {process.errorString()}.")
-
-    def _error_line(self, exit_code: int) -> str:
-        errors = [line for line in self._other_lines if line.startswith(ERROR_PREFIX)]
-        if errors:
-            return errors[-1]
-        return self._other_lines[-1] if self._other_lines else f"The tuning process ended with code {exit_code}."
+        show_progress(self.progress, self.phase_label, progress, PHASES)
 
     def _succeeded(self, summary: dict) -> None:
+        self._show_running(False)
         held_out = summary.get("held_out", {})
         self._store.add_reward(summary["path"], self._name)
         self._store.finish_tuning_run(self._run_id, status="done", reward_path=summary["path"], metrics=held_out)
@@ -257,6 +186,7 @@ class TunePanel(QWidget):
         self.reward_tuned.emit(summary["path"])
 
     def _end_run(self, status: str, message: str) -> None:
+        self._show_running(False)
         self._store.finish_tuning_run(self._run_id, status=status, error=None if status == "cancelled" else message)
         self._show_result(message)
 

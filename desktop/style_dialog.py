@@ -1,0 +1,257 @@
+"""Find your style: up to ten "which reply do you prefer?" questions about the base style rewards
+(PReF, engine/onboarding.py); the answers set the style dials. Offered once on first run (skippable)
+and any time from "Retune my style…". A model without base rewards gets them built first, by
+``prt library build`` in a child process (engine.chat.library_build_command).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from PySide6.QtCore import QObject, Qt, Signal
+from PySide6.QtWidgets import (QDialog, QGridLayout, QHBoxLayout, QLabel, QProgressBar, QPushButton, QStackedWidget,
+                               QTextBrowser, QVBoxLayout, QWidget)
+
+from engine.chat import library_build_command
+from engine.onboarding import (DEFAULT_QUESTIONS, StyleQuestion, StyleSurvey, dial_weights, library_dir,
+                               library_reward_paths, save_profile)
+from engine.pref import Profile
+from desktop.child_process import ProgressProcess, show_progress
+from desktop.workers import run_in_background
+
+SURVEY_SETTING = "style_survey"  # "done" or "skipped" once the first-run offer was answered
+PROFILE_NAME = "My style"
+BUILD_PHASES = {"distill": "Writing example answers", "teacher": "Scoring them with the model", "train": "Training",
+                "export": "Exporting and checking"}
+
+
+def first_run_pending(store) -> bool:
+    return store.setting(SURVEY_SETTING) is None
+
+
+def dials_text(profile: Profile, labels: dict[str, str]) -> str:
+    """One line per reward with its dial, strongest first: 'Short and to the point: +1.50'."""
+    ranked = sorted(dial_weights(profile).items(), key=lambda item: -abs(item[1]))
+    return "\n".join(f"{labels.get(name, name)}: {weight:+.2f}" for name, weight in ranked)
+
+
+class _ProgressRelay(QObject):
+    """Created on the GUI thread, so progress emitted by the worker arrives there (a queued signal)."""
+
+    progress = Signal(int, int)
+
+
+class StyleDialog(QDialog):
+    profile_saved = Signal()
+
+    def __init__(self, engine, store, parent: QWidget | None = None, *, questions: int = DEFAULT_QUESTIONS,
+                 build_command: Callable[..., list[str]] = library_build_command,
+                 survey_factory: Callable[..., StyleSurvey] = StyleSurvey) -> None:
+        super().__init__(parent)
+        self.setWindowTitle("Find your style")
+        self.resize(900, 600)
+        self._engine, self._store = engine, store
+        self._questions, self._build_command, self._survey_factory = questions, build_command, survey_factory
+        self._survey: StyleSurvey | None = None
+        self._question: StyleQuestion | None = None
+        self._labels: dict[str, str] = {}
+        self._relay = _ProgressRelay(self)
+        self._relay.progress.connect(self._show_writing)
+        self._build = ProgressProcess(self, summary_key="folder", what="style reward build")
+        self._build.progress.connect(lambda progress: show_progress(self.build_bar, self.build_label, progress,
+                                                                    BUILD_PHASES))
+        self._build.succeeded.connect(lambda _summary: self._build_ended("The style rewards are ready."))
+        self._build.failed.connect(self._build_ended)
+        self._build.cancelled.connect(lambda: self._build_ended("Cancelled."))
+        self.pages = QStackedWidget()
+        self.pages.addWidget(self._intro_page())
+        self.pages.addWidget(self._question_page())
+        self.pages.addWidget(self._done_page())
+        QVBoxLayout(self).addWidget(self.pages)
+        self.show_intro()
+
+    # -- pages ----------------------------------------------------------------------
+    def _intro_page(self) -> QWidget:
+        self.intro_label = QLabel(wordWrap=True)
+        self.build_button = QPushButton("Build the style rewards")
+        self.build_button.clicked.connect(self.build_library)
+        self.build_bar = QProgressBar(visible=False)
+        self.build_label = QLabel(wordWrap=True)
+        self.start_button = QPushButton("Start")
+        self.start_button.setDefault(True)
+        self.start_button.clicked.connect(self.start)
+        self.skip_button = QPushButton("Skip")
+        self.skip_button.clicked.connect(self.reject)
+        return _page(self.intro_label, self.build_button, self.build_bar, self.build_label, stretch=True,
+                     buttons=[self.skip_button, self.start_button])
+
+    def _question_page(self) -> QWidget:
+        self.counter_label = QLabel()
+        self.prompt_label = QLabel(wordWrap=True, textInteractionFlags=Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.reply_views = (QTextBrowser(), QTextBrowser())
+        replies = QGridLayout()
+        for column, (title, view) in enumerate(zip(("Reply A", "Reply B"), self.reply_views)):
+            replies.addWidget(QLabel(f"<b>{title}</b>"), 0, column)
+            replies.addWidget(view, 1, column)
+        self.writing_bar = QProgressBar()
+        self.writing_label = QLabel()
+        self.answer_buttons = {"a": QPushButton("A is better"), "none": QPushButton("No preference"),
+                               "b": QPushButton("B is better")}
+        for answer, button in self.answer_buttons.items():
+            button.clicked.connect(lambda _checked=False, answer=answer: self.answer(answer))
+        self.finish_button = QPushButton("Finish now")
+        self.finish_button.setToolTip("Set the dials from the answers so far")
+        self.finish_button.clicked.connect(self.finish)
+        writing = QHBoxLayout()
+        writing.addWidget(self.writing_bar)
+        writing.addWidget(self.writing_label, 1)
+        page = _page(self.counter_label, self.prompt_label, buttons=[self.finish_button, *self.answer_buttons.values()])
+        page.layout().insertLayout(2, replies, 1)
+        page.layout().insertLayout(3, writing)
+        return page
+
+    def _done_page(self) -> QWidget:
+        self.result_label = QLabel(wordWrap=True, textInteractionFlags=Qt.TextInteractionFlag.TextSelectableByMouse)
+        close = QPushButton("Close")
+        close.clicked.connect(self.accept)
+        return _page(self.result_label, stretch=True, buttons=[close])
+
+    # -- intro and building ---------------------------------------------------------
+    def _library_paths(self) -> list[Path]:
+        return library_reward_paths(library_dir(self._engine.base.path)) if self._engine.base is not None else []
+
+    def show_intro(self) -> None:
+        self.pages.setCurrentIndex(0)
+        paths = self._library_paths()
+        self.start_button.setEnabled(bool(paths) and not self._build.running)
+        self.build_button.setVisible(not paths and self._engine.base is not None)
+        self.build_button.setEnabled(not self._build.running)
+        about = (f"Answer up to {self._questions} questions. Each shows two replies to one prompt; pick the one you "
+                 "prefer, or say you have no preference. Your answers set the style dials in the Rewards panel; "
+                 "move them any time, or answer again with “Retune my style…”.")
+        if self._engine.base is None:
+            self.intro_label.setText(f"{about}\n\nLoad a model first.")
+        elif paths:
+            self.intro_label.setText(f"{about}\n\n{len(paths)} style rewards for {self._engine.base.name}.")
+        else:
+            self.intro_label.setText(f"{about}\n\n{self._engine.base.name} has no style rewards yet. Building them "
+                                     "takes about 15 minutes on a laptop CPU, once per model.")
+
+    def build_library(self) -> None:
+        base = self._engine.base
+        argv = self._build_command(model_path=base.path, out_dir=library_dir(base.path))
+        library_dir(base.path).mkdir(parents=True, exist_ok=True)
+        self.build_bar.setRange(0, 0)
+        self.build_bar.show()
+        self.build_label.setText("Starting…")
+        self._build.start(argv, library_dir(base.path))
+        self.show_intro()
+
+    def _build_ended(self, message: str) -> None:
+        self.build_bar.hide()
+        self.build_label.setText(message)
+        self.show_intro()
+
+    # -- the questions --------------------------------------------------------------
+    def start(self) -> None:
+        paths = self._library_paths()
+        self._labels = {info.name: (info.card.label or info.name) for info in self._engine.describe_rewards(paths)
+                        if info.card is not None}
+        self.pages.setCurrentIndex(1)
+        self._set_waiting("Loading the style rewards…")
+        run_in_background(lambda: self._engine.run_exclusive(
+            lambda base: self._survey_factory(base, paths, questions=self._questions)), self._survey_ready, self._failed)
+
+    def _survey_ready(self, survey: StyleSurvey) -> None:
+        self._survey = survey
+        if self.isVisible():  # not closed while the rewards loaded
+            self._ask_next()
+
+    def _ask_next(self) -> None:
+        survey = self._survey
+        self._set_waiting("Writing replies…")
+        self.counter_label.setText(f"<b>Question {len(survey.answered) + 1} of {survey.questions}</b>")
+        run_in_background(lambda: self._engine.run_exclusive(
+            lambda _base: survey.next_question(progress=self._relay.progress.emit)), self._show_question, self._failed)
+
+    def _show_question(self, question: StyleQuestion) -> None:
+        self._question = question
+        self.prompt_label.setText(f"Prompt: {question.prompt}")
+        for view, reply in zip(self.reply_views, (question.first, question.second)):
+            view.setPlainText(reply.text or "(an empty reply)")
+        self._set_waiting("")
+
+    def answer(self, answer: str) -> None:
+        if self._question is None:
+            return
+        self._survey.answer(self._question, answer)
+        self._question = None
+        if self._survey.finished:
+            self.finish()
+        else:
+            self._ask_next()
+
+    def finish(self) -> None:
+        """Save the profile from the answers so far and set the dials."""
+        if self._survey is None or not self._survey.answered:
+            return
+        profile = save_profile(self._store, self._survey, PROFILE_NAME)
+        self._store.set_setting(SURVEY_SETTING, "done")
+        answered = len(self._survey.answered)
+        self.result_label.setText(
+            f"<b>Your style, from {answered} answer{'s' if answered != 1 else ''}</b><br><br>"
+            + dials_text(profile, self._labels).replace("\n", "<br>")
+            + "<br><br>The style dials in the Rewards panel are set to these weights (below 0: away from that "
+              "style). Move them any time, or answer again with “Retune my style…”. Your picks are also kept as "
+              "feedback for tuning.")
+        self.pages.setCurrentIndex(2)
+        self.profile_saved.emit()
+
+    def _set_waiting(self, message: str) -> None:
+        """While ``message`` is shown (non-empty) the replies are being written and nothing can be answered."""
+        waiting = bool(message)
+        for view in self.reply_views:
+            if waiting:
+                view.clear()
+        for button in self.answer_buttons.values():
+            button.setEnabled(not waiting)
+        self.finish_button.setEnabled(not waiting and bool(self._survey and self._survey.answered))
+        self.writing_bar.setVisible(waiting)
+        self.writing_bar.setRange(0, 0)
+        self.writing_label.setText(message)
+
+    def _show_writing(self, done: int, total: int) -> None:
+        self.writing_bar.setRange(0, total)
+        self.writing_bar.setValue(done)
+        self.writing_label.setText(f"Writing replies: {done} of {total}…")
+
+    def _failed(self, message: str) -> None:
+        self.result_label.setText(f"<b>The questions stopped.</b><br><br>{message}")
+        self.pages.setCurrentIndex(2)
+
+    # -- closing --------------------------------------------------------------------
+    def done(self, result: int) -> None:
+        """Closing (Skip, Close, Esc) cancels a build; a first-run offer closed unanswered counts as skipped."""
+        self._build.cancel()
+        self._build.wait(5000)
+        if self._survey is not None:
+            self._survey.cancel()  # stops the replies being written, which hold the model
+        if first_run_pending(self._store):
+            self._store.set_setting(SURVEY_SETTING, "skipped")
+        super().done(result)
+
+
+def _page(*widgets: QWidget, buttons: list[QPushButton], stretch: bool = False) -> QWidget:
+    page = QWidget()
+    layout = QVBoxLayout(page)
+    for widget in widgets:
+        layout.addWidget(widget)
+    if stretch:
+        layout.addStretch(1)
+    row = QHBoxLayout()
+    row.addStretch(1)
+    for button in buttons:
+        row.addWidget(button)
+    layout.addLayout(row)
+    return page

@@ -1,0 +1,169 @@
+"""The "Find your style" dialog: the questions on a real tiny GGUF with real ONNX rewards and SQLite, the
+library build as a child process, and the first-run offer."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from PySide6.QtWidgets import QDialog
+
+from conftest import TINY_CONFIG
+from engine.chat import ChatEngine
+from engine.onboarding import library_dir, saved_profile
+from engine.reward_graph import random_reward_weights
+from engine.rewards import RewardCard, card_path, write_card
+from engine.store import Store
+from desktop.main_window import MainWindow
+from desktop.settings import AppSettings
+from desktop.style_dialog import SURVEY_SETTING, StyleDialog
+from test_desktop import FakeEngine
+from tiny_models import small_reward_shape, write_reward
+
+WAIT_MS = 60_000
+LABELS = {"brief": "Short and to the point", "warm": "Casual and personal"}
+
+
+@pytest.fixture
+def store(tmp_path):
+    with Store(tmp_path / "chats.db") as store:
+        yield store
+
+
+@pytest.fixture(scope="module")
+def real_engine(tiny_gguf):
+    engine = ChatEngine()
+    engine.load_model(tiny_gguf, TINY_CONFIG)
+    yield engine
+    engine.close()
+
+
+def write_library(folder, base) -> list:
+    """Two labelled style rewards, as `prt library build` leaves them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for seed, (name, label) in enumerate(LABELS.items(), start=1):
+        weights = random_reward_weights(small_reward_shape(base.n_vocab), seed=seed, scale=1.0)
+        path = write_reward(folder / f"{name}.onnx", weights, vocabulary_fingerprint=base.vocabulary_fingerprint,
+                            base_name=base.name)
+        card = RewardCard.load(card_path(path))
+        card.label = label
+        write_card(path, card)
+        paths.append(path)
+    return paths
+
+
+def open_dialog(qtbot, engine, store, **options) -> StyleDialog:
+    dialog = StyleDialog(engine, store, **options)
+    qtbot.addWidget(dialog)
+    dialog.show()
+    return dialog
+
+
+def wait_for_question(qtbot, dialog) -> None:
+    qtbot.waitUntil(lambda: dialog.answer_buttons["a"].isEnabled() or dialog.pages.currentIndex() == 2,
+                    timeout=WAIT_MS)
+
+
+def test_the_answers_set_the_dials_through_the_real_model(qtbot, store, real_engine):
+    write_library(library_dir(real_engine.base.path), real_engine.base)
+    dialog = open_dialog(qtbot, real_engine, store, questions=2)
+    assert dialog.start_button.isEnabled() and dialog.build_button.isHidden()
+    assert "2 style rewards" in dialog.intro_label.text()
+    dialog.start_button.click()
+    wait_for_question(qtbot, dialog)
+    assert dialog.counter_label.text() == "<b>Question 1 of 2</b>" and dialog.prompt_label.text().startswith("Prompt: ")
+    first_a, first_b = (view.toPlainText() for view in dialog.reply_views)
+    assert first_a and first_b and first_a != first_b
+    assert not dialog.finish_button.isEnabled()  # nothing answered yet
+    dialog.answer_buttons["a"].click()
+    wait_for_question(qtbot, dialog)
+    assert dialog.counter_label.text() == "<b>Question 2 of 2</b>" and dialog.finish_button.isEnabled()
+    dialog.answer_buttons["none"].click()
+
+    assert dialog.pages.currentIndex() == 2 and "from 2 answers" in dialog.result_label.text()
+    profile = saved_profile(store)
+    assert [len(profile.answers), store.setting(SURVEY_SETTING)] == [2, "done"]
+    [pick] = store.feedback()
+    assert (pick.kind, pick.chosen, pick.rejected) == ("pick", first_a, first_b)
+    dials = {entry.name: entry.weight for entry in store.rewards()}
+    assert set(dials) == set(LABELS) and max(map(abs, dials.values())) == pytest.approx(1.5)
+    assert all(f"{LABELS[name]}: {weight:+.2f}" in dialog.result_label.text() for name, weight in dials.items())
+
+
+def test_the_rewards_panel_shows_the_profile_with_labels_and_negative_dials(qtbot, store, real_engine):
+    paths = write_library(library_dir(real_engine.base.path), real_engine.base)
+    window = MainWindow(real_engine, store, settings=AppSettings())
+    qtbot.addWidget(window)
+    panel = window.rewards_panel
+    assert panel.profile_label.text().startswith("No style profile yet") and panel.style_button.text() == "Find my style…"
+    profile = {"name": "My style", "weights": {"brief": -1.0, "warm": 0.5}, "prior_var": 1.0,
+               "answers": [{"v": [1.0, 0.0], "answer": "b"}], "format_version": 1}
+    store.save_style_profile({"profile": profile}, picks=[], dials={paths[0]: ("brief", -1.5), paths[1]: ("warm", 0.75)})
+    panel.refresh()
+    assert panel.profile_label.text() == "Style: My style, from 1 answer."
+    assert panel.style_button.text() == "Retune my style…"
+    assert [row.enabled_box.text() for row in panel.rows] == [f"{LABELS['brief']} (brief)", f"{LABELS['warm']} (warm)"]
+    assert [row.weight for row in panel.rows] == [-1.5, 0.75] and panel.rows[0].weight_label.text() == "-1.50"
+    assert sorted(real_engine.active_reward_names) == ["brief", "warm"]
+    with qtbot.waitSignal(panel.style_requested, timeout=WAIT_MS):
+        panel.style_button.click()
+
+
+BUILD_SCRIPT = """
+import json, shutil, sys
+print(json.dumps({"phase": "distill", "done": 1, "total": 2, "eta_seconds": 30, "message": "brief"}), file=sys.stderr)
+for source in sys.argv[2:]:
+    shutil.copy(source, sys.argv[1])
+print(json.dumps({"folder": sys.argv[1], "rewards": []}))
+"""
+
+
+def test_a_model_without_style_rewards_gets_them_built_first(qtbot, store, real_engine, tmp_path):
+    ready = write_library(tmp_path / "built", real_engine.base)
+    files = [str(path) for path in ready] + [str(card_path(path)) for path in ready]
+    calls = []
+
+    def build_command(**options):
+        calls.append(options)
+        return [sys.executable, "-c", BUILD_SCRIPT, str(options["out_dir"]), *files]
+
+    dialog = open_dialog(qtbot, real_engine, store, build_command=build_command)
+    assert not dialog.build_button.isHidden() and not dialog.start_button.isEnabled()
+    assert "no style rewards yet" in dialog.intro_label.text()
+    shown = []
+    dialog._build.progress.connect(lambda progress: shown.append(dialog.build_label.text()))
+    dialog.build_button.click()
+    qtbot.waitUntil(dialog.start_button.isEnabled, timeout=WAIT_MS)
+    assert calls == [{"model_path": real_engine.base.path, "out_dir": library_dir(real_engine.base.path)}]
+    assert shown == ["Writing example answers: 1/2 · about 30 s left · brief"]
+    assert dialog.build_label.text() == "The style rewards are ready." and dialog.build_button.isHidden()
+
+
+def test_a_failed_build_says_why_and_closing_cancels_a_running_one(qtbot, store, real_engine):
+    failing = "import sys; print('prt: error: The disk is full.', file=sys.stderr); sys.exit(1)"
+    dialog = open_dialog(qtbot, real_engine, store, build_command=lambda **_: [sys.executable, "-c", failing])
+    dialog.build_button.click()
+    qtbot.waitUntil(lambda: not dialog._build.running, timeout=WAIT_MS)
+    assert dialog.build_label.text() == "prt: error: The disk is full." and dialog.build_button.isEnabled()
+
+    sleeping = open_dialog(qtbot, real_engine, store,
+                           build_command=lambda **_: [sys.executable, "-c", "import time; time.sleep(60)"])
+    sleeping.build_button.click()
+    assert sleeping._build.running and not sleeping.build_button.isEnabled()
+    sleeping.reject()
+    assert not sleeping._build.running and sleeping.build_label.text() == "Cancelled."
+
+
+def test_the_first_run_offer_opens_once_and_skip_is_remembered(qtbot, store):
+    window = MainWindow(FakeEngine(), store, settings=AppSettings(), offer_style_survey=True)
+    qtbot.addWidget(window)
+    window.load_model("fake-model.gguf")
+    qtbot.waitUntil(lambda: window.style_dialog is not None and window.style_dialog.isVisible(), timeout=WAIT_MS)
+    assert not window.style_dialog.build_button.isHidden()  # the fake model has no style rewards
+    window.style_dialog.skip_button.click()
+    assert window.style_dialog.result() == QDialog.DialogCode.Rejected and store.setting(SURVEY_SETTING) == "skipped"
+    window.style_dialog = None
+    window.load_model("fake-model.gguf")
+    qtbot.waitUntil(lambda: window.session.model_ready, timeout=WAIT_MS)
+    assert window.style_dialog is None  # not offered again
