@@ -6,6 +6,7 @@ User errors print one line (``prt: error: ...``) and exit 1; Ctrl-C exits 130.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import signal
@@ -13,10 +14,14 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 from engine.base_model import BaseModel, BaseModelConfig, ChatMessage
 from engine.decode import Generation, GenerationResult, RewardSlot, attach_rewards
 from engine.errors import PrtError
+from engine.files import write_atomically
 from engine.models import DEFAULT_MODEL_SPEC, add_model, ensure_default_model, installed_models, resolve_model
+from engine.onboarding import REPLY_TOKENS, library_dir
 from engine.steering import SamplingConfig
 
 EXIT_USER_ERROR = 1
@@ -379,7 +384,6 @@ def cmd_bench_rewards(args: argparse.Namespace) -> int:
 
 def cmd_library_build(args: argparse.Namespace) -> int:
     train = _training_modules()
-    from engine.onboarding import library_dir
     from rewards_onnx.library import build_library
 
     if args.count < 2:
@@ -405,7 +409,6 @@ def cmd_library_build(args: argparse.Namespace) -> int:
 
 
 def cmd_library_check(args: argparse.Namespace) -> int:
-    from engine.onboarding import library_dir
     from rewards_onnx.library import check_library
 
     bar = _ProgressBar()
@@ -426,6 +429,35 @@ def cmd_library_check(args: argparse.Namespace) -> int:
             print(f"{result['reward']:<11} {result['marker']} ({result['direction']}): without {result['without']:.3g}"
                   f" -> with {result['with']:.3g} (shift {result['shift']:+.3g} +- {result['shift_standard_error']:.2g};"
                   f" teacher {result['teacher']:.3g}): {'moved as intended' if check.moved else 'did not move beyond noise (2 standard errors)'}")
+    return 0
+
+
+def cmd_library_features(args: argparse.Namespace) -> int:
+    from engine.onboarding import library_reward_paths, sample_reply_features
+
+    if args.replies < 2:
+        raise UsageError(f"--replies must be at least 2 (a question needs two), got {args.replies}")
+    out = Path(args.out)
+    if out.suffix != ".npy":
+        raise UsageError(f"--out must name a .npy file, got {out}")
+    with _load_base(args) as base:
+        folder = Path(args.library) if args.library else library_dir(base.path)
+        paths = library_reward_paths(folder)
+        if not paths:
+            raise UsageError(f"No base rewards in {folder}; build them with 'prt library build'.")
+        bar = _ProgressBar()
+        try:
+            features = sample_reply_features(base, paths, replies=args.replies, seed=args.seed,
+                                             reply_tokens=args.max_tokens,
+                                             progress=lambda done, total: bar("replies", done, total, None))
+        finally:
+            bar.close()
+    buffer = io.BytesIO()
+    np.save(buffer, features)
+    write_atomically(out, buffer.getvalue())
+    names = [path.stem for path in paths]
+    print(json.dumps({"path": str(out), "rewards": names, "replies": len(features)}) if args.json
+          else f"Saved {len(features)} replies x {len(names)} rewards ({', '.join(names)}) to {out}")
     return 0
 
 
@@ -540,6 +572,16 @@ def build_parser() -> argparse.ArgumentParser:
     library_check.add_argument("--max-tokens", type=int, default=CHECK_MAX_TOKENS, help="per reply (default: %(default)s)")
     library_check.add_argument("--json", action="store_true")
     library_check.set_defaults(handler=cmd_library_check)
+    library_features = library_actions.add_parser(
+        "features", help="replies under random mixes, each reward summed over each reply: for pref-bench --features")
+    _add_model_arguments(library_features)
+    library_features.add_argument("--library", default=None, help="the rewards' folder (default: the model's library)")
+    library_features.add_argument("--replies", type=int, default=60, help="(default: %(default)s)")
+    library_features.add_argument("--max-tokens", type=int, default=REPLY_TOKENS, help="per reply (default: %(default)s)")
+    library_features.add_argument("--seed", type=int, default=0)
+    library_features.add_argument("--out", required=True, help="a .npy file: [replies, rewards]")
+    library_features.add_argument("--json", action="store_true")
+    library_features.set_defaults(handler=cmd_library_features)
 
     app = commands.add_parser("app", help="open the desktop chat window (prt app --help: its options)", add_help=False)
     app.set_defaults(handler=cmd_app)  # its options belong to desktop.app and pass through

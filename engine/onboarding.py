@@ -120,8 +120,8 @@ class StyleSurvey:
             raise ValueError(f"all {self.questions} questions have been answered")
         prompt = self._prompts[self._round % len(self._prompts)]
         replies = []
-        for index, mix in enumerate(self._mixes(REPLIES_PER_PROMPT)):
-            replies.append(self._reply(prompt, mix, seed=self._round))
+        for index, mix in enumerate(self.draw_mixes(REPLIES_PER_PROMPT)):
+            replies.append(self.write_reply(prompt, mix, seed=self._round))
             if progress:
                 progress(index + 1, REPLIES_PER_PROMPT)
         self._round += 1
@@ -142,12 +142,12 @@ class StyleSurvey:
     def profile(self, name: str) -> Profile:
         return Profile.from_posterior(name, self.reward_names, self.posterior)
 
-    def _mixes(self, count: int) -> list[np.ndarray]:
+    def draw_mixes(self, count: int) -> list[np.ndarray]:
         """``count`` weight vectors drawn from the posterior, each scaled so its largest |weight| is MIX_SIZE."""
         draws = self._rng.multivariate_normal(self.posterior.mean, self.posterior.covariance, size=count)
         return [MIX_SIZE * draw / max(np.abs(draw).max(), 1e-9) for draw in draws]
 
-    def _reply(self, prompt: str, mix: np.ndarray, *, seed: int) -> StyleReply:
+    def write_reply(self, prompt: str, mix: np.ndarray, *, seed: int) -> StyleReply:
         for slot, weight in zip(self.slots, mix):
             slot.weight = float(weight)
         config = SamplingConfig(temperature=REPLY_TEMPERATURE, seed=seed, max_tokens=self.reply_tokens)
@@ -160,6 +160,21 @@ class StyleSurvey:
             raise SurveyCancelled("The style questions were cancelled.")
         features = reward_totals(result, len(self.slots)) / REWARD_SCALE
         return StyleReply(result.text.strip(), tuple(float(w) for w in mix), tuple(float(f) for f in features))
+
+
+def sample_reply_features(base: BaseModel, reward_paths: Sequence[Path | str], *, replies: int, seed: int = 0,
+                          reply_tokens: int = REPLY_TOKENS, progress: Callable[[int, int], None] | None = None
+                          ) -> np.ndarray:
+    """Features [replies, R] of replies to PROMPTS, each under a mix drawn from the prior, as the survey writes
+    them: a real question pool for ``prt pref-bench --features``."""
+    survey = StyleSurvey(base, reward_paths, seed=seed, reply_tokens=reply_tokens)
+    rows = []
+    for index in range(replies):
+        [mix] = survey.draw_mixes(1)
+        rows.append(survey.write_reply(PROMPTS[index % len(PROMPTS)], mix, seed=index).features)
+        if progress:
+            progress(index + 1, replies)
+    return np.array(rows)
 
 
 def reward_totals(result: GenerationResult, rewards: int) -> np.ndarray:

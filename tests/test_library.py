@@ -102,6 +102,23 @@ def test_cli_check_prints_json_and_refuses_an_empty_folder(built, tiny_gguf, tmp
     assert_one_line_error(empty, "No base rewards in")
 
 
+def test_cli_features_saves_one_row_per_reply_for_pref_bench(built, tiny_gguf, tmp_path):
+    folder, _, _ = built
+    out = tmp_path / "features.npy"
+    saved = prt("library", "features", "--model", str(tiny_gguf), "--library", str(folder), "--replies", "3",
+                "--max-tokens", "4", "--ctx", "512", "--out", str(out), "--json")
+    assert saved.returncode == 0, saved.stderr
+    assert json.loads(saved.stdout) == {"path": str(out), "rewards": sorted(style.name for style in STYLES), "replies": 3}
+    features = np.load(out)
+    assert features.shape == (3, len(STYLES)) and np.all(np.isfinite(features))  # values: test_onboarding.py
+    wrong = prt("library", "features", "--model", str(tiny_gguf), "--library", str(folder), "--ctx", "512",
+                "--out", str(tmp_path / "features.txt"))
+    assert_one_line_error(wrong, "--out must name a .npy file")
+    empty = prt("library", "features", "--model", str(tiny_gguf), "--library", str(tmp_path / "none"), "--ctx", "512",
+                "--out", str(out))
+    assert_one_line_error(empty, "No base rewards in")
+
+
 def test_check_refuses_a_folder_without_rewards(tmp_path, tiny_base):
     with pytest.raises(LibraryError, match="prt library build"):
         check_library(tiny_base, tmp_path)
