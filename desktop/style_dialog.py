@@ -22,6 +22,7 @@ from desktop.workers import run_in_background
 
 SURVEY_SETTING = "style_survey"  # "done" or "skipped" once the first-run offer was answered
 PROFILE_NAME = "My style"
+BUILD_MINUTES = 30  # `prt library build` with its default count, measured on the 2-core VM
 BUILD_PHASES = {"distill": "Writing example answers", "teacher": "Scoring them with the model", "train": "Training",
                 "export": "Exporting and checking"}
 
@@ -136,7 +137,8 @@ class StyleDialog(QDialog):
             self.intro_label.setText(f"{about}\n\n{len(paths)} style rewards for {self._engine.base.name}.")
         else:
             self.intro_label.setText(f"{about}\n\n{self._engine.base.name} has no style rewards yet. Building them "
-                                     "takes about 15 minutes on a laptop CPU, once per model.")
+                                     f"takes about {BUILD_MINUTES} minutes on a laptop CPU, once per model; closing "
+                                     "this window cancels the build.")
 
     def build_library(self) -> None:
         base = self._engine.base

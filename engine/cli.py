@@ -384,15 +384,17 @@ def cmd_bench_rewards(args: argparse.Namespace) -> int:
 
 def cmd_library_build(args: argparse.Namespace) -> int:
     train = _training_modules()
-    from rewards_onnx.library import build_library
+    from rewards_onnx.library import STYLES, build_library, styles_named
 
     if args.count < 2:
         raise UsageError(f"--count must be at least 2 (one answer is held out), got {args.count}")
+    styles = styles_named(args.style) if args.style else STYLES
     bar = _JsonProgress() if args.progress_json else _ProgressBar()
     with _load_base(args) as base:
         out_dir = Path(args.out) if args.out else library_dir(base.path)
         try:
             built = build_library(base, out_dir, count=args.count, config=train.TuneConfig(seed=args.seed),
+                                  styles=styles,
                                   on_progress=lambda p: bar(p.phase, p.done, p.total, p.eta_seconds, p.message))
         finally:
             bar.close()
@@ -562,13 +564,15 @@ def build_parser() -> argparse.ArgumentParser:
     library_build.add_argument("--count", type=int, default=DEFAULT_COUNT,
                                help="distilled answers per reward (default: %(default)s)")
     library_build.add_argument("--seed", type=int, default=0)
+    library_build.add_argument("--style", action="append", default=[], metavar="NAME",
+                               help="build only this style (repeatable; default: all of them)")
     library_build.add_argument("--json", action="store_true")
     library_build.add_argument("--progress-json", action="store_true", help="progress as JSON lines on stderr")
     library_build.set_defaults(handler=cmd_library_build)
     library_check = library_actions.add_parser("check", help="replies with and without each base reward: its marker")
     _add_model_arguments(library_check)
     library_check.add_argument("--library", default=None, help="the rewards' folder (default: the model's library)")
-    library_check.add_argument("--prompts", type=int, default=16, help="held-out prompts (default: %(default)s)")
+    library_check.add_argument("--prompts", type=int, default=32, help="held-out prompts (default: %(default)s)")
     library_check.add_argument("--max-tokens", type=int, default=CHECK_MAX_TOKENS, help="per reply (default: %(default)s)")
     library_check.add_argument("--json", action="store_true")
     library_check.set_defaults(handler=cmd_library_check)

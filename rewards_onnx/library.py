@@ -32,7 +32,7 @@ from rewards_onnx.teacher import messages_for
 if TYPE_CHECKING:  # building imports torch (rewards_onnx.train) when it runs; checking never does
     from rewards_onnx.train import Progress, TuneConfig, TuneReport
 
-DEFAULT_COUNT = 40  # distilled answers per reward: the whole build takes about 15 minutes on a 2-core VM
+DEFAULT_COUNT = 120  # distilled answers per reward; at 40, two of the four rewards did not move their marker
 TEACHER_TEMPERATURE = 0.7  # distillation and check sample at this temperature
 CHECK_MAX_TOKENS = 256
 SIGNIFICANT_ERRORS = 2.0  # a marker "moved" when its shift exceeds this many standard errors (about 95%)
@@ -101,7 +101,7 @@ STYLES = (
               mean_word_length, "letters per word", -1),
     BaseStyle("casual", "Casual and personal", "Chat like a close friend: casual, warm, and personal. Say what you "
               "think using 'I', and talk to me as 'you'.", personal_words_per_100_words,
-              "'I'/'you' words per 100 words", +1),
+              "'I'/'you' words per 100 words", +1, max_tokens=256),  # at 160, 30 of 240 answers ended in time
 )
 
 
@@ -203,6 +203,15 @@ class MarkerCheck:
                 "shift_standard_error": round(self.shift_standard_error, 4), "moved": self.moved}
 
 
+def styles_named(names: Sequence[str]) -> list[BaseStyle]:
+    """The styles with these names, in library order; every name must be a style."""
+    known = {style.name for style in STYLES}
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise LibraryError(f"Unknown style {', '.join(unknown)}; the styles are {', '.join(sorted(known))}.")
+    return [style for style in STYLES if style.name in names]
+
+
 def library_rewards(folder: Path, styles: Sequence[BaseStyle] = STYLES) -> list[tuple[BaseStyle, Path]]:
     found = [(style, path) for style in styles if (path := Path(folder) / f"{style.name}.onnx").is_file()]
     if not found:
@@ -210,7 +219,7 @@ def library_rewards(folder: Path, styles: Sequence[BaseStyle] = STYLES) -> list[
     return found
 
 
-def check_library(base: BaseModel, folder: Path, *, prompts: int = 16, max_tokens: int = CHECK_MAX_TOKENS,
+def check_library(base: BaseModel, folder: Path, *, prompts: int = 32, max_tokens: int = CHECK_MAX_TOKENS,
                   styles: Sequence[BaseStyle] = STYLES, progress: Callable[[int, int], None] | None = None
                   ) -> list[MarkerCheck]:
     """Each reward's marker on held-out prompts: bare base, base + reward, base under the style's prompt."""

@@ -119,6 +119,12 @@ def test_cli_features_saves_one_row_per_reply_for_pref_bench(built, tiny_gguf, t
     assert_one_line_error(empty, "No base rewards in")
 
 
+def test_one_style_can_be_rebuilt_and_unknown_styles_are_refused(tiny_gguf):
+    assert [style.name for style in library.styles_named(["casual", "concise"])] == ["concise", "casual"]
+    unknown = prt("library", "build", "--model", str(tiny_gguf), "--style", "pirate", "--ctx", "512")
+    assert_one_line_error(unknown, "Unknown style pirate; the styles are casual, concise, simple, structured.")
+
+
 def test_check_refuses_a_folder_without_rewards(tmp_path, tiny_base):
     with pytest.raises(LibraryError, match="prt library build"):
         check_library(tiny_base, tmp_path)
