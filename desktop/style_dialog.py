@@ -213,8 +213,8 @@ class StyleDialog(QDialog):
     def _set_waiting(self, message: str) -> None:
         """While ``message`` is shown (non-empty) the replies are being written and nothing can be answered."""
         waiting = bool(message)
-        for view in self.reply_views:
-            if waiting:
+        if waiting:
+            for view in self.reply_views:
                 view.clear()
         for button in self.answer_buttons.values():
             button.setEnabled(not waiting)

@@ -410,12 +410,17 @@ def cmd_library_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _library_folder(args: argparse.Namespace, base: BaseModel) -> Path:
+    """--library, else the loaded model's library folder."""
+    return Path(args.library) if args.library else library_dir(base.path)
+
+
 def cmd_library_check(args: argparse.Namespace) -> int:
     from rewards_onnx.library import check_library
 
     bar = _ProgressBar()
     with _load_base(args) as base:
-        folder = Path(args.library) if args.library else library_dir(base.path)
+        folder = _library_folder(args, base)
         try:
             checks = check_library(base, folder, prompts=args.prompts, max_tokens=args.max_tokens,
                                    progress=lambda done, total: bar("check", done, total, None))
@@ -428,9 +433,10 @@ def cmd_library_check(args: argparse.Namespace) -> int:
     else:
         for check in checks:
             result = check.to_json()
+            verdict = "moved as intended" if check.moved else "did not move beyond noise (2 standard errors)"
             print(f"{result['reward']:<11} {result['marker']} ({result['direction']}): without {result['without']:.3g}"
                   f" -> with {result['with']:.3g} (shift {result['shift']:+.3g} +- {result['shift_standard_error']:.2g};"
-                  f" teacher {result['teacher']:.3g}): {'moved as intended' if check.moved else 'did not move beyond noise (2 standard errors)'}")
+                  f" teacher {result['teacher']:.3g}): {verdict}")
     return 0
 
 
@@ -443,7 +449,7 @@ def cmd_library_features(args: argparse.Namespace) -> int:
     if out.suffix != ".npy":
         raise UsageError(f"--out must name a .npy file, got {out}")
     with _load_base(args) as base:
-        folder = Path(args.library) if args.library else library_dir(base.path)
+        folder = _library_folder(args, base)
         paths = library_reward_paths(folder)
         if not paths:
             raise UsageError(f"No base rewards in {folder}; build them with 'prt library build'.")
