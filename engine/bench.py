@@ -6,7 +6,9 @@ rotates each round so drift in machine speed hits each equally):
 - plain:     llama-cpp-python's own ``Llama.generate`` with its greedy sampler,
              each token turned into text;
 - engine:    our loop with no reward (the cost of owning the loop);
-- steered:   our loop with a reference-size reward (2 layers, width 128).
+- steered:   our loop with a reference-size reward (2 layers, width 128);
+- with ``library``: our loop with several rewards (e.g. the base style rewards) at weight 0.5 each,
+  scored by one merged session per step and by one session per reward (engine/mixing.py).
 
 Each generates exactly ``tokens`` tokens (EOS ignored) so all see the same
 context lengths. Decode speed is timed from the first token to the last, so
@@ -63,10 +65,15 @@ class BenchConfig:
             raise ValueError("bench needs tokens >= 8, rounds >= 1, top_k >= 1, long_context >= 16")
 
 
-def run_bench(base: BaseModel, config: BenchConfig = BenchConfig()) -> dict:
+LIBRARY_WEIGHT = 0.5
+
+
+def run_bench(base: BaseModel, config: BenchConfig = BenchConfig(), library: Sequence[Path] = ()) -> dict:
+    """``library``: reward files to decode with together, merged and separately (none: those runs are left out)."""
     with tempfile.TemporaryDirectory(prefix="prt-bench-") as folder:
         reward_path = _write_reference_reward(base, Path(folder) / "reference-reward.onnx")
         slot = attach_rewards(base, [(reward_path, 1.0)])[0]
+        library_slots = attach_rewards(base, [(path, LIBRARY_WEIGHT) for path in library])
         reward_file_bytes = reward_path.stat().st_size
         prompts = [base.chat_prompt_tokens([{"role": "user", "content": text}]) for text in PROMPTS]
         runners: dict[str, Callable[[list[int]], float]] = {
@@ -74,6 +81,10 @@ def run_bench(base: BaseModel, config: BenchConfig = BenchConfig()) -> dict:
             "engine": lambda prompt: _engine_decode_seconds(base, prompt, [], config),
             "steered": lambda prompt: _engine_decode_seconds(base, prompt, [slot], config),
         }
+        if library_slots:
+            runners["library_merged"] = lambda prompt: _engine_decode_seconds(base, prompt, library_slots, config)
+            runners["library_separate"] = lambda prompt: _engine_decode_seconds(base, prompt, library_slots, config,
+                                                                                merge=False)
         seconds: dict[str, list[float]] = {name: [] for name in runners}
         for prompt in prompts[:1]:  # warm-up: page in weights, build ORT kernels
             for run in runners.values():
@@ -94,6 +105,7 @@ def run_bench(base: BaseModel, config: BenchConfig = BenchConfig()) -> dict:
         "tokens_per_second": {name: round(value, 2) for name, value in tokens_per_second.items()},
         "ratio_steered_over_plain": _paired_speed_ratio(seconds["plain"], seconds["steered"]),
         "ratio_engine_over_plain": _paired_speed_ratio(seconds["plain"], seconds["engine"]),
+        **(_library_ratios(seconds, library_slots) if library_slots else {}),
         **{key: round(value, 4) for key, value in reward_ms.items()},
         "peak_rss_mb": round(peak_rss_bytes() / 2**20, 1),
         "machine": {"platform": platform.platform(), "cpus_logical": psutil.cpu_count(),
@@ -101,10 +113,24 @@ def run_bench(base: BaseModel, config: BenchConfig = BenchConfig()) -> dict:
     }
 
 
+def _library_ratios(seconds: dict[str, list[float]], slots: list[RewardSlot]) -> dict:
+    return {"library": {"rewards": [slot.reward.name for slot in slots], "weight": LIBRARY_WEIGHT,
+                        "ratio_merged_over_separate": _paired_speed_ratio(seconds["library_separate"],
+                                                                          seconds["library_merged"]),
+                        "ratio_merged_over_plain": _paired_speed_ratio(seconds["plain"], seconds["library_merged"])}}
+
+
 def format_report(report: dict) -> str:
     speeds = report["tokens_per_second"]
     long_key = next(key for key in report if key.startswith("reward_ms_per_step_at_") and
                     not key.endswith(f"_{SHORT_CONTEXT}"))
+    library = report.get("library")
+    library_lines = [
+        f"library ({len(library['rewards'])} rewards at {library['weight']}) tok/s   merged "
+        f"{speeds['library_merged']:.1f}   separate {speeds['library_separate']:.1f}",
+        f"library        merged/separate {library['ratio_merged_over_separate']:.3f}   "
+        f"merged/plain {library['ratio_merged_over_plain']:.3f}",
+    ] if library else []
     return "\n".join([
         f"model: {report['model']['name']}   reward: 2 layers x 128 wide ({report['reward']['file_bytes'] / 1e6:.1f} MB)",
         f"decode tok/s   plain {speeds['plain']:.1f}   engine (no reward) {speeds['engine']:.1f}   "
@@ -112,6 +138,7 @@ def format_report(report: dict) -> str:
         f"steered/plain  {report['ratio_steered_over_plain']:.3f}   engine/plain {report['ratio_engine_over_plain']:.3f}",
         f"reward step    {report[f'reward_ms_per_step_at_{SHORT_CONTEXT}']:.3f} ms at {SHORT_CONTEXT} tokens, "
         f"{report[long_key]:.3f} ms at {long_key.rsplit('_', 1)[1]} tokens",
+        *library_lines,
         f"peak RSS       {report['peak_rss_mb']:.0f} MB",
     ])
 
@@ -154,12 +181,14 @@ def _plain_decode_seconds(base: BaseModel, prompt: list[int], tokens: int) -> fl
     return _first_to_last_seconds(texts, tokens)
 
 
-def _engine_decode_seconds(base: BaseModel, prompt: list[int], slots: list[RewardSlot], config: BenchConfig) -> float:
+def _engine_decode_seconds(base: BaseModel, prompt: list[int], slots: list[RewardSlot], config: BenchConfig, *,
+                           merge: bool = True) -> float:
     base.llama.reset()  # same cold prefill as the plain run
     for slot in slots:
         slot.reward.reset()
     sampling = SamplingConfig(temperature=0.0, top_k=config.top_k, max_tokens=config.tokens, ignore_eos=True)
-    events = (event for event in Generation(base, prompt, rewards=slots, config=sampling) if event.token_id is not None)
+    generation = Generation(base, prompt, rewards=slots, config=sampling, merge_rewards=merge)
+    events = (event for event in generation if event.token_id is not None)
     return _first_to_last_seconds(events, config.tokens)
 
 

@@ -21,7 +21,7 @@ from engine.decode import Generation, GenerationResult, RewardSlot, attach_rewar
 from engine.errors import PrtError
 from engine.files import write_atomically
 from engine.models import DEFAULT_MODEL_SPEC, add_model, ensure_default_model, installed_models, resolve_model
-from engine.onboarding import REPLY_TOKENS, library_dir
+from engine.onboarding import REPLY_TOKENS, library_dir, library_reward_paths
 from engine.steering import SamplingConfig
 
 EXIT_USER_ERROR = 1
@@ -213,7 +213,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     config = BenchConfig(tokens=args.tokens, rounds=args.rounds, top_k=args.top_k, long_context=args.long_context)
     with _load_base(args) as base:
-        report = run_bench(base, config)
+        library = []
+        if args.library is not None:
+            folder = _library_folder(args, base)
+            library = library_reward_paths(folder)
+            if len(library) < 2:
+                raise UsageError(f"--library needs at least 2 rewards to mix; {folder} has {len(library)}. "
+                                 "Build them with 'prt library build'.")
+        report = run_bench(base, config, library)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
@@ -441,7 +448,7 @@ def cmd_library_check(args: argparse.Namespace) -> int:
 
 
 def cmd_library_features(args: argparse.Namespace) -> int:
-    from engine.onboarding import library_reward_paths, sample_reply_features
+    from engine.onboarding import sample_reply_features
 
     if args.replies < 2:
         raise UsageError(f"--replies must be at least 2 (a question needs two), got {args.replies}")
@@ -497,6 +504,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the prompts (default: %(default)s)")
     bench.add_argument("--top-k", type=int, default=SamplingConfig().top_k)
     bench.add_argument("--long-context", type=int, default=1000, help="context for the long reward-step timing")
+    bench.add_argument("--library", nargs="?", const="", default=None, metavar="DIR",
+                       help="also decode with the rewards in DIR (default: the model's style rewards), merged and "
+                            "separately")
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(handler=cmd_bench)
 

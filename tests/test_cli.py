@@ -126,6 +126,23 @@ def test_bench_json_reports_both_speeds_their_ratio_reward_cost_and_memory(tiny_
     assert report["peak_rss_mb"] > 10
 
 
+def test_bench_with_a_library_decodes_with_its_rewards_merged_and_separately(tiny_gguf, tiny_base, tmp_path):
+    shape = small_reward_shape(tiny_base.n_vocab)
+    for seed in (1, 2):
+        write_reward(tmp_path / f"style{seed}.onnx", random_reward_weights(shape, seed=seed),
+                     vocabulary_fingerprint=tiny_base.vocabulary_fingerprint, base_name=tiny_base.name)
+    result = prt("bench", "--model", str(tiny_gguf), "--tokens", "8", "--rounds", "1", "--long-context", "64",
+                 "--ctx", "512", "--library", str(tmp_path), "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["library"]["rewards"] == ["style1", "style2"]
+    assert report["tokens_per_second"]["library_merged"] > 0 and report["tokens_per_second"]["library_separate"] > 0
+    assert 0 < report["library"]["ratio_merged_over_separate"] < 10
+    (tmp_path / "style2.onnx").unlink()
+    too_few = prt("bench", "--model", str(tiny_gguf), "--ctx", "512", "--library", str(tmp_path))
+    assert_one_line_error(too_few, "--library needs at least 2 rewards to mix")
+
+
 def test_reward_spec_parsing_keeps_windows_paths():
     assert parse_reward_spec("r.onnx") == (parse_reward_spec("r.onnx")[0], 1.0)
     assert parse_reward_spec("dir/r.onnx:0.25")[1] == 0.25
