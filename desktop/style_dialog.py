@@ -56,6 +56,9 @@ class StyleDialog(QDialog):
         self._questions, self._build_command, self._survey_factory = questions, build_command, survey_factory
         self._survey: StyleSurvey | None = None
         self._question: StyleQuestion | None = None
+        self._round_running = False  # a round of replies is being written on a worker
+        self._show_when_written = False  # the user is waiting for that round
+        self._waiting = False  # the user waits for replies (the writing bar is up)
         self._labels: dict[str, str] = {}
         self._relay = _ProgressRelay(self)
         self._relay.progress.connect(self._show_writing)
@@ -168,21 +171,41 @@ class StyleDialog(QDialog):
     def _survey_ready(self, survey: StyleSurvey) -> None:
         self._survey = survey
         if self.isVisible():  # not closed while the rewards loaded
-            self._ask_next()
+            self._next_question()
 
-    def _ask_next(self) -> None:
+    def _next_question(self) -> None:
+        """Ask the best unasked pair at once if a round is written, else wait for the round being written."""
+        if self._round_running or not self._survey.unasked:
+            self._show_when_written = True
+            self._set_waiting("Writing replies…")
+            if not self._round_running:
+                self._write_round()
+        else:
+            self._show_question(self._survey.pick_question())
+
+    def _write_round(self) -> None:
         survey = self._survey
-        self._set_waiting("Writing replies…")
-        self.counter_label.setText(f"<b>Question {len(survey.answered) + 1} of {survey.questions}</b>")
+        self._round_running = True
         run_in_background(lambda: self._engine.run_exclusive(
-            lambda _base: survey.next_question(progress=self._relay.progress.emit)), self._show_question, self._failed)
+            lambda _base: survey.write_round(progress=self._relay.progress.emit)), self._round_written, self._failed)
+
+    def _round_written(self, _result=None) -> None:
+        self._round_running = False
+        if self._show_when_written and self.pages.currentIndex() == 1:
+            self._show_when_written = False
+            self._show_question(self._survey.pick_question())
 
     def _show_question(self, question: StyleQuestion) -> None:
+        """Show it, then write the next round while the user reads (the pair is picked after the answer)."""
         self._question = question
+        number = len(self._survey.answered) + 1
+        self.counter_label.setText(f"<b>Question {number} of {self._survey.questions}</b>")
         self.prompt_label.setText(f"Prompt: {question.prompt}")
         for view, reply in zip(self.reply_views, (question.first, question.second)):
             view.setPlainText(reply.text or "(an empty reply)")
         self._set_waiting("")
+        if number < self._survey.questions:
+            self._write_round()
 
     def answer(self, answer: str) -> None:
         if self._question is None:
@@ -192,12 +215,13 @@ class StyleDialog(QDialog):
         if self._survey.finished:
             self.finish()
         else:
-            self._ask_next()
+            self._next_question()
 
     def finish(self) -> None:
         """Save the profile from the answers so far and set the dials."""
         if self._survey is None or not self._survey.answered:
             return
+        self._survey.cancel()  # a round written ahead is not needed any more
         profile = save_profile(self._store, self._survey, PROFILE_NAME)
         self._store.set_setting(SURVEY_SETTING, "done")
         answered = len(self._survey.answered)
@@ -211,8 +235,8 @@ class StyleDialog(QDialog):
         self.profile_saved.emit()
 
     def _set_waiting(self, message: str) -> None:
-        """While ``message`` is shown (non-empty) the replies are being written and nothing can be answered."""
-        waiting = bool(message)
+        """While ``message`` is shown (non-empty) the user waits for replies and nothing can be answered."""
+        waiting = self._waiting = bool(message)
         if waiting:
             for view in self.reply_views:
                 view.clear()
@@ -224,11 +248,16 @@ class StyleDialog(QDialog):
         self.writing_label.setText(message)
 
     def _show_writing(self, done: int, total: int) -> None:
+        if not self._waiting:  # a round written ahead, while the user reads
+            return
         self.writing_bar.setRange(0, total)
         self.writing_bar.setValue(done)
         self.writing_label.setText(f"Writing replies: {done} of {total}…")
 
     def _failed(self, message: str) -> None:
+        self._round_running = False
+        if self.pages.currentIndex() == 2 or not self.isVisible():  # e.g. the round written ahead, cancelled
+            return
         self.result_label.setText(f"<b>The questions stopped.</b><br><br>{message}")
         self.pages.setCurrentIndex(2)
 

@@ -87,8 +87,9 @@ class StyleQuestion:
 class StyleSurvey:
     """Up to ``questions`` "which reply?" questions about the base rewards at ``reward_paths``.
 
-    ``next_question`` blocks for a few seconds (it writes the replies); ``cancel``, from any thread, makes it
-    raise SurveyCancelled soon. ``answer`` refits the posterior.
+    ``next_question`` (= ``write_round`` + ``pick_question``) blocks for a few seconds while it writes the
+    replies; ``write_round`` may run on a worker while ``answer`` refits the posterior. ``cancel``, from any
+    thread, makes a running round raise SurveyCancelled soon.
     """
 
     def __init__(self, base: BaseModel, reward_paths: Sequence[Path | str], *, questions: int = DEFAULT_QUESTIONS,
@@ -109,25 +110,47 @@ class StyleSurvey:
         self._round = 0
         self._cancelled = threading.Event()
         self._generation: Generation | None = None
+        self._lock = threading.Lock()  # the posterior and the pool: answers may come while a round is written
 
     @property
     def finished(self) -> bool:
         return len(self.answered) >= self.questions
 
+    @property
+    def unasked(self) -> int:
+        """Pairs in the pool, ready to ask without writing."""
+        with self._lock:
+            return len(self._pool)
+
     def next_question(self, *, progress: Callable[[int, int], None] | None = None) -> StyleQuestion:
         """Write the replies to a fresh prompt, then take the most informative unasked pair from the pool."""
         if self.finished:
             raise ValueError(f"all {self.questions} questions have been answered")
-        prompt = self._prompts[self._round % len(self._prompts)]
+        self.write_round(progress=progress)
+        return self.pick_question()
+
+    def write_round(self, *, progress: Callable[[int, int], None] | None = None) -> None:
+        """Write REPLIES_PER_PROMPT replies to the next prompt, under mixes drawn from the posterior as it is now,
+        and add their pairs to the pool. The app runs this while the user reads the current question."""
+        with self._lock:
+            prompt, seed = self._prompts[self._round % len(self._prompts)], self._round
+            self._round += 1
+            mixes = self.draw_mixes(REPLIES_PER_PROMPT)
         replies = []
-        for index, mix in enumerate(self.draw_mixes(REPLIES_PER_PROMPT)):
-            replies.append(self.write_reply(prompt, mix, seed=self._round))
+        for index, mix in enumerate(mixes):
+            replies.append(self.write_reply(prompt, mix, seed=seed))
             if progress:
                 progress(index + 1, REPLIES_PER_PROMPT)
-        self._round += 1
-        self._pool += [StyleQuestion(prompt, first, second) for first, second in itertools.combinations(replies, 2)]
-        pool = np.array([question.difference for question in self._pool])
-        return self._pool.pop(choose_question(self.posterior, pool, set()))
+        with self._lock:
+            self._pool += [StyleQuestion(prompt, first, second) for first, second in itertools.combinations(replies, 2)]
+
+    def pick_question(self) -> StyleQuestion:
+        """The most informative unasked pair under the current posterior, taken out of the pool."""
+        with self._lock:
+            if not self._pool:
+                raise ValueError("no unasked pair: write a round first")
+            pool = np.array([question.difference for question in self._pool])
+            return self._pool.pop(choose_question(self.posterior, pool, set()))
 
     def cancel(self) -> None:
         self._cancelled.set()
@@ -136,8 +159,9 @@ class StyleSurvey:
 
     def answer(self, question: StyleQuestion, answer: str) -> None:
         """"a" (prefers the first reply), "b" (the second) or "none"."""
-        self.posterior.update(question.difference, checked_answer(answer))
-        self.answered.append((question, answer))
+        with self._lock:
+            self.posterior.update(question.difference, checked_answer(answer))
+            self.answered.append((question, answer))
 
     def profile(self, name: str) -> Profile:
         return Profile.from_posterior(name, self.reward_names, self.posterior)

@@ -4,13 +4,14 @@ library build as a child process, and the first-run offer."""
 from __future__ import annotations
 
 import sys
+import threading
 
 import pytest
 from PySide6.QtWidgets import QDialog
 
 from conftest import TINY_CONFIG
 from engine.chat import ChatEngine
-from engine.onboarding import library_dir, saved_profile
+from engine.onboarding import StyleSurvey, library_dir, saved_profile
 from engine.reward_graph import random_reward_weights
 from engine.rewards import RewardCard, card_path, write_card
 from engine.store import Store
@@ -76,9 +77,9 @@ def test_the_answers_set_the_dials_through_the_real_model(qtbot, store, real_eng
     first_a, first_b = (view.toPlainText() for view in dialog.reply_views)
     assert first_a and first_b and first_a != first_b
     assert not dialog.finish_button.isEnabled()  # nothing answered yet
+    qtbot.waitUntil(lambda: not dialog._round_running, timeout=WAIT_MS)  # the next round, written while we read
     dialog.answer_buttons["a"].click()
-    wait_for_question(qtbot, dialog)
-    assert dialog.counter_label.text() == "<b>Question 2 of 2</b>" and dialog.finish_button.isEnabled()
+    assert dialog.counter_label.text() == "<b>Question 2 of 2</b>" and dialog.finish_button.isEnabled()  # no wait
     dialog.answer_buttons["none"].click()
 
     assert dialog.pages.currentIndex() == 2 and "from 2 answers" in dialog.result_label.text()
@@ -89,6 +90,31 @@ def test_the_answers_set_the_dials_through_the_real_model(qtbot, store, real_eng
     dials = {entry.name: entry.weight for entry in store.rewards()}
     assert set(dials) == set(LABELS) and max(map(abs, dials.values())) == pytest.approx(1.5)
     assert all(f"{LABELS[name]}: {weight:+.2f}" in dialog.result_label.text() for name, weight in dials.items())
+
+
+def test_an_answer_given_before_the_next_round_is_written_waits_for_it(qtbot, store, real_engine):
+    write_library(library_dir(real_engine.base.path), real_engine.base)
+    release = threading.Event()
+
+    class HeldSurvey(StyleSurvey):
+        """Writes its first round at once and holds the next until released."""
+
+        def write_round(self, **options) -> None:
+            if self.unasked:
+                release.wait(WAIT_MS / 1000)
+            super().write_round(**options)
+
+    dialog = open_dialog(qtbot, real_engine, store, questions=3, survey_factory=HeldSurvey)
+    dialog.start_button.click()
+    wait_for_question(qtbot, dialog)
+    dialog.answer_buttons["b"].click()
+    assert not dialog.answer_buttons["a"].isEnabled() and dialog.writing_label.text() == "Writing replies…"
+    release.set()
+    wait_for_question(qtbot, dialog)
+    assert dialog.counter_label.text() == "<b>Question 2 of 3</b>"
+    dialog.finish_button.click()  # cancels the round being written ahead; its error is not shown
+    qtbot.waitUntil(lambda: not dialog._round_running, timeout=WAIT_MS)
+    assert "from 1 answer" in dialog.result_label.text() and len(saved_profile(store).answers) == 1
 
 
 def test_the_rewards_panel_shows_the_profile_with_labels_and_negative_dials(qtbot, store, real_engine):
