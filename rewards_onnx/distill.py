@@ -29,6 +29,29 @@ TOPICS = [
     "thunderstorms", "making tea", "job interviews", "rivers", "birds migrating", "writing letters", "cats",
     "the stock market", "camping", "maps",
 ]
+# More topics, asked after all of TOPICS (so the first 240 prompts, and data made from them, stay as they were)
+MORE_TOPICS = [
+    "earthquakes", "the immune system", "knitting", "wind turbines", "the Roman Empire", "jazz", "origami",
+    "skateboarding", "sharks", "composting", "the water cycle", "yoga", "hot air balloons", "chocolate",
+    "octopuses", "lightning", "the pyramids", "vaccines", "board games", "wolves", "fireworks", "coral reefs",
+    "hiking boots", "jellyfish", "the printing press", "spiders", "submarines", "poetry", "the sun", "elephants",
+    "mushrooms", "the violin", "robots", "rainforests", "sea turtles", "running shoes", "ancient Greece",
+    "telescopes", "pizza", "the brain", "comets", "vegetables", "hurricanes", "meditation", "astronauts",
+    "the alphabet", "frogs", "caves", "wine making", "tigers", "dreams", "pottery", "black holes", "cheese",
+    "the Olympics", "batteries", "whales", "gravity", "swimming", "windmills", "knights", "soccer", "ants", "tides",
+    "ice cream", "the compass", "painting", "earthworms", "rockets", "fossils", "the Arctic", "horses",
+    "sunflowers", "the periodic table", "surfing", "bamboo", "parrots", "magnets", "strawberries", "sailing",
+    "spices", "the Great Wall of China", "video games", "beavers", "the stomach", "lakes", "the first airplanes",
+    "potatoes", "butterflies", "fishing", "the calendar", "dolphins", "snow", "the speed of light", "marathons",
+    "paper", "apples", "jungles", "blood", "the Eiffel Tower", "foxes", "wool", "skiing", "stars", "cement", "eggs",
+    "hummingbirds", "typewriters", "weather forecasts", "cactuses", "orchestras", "handwriting", "seeds", "koalas",
+    "clouds", "movies", "yogurt", "wheat", "the lungs", "bats", "carpentry", "oranges", "television", "glass",
+    "the nervous system", "dance", "salt", "trees", "sand", "the tongue", "beetles", "traffic lights",
+    "rock climbing", "wind", "bones", "buses", "vitamins", "rain", "the eyes", "puzzles", "cotton", "seashells",
+    "newspapers", "the circus", "teeth", "candles", "farming", "sheep", "pencils", "satellites", "dragons in myths",
+    "wetlands", "the ozone layer", "lemons", "statues", "canals", "tea ceremonies", "basketball", "nuclear power",
+    "silk", "the postal service",
+]
 QUESTION_FORMS = [
     "What is special about {}?", "How do {} work?", "Why do people care about {}?", "Give me some advice about {}.",
     "Tell me an interesting fact about {}.", "Explain {} to a child.",
@@ -36,9 +59,13 @@ QUESTION_FORMS = [
 
 
 def example_prompts(seed: int) -> list[str]:
-    """Every topic in every question form (240 prompts), in a seeded order."""
-    prompts = [form.format(topic) for topic, form in itertools.product(TOPICS, QUESTION_FORMS)]
-    random.Random(seed).shuffle(prompts)
+    """Every topic in every question form, in a seeded order: the 240 prompts on TOPICS first, then those on
+    MORE_TOPICS."""
+    prompts = []
+    for topics in (TOPICS, MORE_TOPICS):
+        batch = [form.format(topic) for topic, form in itertools.product(topics, QUESTION_FORMS)]
+        random.Random(seed).shuffle(batch)
+        prompts += batch
     return prompts
 
 

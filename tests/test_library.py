@@ -14,9 +14,10 @@ from engine.mixing import scoring_groups
 from engine.rewards import CARD_FORMAT_VERSION, RewardCard, RewardModel, card_path
 from rewards_onnx import library
 from rewards_onnx.data import Demonstration
-from rewards_onnx.distill import example_prompts
-from rewards_onnx.library import (STYLES, LibraryError, MarkerCheck, build_library, check_library, check_prompts,
-                                  list_line_share, mean_word_length, personal_words_per_100_words, word_count)
+from rewards_onnx.distill import MORE_TOPICS, TOPICS, example_prompts
+from rewards_onnx.library import (CHECK_TOPICS, STYLES, LibraryError, MarkerCheck, build_library, check_library,
+                                  check_prompts, list_line_share, mean_word_length, personal_words_per_100_words,
+                                  word_count)
 from rewards_onnx.train import TuneConfig
 from test_cli import assert_one_line_error, prt
 
@@ -54,6 +55,7 @@ def test_check_prompts_are_never_training_prompts():
     prompts = check_prompts(50)
     assert len(set(prompts)) == 50
     assert not set(prompts) & set(example_prompts(0))
+    assert not set(CHECK_TOPICS) & set(TOPICS + MORE_TOPICS)
     with pytest.raises(ValueError, match="prompts must be between 1 and"):
         check_prompts(0)
 

@@ -268,6 +268,15 @@ def test_distill_refuses_to_write_nothing(tiny_base):
         distill(tiny_base, "Be brief.", 2, max_tokens=4)
 
 
+def test_example_prompts_never_repeat_and_keep_the_first_topics_first():
+    from rewards_onnx.distill import MORE_TOPICS, QUESTION_FORMS, TOPICS, example_prompts
+    prompts = example_prompts(0)
+    assert len(set(prompts)) == len(prompts) == (len(TOPICS) + len(MORE_TOPICS)) * len(QUESTION_FORMS)
+    first = {form.format(topic) for topic in TOPICS for form in QUESTION_FORMS}
+    assert set(prompts[:len(first)]) == first  # data distilled from the first prompts is unchanged by MORE_TOPICS
+    assert prompts == example_prompts(0) != example_prompts(1)
+
+
 def test_a_bad_destination_is_refused_before_any_work(tmp_path, tiny_base):
     examples = [Demonstration("a", "b"), Demonstration("c", "d")]
     with pytest.raises(RewardFileError, match="must end in .onnx"):
