@@ -187,17 +187,19 @@ class BaseModel:
     def next_token_logits(self, tokens: Sequence[int], first_target: int) -> Iterator[tuple[int, np.ndarray]]:
         """Teacher forcing: for each target position t >= first_target, the logits that predict tokens[t].
 
-        Evaluates ``tokens`` from scratch in batches, asking llama.cpp for logits only where
-        a target follows, so memory stays at one batch of rows. Each yielded row is a view
-        valid until the next one is requested.
+        Evaluates ``tokens`` in batches, asking llama.cpp for logits only where a target
+        follows, so memory stays at one batch of rows. A prefix the context already holds
+        (the chat template's opening, shared by consecutive examples) is kept, not evaluated
+        again. Each yielded row is a view valid until the next one is requested.
         """
         if not 1 <= first_target < len(tokens):
             raise ValueError(f"first_target must be in [1, {len(tokens)}), got {first_target}")
         self.check_fits(len(tokens))
         llama, batch = self._llama, self._llama._batch
-        llama.n_tokens = 0
-        llama._ctx.kv_cache_seq_rm(-1, 0, -1)
-        for start in range(0, len(tokens), self.config.n_batch):
+        keep = min(common_prefix_length(self.evaluated_tokens, tokens), first_target - 1)
+        llama.n_tokens = keep
+        llama._ctx.kv_cache_seq_rm(-1, keep, -1)
+        for start in range(keep, len(tokens), self.config.n_batch):
             chunk = list(tokens[start: start + self.config.n_batch])
             batch.set_batch(batch=chunk, n_past=start, logits_all=False)
             for index in range(len(chunk)):

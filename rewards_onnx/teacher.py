@@ -89,24 +89,43 @@ def reduce_to_support(base: BaseModel, tokens: Sequence[int], first_target: int,
     return SequenceTargets(np.asarray(tokens, dtype=np.int64), first_target, candidate_ids, base_logprobs, target_index)
 
 
+def evaluations(example: Example) -> int:
+    """How many passes of the base an example needs: its reply (or both replies of a pair), and for distilled
+    data the reply again in the teacher's context. Progress counts these."""
+    return 2 if isinstance(example, PreferencePair) or getattr(example, "teacher_system", None) else 1
+
+
 def teacher_pass(base: BaseModel, examples: Sequence[Example], *, k: int = TRAIN_TOP_K,
                  progress: Progress | None = None) -> TeacherData:
-    data = TeacherData([], [])
-    for done, example in enumerate(examples, start=1):
+    """Every example in the plain context first, then the distilled ones in their teacher's context, so that
+    consecutive evaluations share the chat template's opening and the base skips it."""
+    data, taught = TeacherData([], []), []
+    total, done = sum(map(evaluations, examples)), 0
+
+    def advance(passes: int) -> None:
+        nonlocal done
+        done += passes
+        if progress:
+            progress(done, total)
+
+    for example in examples:
         messages = messages_for(example.prompt, example.system)
         if isinstance(example, Demonstration):
             sequence = reduce_to_support(base, *response_sequence(base, messages, example.response), k)
-            if example.teacher_system:
-                teacher_context = response_sequence(base, messages_for(example.prompt, example.teacher_system),
-                                                    example.response)
-                sequence.teacher_logprobs = logprobs_on_support(base, *teacher_context, sequence)
-                sequence.teacher_temperature = example.teacher_temperature
             data.demonstrations.append(sequence)
+            if example.teacher_system:
+                taught.append((example, sequence))
+            advance(1)
         elif isinstance(example, PreferencePair):
             data.pairs.append(tuple(reduce_to_support(base, *response_sequence(base, messages, reply), k)
                                     for reply in (example.chosen, example.rejected)))
-        if progress:
-            progress(done, len(examples))
+            advance(2)
+    for example, sequence in taught:
+        teacher_context = response_sequence(base, messages_for(example.prompt, example.teacher_system),
+                                            example.response)
+        sequence.teacher_logprobs = logprobs_on_support(base, *teacher_context, sequence)
+        sequence.teacher_temperature = example.teacher_temperature
+        advance(1)
     return data
 
 

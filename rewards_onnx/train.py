@@ -33,7 +33,7 @@ from engine.rewards import RewardCard, RewardModel, card_path, save_reward
 from rewards_onnx.data import DatasetError, Example, counts
 from rewards_onnx.metrics import Metrics, compute_metrics
 from rewards_onnx.network import RewardNet, base_embedding_projection
-from rewards_onnx.teacher import TRAIN_TOP_K, SequenceTargets, TeacherData, teacher_pass
+from rewards_onnx.teacher import TRAIN_TOP_K, SequenceTargets, TeacherData, evaluations, teacher_pass
 
 PARITY_TOLERANCE = 1e-3
 
@@ -135,14 +135,16 @@ def _checked_destination(out_path: Path) -> Path:
 
 def _teacher_data(base: BaseModel, train: Sequence[Example], held: Sequence[Example], config: TuneConfig,
                   report: Callable[[Progress], None]) -> tuple[TeacherData, TeacherData]:
-    started, total = time.perf_counter(), len(train) + len(held)
+    started = time.perf_counter()
+    train_passes = sum(map(evaluations, train))
+    total = train_passes + sum(map(evaluations, held))
 
     def teach(subset: Sequence[Example], offset: int) -> TeacherData:
         def progress(done: int, _: int) -> None:
             report(Progress("teacher", offset + done, total, time.perf_counter() - started))
         return teacher_pass(base, subset, k=config.top_k, progress=progress)
 
-    return teach(train, 0), teach(held, len(train))
+    return teach(train, 0), teach(held, train_passes)
 
 
 def _initial_model(base: BaseModel, config: TuneConfig) -> RewardNet:

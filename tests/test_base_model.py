@@ -46,6 +46,21 @@ def test_prefix_reuse_gives_the_same_logits_as_a_fresh_context(tiny_base, tiny_g
         np.testing.assert_allclose(reused, fresh.last_logits(), rtol=1e-4, atol=1e-4)
 
 
+def test_teacher_forcing_skips_a_held_prefix_and_gives_a_fresh_contexts_logits(tiny_base, tiny_gguf):
+    def rows(base: BaseModel, tokens: list[int], first: int) -> np.ndarray:
+        return np.stack([logits.copy() for _, logits in base.next_token_logits(tokens, first)])
+
+    opening = tiny_base.chat_prompt_tokens([{"role": "user", "content": "Tell me about tea"}])
+    reply = tiny_base.tokenize(" It is a warm drink.")
+    other = tiny_base.chat_prompt_tokens([{"role": "user", "content": "Tell me about rivers"}])
+    rows(tiny_base, other + reply, len(other))
+    assert common_prefix_length(tiny_base.evaluated_tokens, opening) > 3
+    reused = rows(tiny_base, opening + reply, len(opening))  # keeps the chat template's shared opening
+    assert tiny_base.evaluated_tokens == opening + reply
+    with BaseModel(tiny_gguf, config=TINY_CONFIG) as fresh:
+        np.testing.assert_allclose(reused, rows(fresh, opening + reply, len(opening)), rtol=1e-4, atol=1e-4)
+
+
 def test_models_of_one_vocabulary_share_a_fingerprint_and_the_default_model_has_it(
         tiny_base, tiny_gguf_other_seed, default_model_path):
     with BaseModel(tiny_gguf_other_seed, config=TINY_CONFIG) as other, \

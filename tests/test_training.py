@@ -249,6 +249,15 @@ def test_ctrl_c_during_tuning_leaves_no_file(tmp_path, tiny_gguf):
     assert list(tmp_path.glob("cancelled*")) == [] and list(tmp_path.glob(".cancelled*")) == []
 
 
+def test_teacher_pass_progress_counts_every_evaluation_of_the_base(tiny_base):
+    examples = [Demonstration("Hi", "Hello."), Demonstration("Hey", "Hi!", teacher_system="Be brief."),
+                PreferencePair("Yo", "Hello there.", "Go away.")]
+    reports = []
+    data = teacher_pass(tiny_base, examples, progress=lambda done, total: reports.append((done, total)))
+    assert reports == [(1, 5), (2, 5), (4, 5), (5, 5)]  # a pair is two replies; the teacher's context comes last
+    assert data.demonstrations[1].teacher_logprobs is not None and data.demonstrations[0].teacher_logprobs is None
+
+
 def test_distilled_examples_carry_the_teachers_distribution_on_the_same_support(tiny_base):
     plain, distilled = teacher_pass(tiny_base, [Demonstration("Hi", "Hello there, friend."),
                                                 Demonstration("Hi", "Hello there, friend.", teacher_system="Be a pirate.")
