@@ -92,7 +92,9 @@ def reduce_to_support(base: BaseModel, tokens: Sequence[int], first_target: int,
 def evaluations(example: Example) -> int:
     """How many passes of the base an example needs: its reply (or both replies of a pair), and for distilled
     data the reply again in the teacher's context. Progress counts these."""
-    return 2 if isinstance(example, PreferencePair) or getattr(example, "teacher_system", None) else 1
+    if isinstance(example, PreferencePair):
+        return 2
+    return 2 if example.teacher_system else 1
 
 
 def teacher_pass(base: BaseModel, examples: Sequence[Example], *, k: int = TRAIN_TOP_K,
