@@ -239,7 +239,20 @@ def cmd_pref_bench(args: argparse.Namespace) -> int:
 
 
 # -- training commands: they import rewards_onnx lazily, so the engine itself never needs torch ------------
-class _ProgressBar:
+class _Progress:
+    """A progress report used as ``with bar:``; leaving the block closes it, also on an error."""
+
+    def __enter__(self) -> "_Progress":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        pass
+
+
+class _ProgressBar(_Progress):
     """One line on stderr, redrawn in place: phase, count, bar, ETA."""
 
     def __init__(self) -> None:
@@ -295,16 +308,13 @@ def _feedback_examples(database: Path | None) -> list:
         return examples_from_store(store)[0]
 
 
-class _JsonProgress:
+class _JsonProgress(_Progress):
     """Progress as one JSON object per line on stderr, for the desktop app's tune panel."""
 
     def __call__(self, phase: str, done: int, total: int, eta: float | None, message: str = "") -> None:
         from engine.chat import TuneProgress
 
         print(TuneProgress(phase, done, total, eta, message).to_json(), file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        pass
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -315,12 +325,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise UsageError(str(error)) from error
     bar = _JsonProgress() if args.progress_json else _ProgressBar()
-    with _load_base(args) as base:
-        try:
-            report = train.tune(base, examples, Path(args.out), config=config, name=args.name,
-                                on_progress=lambda p: bar(p.phase, p.done, p.total, p.eta_seconds, p.message))
-        finally:
-            bar.close()
+    with _load_base(args) as base, bar:
+        report = train.tune(base, examples, Path(args.out), config=config, name=args.name,
+                            on_progress=lambda p: bar(p.phase, p.done, p.total, p.eta_seconds, p.message))
     summary = {"path": str(report.path), "held_out": report.held_out.to_json(), "epochs_run": report.epochs_run,
                "best_epoch": report.best_epoch, "parity_max_abs_diff": report.parity_max_abs_diff,
                "seconds": round(report.seconds, 1), "teacher_seconds": round(report.teacher_seconds, 1),
@@ -344,13 +351,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     examples = _load_examples(args)
     bar = _ProgressBar()
-    with _load_base(args) as base:
-        try:
-            metrics = evaluate_reward(base, RewardModel(args.reward), examples, alpha=args.alpha,
-                                     teacher_system=args.teacher_system,
-                                     progress=lambda done, total: bar("teacher", done, total, None))
-        finally:
-            bar.close()
+    with _load_base(args) as base, bar:
+        metrics = evaluate_reward(base, RewardModel(args.reward), examples, alpha=args.alpha,
+                                 teacher_system=args.teacher_system,
+                                 progress=lambda done, total: bar("teacher", done, total, None))
     result = metrics.to_json()
     if args.json:
         print(json.dumps(result))
@@ -364,13 +368,10 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from rewards_onnx.distill import distill, write_jsonl
 
     bar = _ProgressBar()
-    with _load_base(args) as base:
-        try:
-            examples = distill(base, args.system, args.count, max_tokens=args.max_tokens, temperature=args.temperature,
-                               seed=args.seed,
-                               progress=lambda done, total: bar("distill", done, total, None))
-        finally:
-            bar.close()
+    with _load_base(args) as base, bar:
+        examples = distill(base, args.system, args.count, max_tokens=args.max_tokens, temperature=args.temperature,
+                           seed=args.seed,
+                           progress=lambda done, total: bar("distill", done, total, None))
     write_jsonl(Path(args.out), examples)
     print(json.dumps({"path": args.out, "examples": len(examples)}) if args.json
           else f"Wrote {len(examples)} examples to {args.out}")
@@ -399,12 +400,10 @@ def cmd_library_build(args: argparse.Namespace) -> int:
     bar = _JsonProgress() if args.progress_json else _ProgressBar()
     with _load_base(args) as base:
         out_dir = Path(args.out) if args.out else library_dir(base.path)
-        try:
+        with bar:
             built = build_library(base, out_dir, count=args.count, config=train.TuneConfig(seed=args.seed),
                                   styles=styles,
                                   on_progress=lambda p: bar(p.phase, p.done, p.total, p.eta_seconds, p.message))
-        finally:
-            bar.close()
     if args.json:
         print(json.dumps({"folder": str(out_dir), "rewards": [entry.to_json() for entry in built]}))
     else:
@@ -428,13 +427,12 @@ def cmd_library_check(args: argparse.Namespace) -> int:
     bar = _ProgressBar()
     with _load_base(args) as base:
         folder = _library_folder(args, base)
-        try:
-            checks = check_library(base, folder, prompts=args.prompts, max_tokens=args.max_tokens,
-                                   progress=lambda done, total: bar("check", done, total, None))
-        except ValueError as error:
-            raise UsageError(str(error)) from error
-        finally:
-            bar.close()
+        with bar:
+            try:
+                checks = check_library(base, folder, prompts=args.prompts, max_tokens=args.max_tokens,
+                                       progress=lambda done, total: bar("check", done, total, None))
+            except ValueError as error:
+                raise UsageError(str(error)) from error
     if args.json:
         print(json.dumps({"library": str(folder), "checks": [check.to_json() for check in checks]}))
     else:
@@ -461,12 +459,10 @@ def cmd_library_features(args: argparse.Namespace) -> int:
         if not paths:
             raise UsageError(f"No base rewards in {folder}; build them with 'prt library build'.")
         bar = _ProgressBar()
-        try:
+        with bar:
             features = sample_reply_features(base, paths, replies=args.replies, seed=args.seed,
                                              reply_tokens=args.max_tokens,
                                              progress=lambda done, total: bar("replies", done, total, None))
-        finally:
-            bar.close()
     buffer = io.BytesIO()
     np.save(buffer, features)
     write_atomically(out, buffer.getvalue())
