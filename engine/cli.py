@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
@@ -23,6 +23,9 @@ from engine.files import write_atomically
 from engine.models import DEFAULT_MODEL_SPEC, add_model, ensure_default_model, installed_models, resolve_model
 from engine.onboarding import REPLY_TOKENS, library_dir, library_reward_paths
 from engine.steering import SamplingConfig
+
+if TYPE_CHECKING:  # rewards_onnx is imported where a command needs it
+    from rewards_onnx.metrics import Metrics
 
 EXIT_USER_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -342,7 +345,16 @@ def cmd_tune(args: argparse.Namespace) -> int:
               + (f" (teacher {held.teacher_nll:.3f}, {held.gap_closed:.0%} of the gap closed)"
                  if held.gap_closed is not None else "")
               + (f"; pair accuracy {held.pair_accuracy:.0%}" if held.pairs else ""))
+        _print_reply_parts(held)
     return 0
+
+
+def _print_reply_parts(metrics: Metrics) -> None:
+    """Where in the replies the teacher's gap lies, and how much of each part the reward closes."""
+    for name, part in (metrics.parts or {}).items():
+        closed = f", {part.gap_closed:.0%} closed" if part.gap_closed is not None else ""
+        print(f"  {name:<5} {part.tokens:>6} tokens  NLL base {part.base_nll:.3f} -> steered {part.steered_nll:.3f} "
+              f"(teacher {part.teacher_nll:.3f}): {part.gap_share:.0%} of the gap{closed}")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -360,7 +372,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(json.dumps(result))
     else:
         print("  ".join(f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}"
-                        for key, value in result.items() if value is not None))
+                        for key, value in result.items() if value is not None and key != "parts"))
+        _print_reply_parts(metrics)
     return 0
 
 

@@ -11,6 +11,33 @@ from engine.steering import log_softmax
 from rewards_onnx.teacher import SequenceTargets, TeacherData
 
 RewardsFor = Callable[[SequenceTargets], np.ndarray]  # a sequence -> rewards [N, K+1] on its support
+# Where in a reply a token sits: its first token, tokens 2-4, the body, and its last token (the end of turn)
+REPLY_PARTS = ("first", "early", "body", "last")
+
+
+def reply_part(position: int, n_targets: int) -> str:
+    if position == n_targets - 1:
+        return "last"
+    return "first" if position == 0 else "early" if position < 4 else "body"
+
+
+@dataclass
+class PartFigures:
+    """One part of the replies (distilled data): its NLLs per token and its share of the teacher's gap."""
+
+    tokens: int
+    base_nll: float
+    steered_nll: float
+    teacher_nll: float
+    gap_share: float  # this part's share of (base - teacher) over all taught tokens
+
+    @property
+    def gap_closed(self) -> float | None:
+        gap = self.base_nll - self.teacher_nll
+        return (self.base_nll - self.steered_nll) / gap if gap else None
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "gap_closed": self.gap_closed}
 
 
 @dataclass
@@ -22,6 +49,7 @@ class Metrics:
     pairs: int = 0
     pair_accuracy: float | None = None
     pair_loss: float | None = None
+    parts: dict[str, PartFigures] | None = None  # distilled data: where in the replies the gap lies
 
     @property
     def gap_closed(self) -> float | None:
@@ -31,7 +59,8 @@ class Metrics:
         return (self.base_nll - self.steered_nll) / (self.base_nll - self.teacher_nll)
 
     def to_json(self) -> dict:
-        return {**asdict(self), "gap_closed": self.gap_closed}
+        parts = {name: part.to_json() for name, part in self.parts.items()} if self.parts else None
+        return {**asdict(self), "gap_closed": self.gap_closed, "parts": parts}
 
     def objective(self) -> float:
         """What early stopping minimizes: held-out NLL, or the pair loss when there are only pairs."""
@@ -57,17 +86,24 @@ def teacher_target_logprobs(sequence: SequenceTargets) -> np.ndarray:
 def compute_metrics(data: TeacherData, rewards_for: RewardsFor, *, beta: float = 1.0, alpha: float = 1.0) -> Metrics:
     metrics = Metrics()
     base_total = steered_total = 0.0
+    part_nlls = {name: np.zeros(4) for name in REPLY_PARTS}  # tokens, base, steered, teacher NLL sums
     for sequence in data.demonstrations:
         base, steered = target_logprobs(sequence, rewards_for(sequence), alpha)
         base_total -= base.sum()
         steered_total -= steered.sum()
         metrics.tokens += sequence.n_targets
+        if sequence.teacher_logprobs is not None:
+            teacher = teacher_target_logprobs(sequence)
+            parts = np.array([reply_part(position, sequence.n_targets) for position in range(sequence.n_targets)])
+            for name in REPLY_PARTS:
+                mask = parts == name
+                part_nlls[name] += (mask.sum(), -base[mask].sum(), -steered[mask].sum(), -teacher[mask].sum())
     if metrics.tokens:
         metrics.base_nll, metrics.steered_nll = float(base_total / metrics.tokens), float(steered_total / metrics.tokens)
-    taught = [s for s in data.demonstrations if s.teacher_logprobs is not None]
-    if taught:
-        teacher_total = -sum(teacher_target_logprobs(s).sum() for s in taught)
-        metrics.teacher_nll = float(teacher_total / sum(s.n_targets for s in taught))
+    taught_tokens = sum(nlls[0] for nlls in part_nlls.values())
+    if taught_tokens:
+        metrics.teacher_nll = float(sum(nlls[3] for nlls in part_nlls.values()) / taught_tokens)
+        metrics.parts = _part_figures(part_nlls)
     if data.pairs:
         margins = np.array([_log_ratio(chosen, rewards_for(chosen), alpha) - _log_ratio(rejected, rewards_for(rejected), alpha)
                             for chosen, rejected in data.pairs])
@@ -75,6 +111,13 @@ def compute_metrics(data: TeacherData, rewards_for: RewardsFor, *, beta: float =
         metrics.pair_accuracy = float((margins > 0).mean())
         metrics.pair_loss = float(np.logaddexp(0.0, -beta * margins).mean())
     return metrics
+
+
+def _part_figures(part_nlls: dict[str, np.ndarray]) -> dict[str, PartFigures]:
+    gap = sum(nlls[1] - nlls[3] for nlls in part_nlls.values())
+    return {name: PartFigures(tokens=int(tokens), base_nll=float(base / tokens), steered_nll=float(steered / tokens),
+                              teacher_nll=float(teacher / tokens), gap_share=float((base - teacher) / gap) if gap else 0.0)
+            for name, (tokens, base, steered, teacher) in part_nlls.items() if tokens}
 
 
 def _log_ratio(sequence: SequenceTargets, rewards: np.ndarray, alpha: float) -> float:

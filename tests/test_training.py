@@ -20,6 +20,7 @@ from engine.rewards import RewardCard, RewardModel, card_path
 from engine.steering import CandidateSelector, SamplingConfig
 from rewards_onnx.data import DatasetError, Demonstration, PreferencePair, load_documents, load_jsonl
 from rewards_onnx.evaluate import evaluate_reward
+from rewards_onnx.metrics import reply_part
 from rewards_onnx.network import RewardNet
 from rewards_onnx.teacher import TRAIN_TOP_K, response_sequence, teacher_pass
 from rewards_onnx.train import ExportParityError, TuneConfig, check_export_parity, tune
@@ -144,6 +145,17 @@ def test_eval_through_onnx_matches_the_training_figures(tmp_path, tiny_base, pro
     assert evaluated.teacher_nll is not None
     assert evaluated.gap_closed == pytest.approx((evaluated.base_nll - evaluated.steered_nll)
                                                  / (evaluated.base_nll - evaluated.teacher_nll))
+    parts = evaluated.parts  # where the gap lies: the parts add up to the whole
+    assert parts["last"].tokens == len(held_out) and sum(p.tokens for p in parts.values()) == evaluated.tokens
+    for figure in ("base_nll", "steered_nll", "teacher_nll"):
+        weighted = sum(getattr(p, figure) * p.tokens for p in parts.values()) / evaluated.tokens
+        assert weighted == pytest.approx(getattr(evaluated, figure), rel=1e-5)
+    assert sum(p.gap_share for p in parts.values()) == pytest.approx(1.0)
+
+
+def test_reply_parts_are_the_first_token_the_next_three_the_body_and_the_last():
+    assert [reply_part(position, 7) for position in range(7)] == ["first"] + ["early"] * 3 + ["body"] * 2 + ["last"]
+    assert reply_part(0, 1) == "last"  # a reply that is only its end of turn
 
 
 def test_eval_refuses_a_reward_for_another_vocabulary(tmp_path, tiny_base):
@@ -220,7 +232,12 @@ def test_cli_tune_and_eval_json(tmp_path, tiny_gguf):
     assert summary["parity_max_abs_diff"] < 1e-3 and summary["held_out"]["tokens"] > 0
     evaluated = prt("eval", "--model", str(tiny_gguf), "--reward", str(out), "--data", str(data), "--ctx", "512", "--json")
     assert evaluated.returncode == 0, evaluated.stderr
-    assert set(json.loads(evaluated.stdout)) >= {"tokens", "base_nll", "steered_nll", "teacher_nll", "gap_closed"}
+    assert set(json.loads(evaluated.stdout)) >= {"tokens", "base_nll", "steered_nll", "teacher_nll", "gap_closed",
+                                                 "parts"}
+    taught = prt("eval", "--model", str(tiny_gguf), "--reward", str(out), "--data", str(data), "--ctx", "512",
+                 "--teacher-system", "Say it is fine.")
+    assert taught.returncode == 0, taught.stderr
+    assert "teacher_nll" in taught.stdout and "of the gap" in taught.stdout.splitlines()[-1]
 
 
 def test_cli_tune_with_malformed_data_gives_one_line(tmp_path, tiny_gguf):
