@@ -15,6 +15,13 @@ RewardsFor = Callable[[SequenceTargets], np.ndarray]  # a sequence -> rewards [N
 REPLY_PARTS = ("first", "early", "body", "last")
 
 
+def gap_closed(base_nll: float, steered_nll: float, teacher_nll: float | None) -> float | None:
+    """(base - steered) / (base - teacher): the share of the teacher's improvement the reward reproduces."""
+    if teacher_nll is None or base_nll == teacher_nll:
+        return None
+    return (base_nll - steered_nll) / (base_nll - teacher_nll)
+
+
 def reply_part(position: int, n_targets: int) -> str:
     if position == n_targets - 1:
         return "last"
@@ -33,8 +40,7 @@ class PartFigures:
 
     @property
     def gap_closed(self) -> float | None:
-        gap = self.base_nll - self.teacher_nll
-        return (self.base_nll - self.steered_nll) / gap if gap else None
+        return gap_closed(self.base_nll, self.steered_nll, self.teacher_nll)
 
     def to_json(self) -> dict:
         return {**asdict(self), "gap_closed": self.gap_closed}
@@ -53,10 +59,7 @@ class Metrics:
 
     @property
     def gap_closed(self) -> float | None:
-        """(base - steered) / (base - teacher): the share of the teacher's improvement the reward reproduces."""
-        if self.teacher_nll is None or self.base_nll == self.teacher_nll:
-            return None
-        return (self.base_nll - self.steered_nll) / (self.base_nll - self.teacher_nll)
+        return gap_closed(self.base_nll, self.steered_nll, self.teacher_nll)
 
     def to_json(self) -> dict:
         parts = {name: part.to_json() for name, part in self.parts.items()} if self.parts else None
