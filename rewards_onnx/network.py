@@ -1,10 +1,10 @@
 """The reward network in torch: the same math as engine/reward_graph.py, operation for operation.
 
 Parameters are stored in the graph's layout (x @ W, W shaped [in, out]) so export is a
-plain copy. The token embedding is frozen by default: initialized from the base GGUF's
-own embedding (PCA down to ``width``) and stored already int8-rounded, exactly what the
-ONNX file will hold. ``head`` and ``token_bias`` start at zero: an untrained reward
-changes nothing.
+plain copy. The token embedding is initialized from the base GGUF's own embedding (PCA
+down to ``width``), int8-rounded as the ONNX file will hold it; when it is trained,
+``round_embedding`` rounds it again before export. ``head`` and ``token_bias`` start at
+zero: an untrained reward changes nothing.
 """
 
 from __future__ import annotations
@@ -67,15 +67,18 @@ class RewardNet(nn.Module):
                  dropout: float = 0.0) -> None:
         super().__init__()
         self.shape = shape
-        quantized, scale = quantize_rows(embedding.astype(np.float32))
-        rounded = torch.from_numpy(quantized.astype(np.float32) * scale[:, None])  # what the ONNX file holds
-        self.embedding = nn.Parameter(rounded, requires_grad=train_embedding)
+        self.embedding = nn.Parameter(_int8_rounded(embedding), requires_grad=train_embedding)
         self.blocks = nn.ModuleList(Block(shape.width, shape.heads, shape.mlp_ratio, dropout) for _ in range(shape.layers))
         self.input_dropout = nn.Dropout(dropout)
         self.final_ln = nn.LayerNorm(shape.width, eps=LAYER_NORM_EPS)
         self.head = nn.Parameter(torch.zeros(shape.width, shape.width))
         self.token_bias = nn.Parameter(torch.zeros(shape.vocab_size))
         self.register_buffer("slopes", alibi_slopes(shape.heads).view(1, -1, 1, 1), persistent=False)
+
+    @torch.no_grad()
+    def round_embedding(self) -> None:
+        """Round a trained embedding to what the ONNX file will hold, so the figures are the file's."""
+        self.embedding.copy_(_int8_rounded(self.embedding.detach().numpy()))
 
     def queries(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, T] -> one query vector per position [B, T, d] (causal: position t sees tokens <= t)."""
@@ -98,6 +101,11 @@ class RewardNet(nn.Module):
         return RewardWeights(shape=self.shape, embedding=array(self.embedding), layers=[b.export() for b in self.blocks],
                              final_scale=array(self.final_ln.weight), final_bias=array(self.final_ln.bias),
                              head=array(self.head), token_bias=array(self.token_bias))
+
+
+def _int8_rounded(embedding: np.ndarray) -> torch.Tensor:
+    quantized, scale = quantize_rows(embedding.astype(np.float32))
+    return torch.from_numpy(quantized.astype(np.float32) * scale[:, None])
 
 
 def base_embedding_projection(gguf_path: Path, width: int, *, seed: int) -> np.ndarray | None:

@@ -56,7 +56,7 @@ class TuneConfig:
     width: int = 128
     layers: int = 2
     heads: int = 4
-    train_embedding: bool = False
+    train_embedding: bool = True  # +2-3 points of the gap closed on the example data, training 2x slower
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or not 0 < self.held_out_fraction < 1 or self.patience < 1:
@@ -104,6 +104,7 @@ def tune(base: BaseModel, examples: Sequence[Example], out_path: Path, *, config
     model = _initial_model(base, config)
     best_state, best_epoch, epochs_run = _fit(model, train_data, held_data, config, report)
     model.load_state_dict(best_state)
+    model.round_embedding()
 
     report(Progress("export", 0, 1, time.perf_counter() - started, "exporting and checking parity"))
     held_metrics = evaluate_torch(model, held_data, config.pair_beta)

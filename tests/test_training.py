@@ -8,14 +8,16 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
 from engine.decode import Generation, attach_rewards
 from engine.errors import RewardFileError, VocabularyMismatchError
-from engine.reward_graph import RewardNetworkShape
+from engine.reward_graph import RewardNetworkShape, read_reward_weights
 from engine.rewards import RewardCard, RewardModel, card_path
 from engine.steering import CandidateSelector, SamplingConfig
 from rewards_onnx.data import DatasetError, Demonstration, PreferencePair, load_documents, load_jsonl
@@ -23,7 +25,7 @@ from rewards_onnx.evaluate import evaluate_reward
 from rewards_onnx.metrics import reply_part
 from rewards_onnx.network import RewardNet
 from rewards_onnx.teacher import TRAIN_TOP_K, response_sequence, teacher_pass
-from rewards_onnx.train import ExportParityError, TuneConfig, check_export_parity, tune
+from rewards_onnx.train import ExportParityError, TuneConfig, _initial_model, check_export_parity, tune
 from test_cli import assert_one_line_error, prt
 from tiny_models import small_reward_shape, write_reward
 
@@ -62,6 +64,17 @@ def test_a_reward_trained_on_a_fixed_phrase_makes_the_model_say_it(tmp_path, tin
     assert steered.text.startswith(phrase)
     assert report.held_out.steered_nll < 0.1 * report.held_out.base_nll
     assert report.parity_max_abs_diff < 1e-3
+
+
+def test_the_embedding_is_trained_and_the_file_holds_exactly_the_trained_one(tmp_path, tiny_base, prompt_tokens):
+    phrase = tiny_base.detokenize(phrase_in_top_k(tiny_base, prompt_tokens, rank=2))
+    examples = [Demonstration(prompt, phrase) for prompt in other_prompts(10)]
+    config = replace(FAST, epochs=3)
+    report = tune(tiny_base, examples, tmp_path / "embedding.onnx", config=config)
+    saved = read_reward_weights(onnx.load(report.path)).embedding
+    initial = _initial_model(tiny_base, config).embedding.detach().numpy()
+    assert not np.allclose(saved, initial)  # the embedding moved ...
+    assert report.parity_max_abs_diff < 1e-5  # ... and was rounded to int8 before the figures and the export
 
 
 def test_training_on_the_bases_own_samples_learns_nothing(tmp_path, tiny_base):
