@@ -1,7 +1,7 @@
 """Several rewards in one onnxruntime session: one run per step scores all of them.
 
-Rewards tuned against one base with one seed share their frozen int8 embedding (the trainer
-initializes it from the base's own embedding, rewards_onnx/network.py). Rewards of one network
+Rewards tuned against one base with one seed and the embedding frozen (the library's) share their
+int8 embedding (the trainer initializes it from the base's own embedding, rewards_onnx/network.py). Rewards of one network
 shape and one embedding are stacked into one graph (``build_stacked_reward_model``): the embedding
 is stored once, each layer runs as one batched MatMul over the rewards, and a step returns the
 rewards [N, K] while the KV state stays per reward ([N, H, P, D] per layer). The mix

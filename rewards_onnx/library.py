@@ -2,8 +2,8 @@
 
 Each base reward is distilled (the base answers under a style's system prompt and the data keeps
 the answers without it, rewards_onnx/distill.py), then tuned (rewards_onnx/train.py). A reward
-thus moves the bare model toward that style. All of them are tuned with one seed, so they share
-the frozen embedding and run merged, in one session per step (engine/mixing.py).
+thus moves the bare model toward that style. All of them are tuned with one seed and the embedding
+frozen, so they share it and run merged, in one session per step (engine/mixing.py).
 
 ``check_library`` measures what each reward does: replies to prompts not used in training, with
 and without the reward (same seeds), and the style's marker on each, e.g. words per reply.
@@ -132,10 +132,11 @@ class BuiltReward:
 def build_library(base: BaseModel, out_dir: Path, *, count: int = DEFAULT_COUNT, styles: Sequence[BaseStyle] = STYLES,
                   config: TuneConfig | None = None, on_progress: Callable[[Progress], None] | None = None
                   ) -> list[BuiltReward]:
-    """Distill and tune one reward per style into ``out_dir`` (created if needed); one tune seed for all of them."""
+    """Distill and tune one reward per style into ``out_dir`` (created if needed); one tune seed for all of them,
+    and the embedding frozen, so that they share it and run merged."""
     from rewards_onnx.train import TuneConfig
 
-    config = config or TuneConfig()
+    config = replace(config or TuneConfig(), train_embedding=False)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = on_progress or (lambda progress: None)

@@ -69,6 +69,7 @@ def test_build_makes_one_labelled_reward_per_style(built, tiny_base):
         assert entry.style.system in card.description
         assert card.metrics["held_out"]["tokens"] > 0 and card.metrics["library"]["direction"] == entry.style.direction
         assert card.training_data["demonstrations"] == 4 and card.format_version == CARD_FORMAT_VERSION
+        assert card.metrics["config"]["train_embedding"] is False  # so that the styles share it and run merged
     assert json.loads(json.dumps(entries[0].to_json()))["label"] == STYLES[0].label
     assert {p.phase for p in progress} == {"distill", "teacher", "train", "export"}
     assert any(p.message.startswith("casual") for p in progress if p.phase == "train")
