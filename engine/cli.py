@@ -11,6 +11,8 @@ import json
 import os
 import signal
 import sys
+import textwrap
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -25,6 +27,7 @@ from engine.onboarding import REPLY_TOKENS, library_dir, library_reward_paths
 from engine.steering import SamplingConfig
 
 if TYPE_CHECKING:  # rewards_onnx is imported where a command needs it
+    from rewards_onnx.evaluate import ReplyStats
     from rewards_onnx.metrics import Metrics
 
 EXIT_USER_ERROR = 1
@@ -359,22 +362,43 @@ def _print_reply_parts(metrics: Metrics) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from engine.rewards import RewardModel
-    from rewards_onnx.evaluate import evaluate_reward
+    from rewards_onnx.evaluate import compare_replies, evaluate_reward
 
+    if args.samples < 0 or args.sample_tokens < 1:
+        raise UsageError("--samples must be >= 0 and --sample-tokens >= 1")
     examples = _load_examples(args)
-    bar = _ProgressBar()
+    bar, replies = _ProgressBar(), {}
     with _load_base(args) as base, bar:
-        metrics = evaluate_reward(base, RewardModel(args.reward), examples, alpha=args.alpha,
-                                 teacher_system=args.teacher_system,
-                                 progress=lambda done, total: bar("teacher", done, total, None))
-    result = metrics.to_json()
+        reward = RewardModel(args.reward)
+        metrics = evaluate_reward(base, reward, examples, alpha=args.alpha, teacher_system=args.teacher_system,
+                                  progress=lambda done, total: bar("teacher", done, total, None))
+        if args.samples:
+            replies = compare_replies(base, reward, examples, count=args.samples, alpha=args.alpha,
+                                      max_tokens=args.sample_tokens, teacher_system=args.teacher_system,
+                                      progress=lambda done, total: bar("replies", done, total, None))
+    result = metrics.to_json() | ({"replies": {name: asdict(stats) for name, stats in replies.items()}} if replies else {})
     if args.json:
         print(json.dumps(result))
     else:
         print("  ".join(f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}"
-                        for key, value in result.items() if value is not None and key != "parts"))
+                        for key, value in result.items() if value is not None and key not in ("parts", "replies")))
         _print_reply_parts(metrics)
+        _print_reply_stats(replies, args.sample_tokens)
     return 0
+
+
+def _print_reply_stats(replies: dict[str, ReplyStats], max_tokens: int) -> None:
+    """What the data's, the base's, the steered base's and the teacher's replies to the same prompts look like."""
+    if not replies:
+        return
+    print(f"Replies to the first {len(replies['data'].texts)} prompts (one seed per prompt, at most {max_tokens} tokens):")
+    for name, stats in replies.items():
+        ended = f", {stats.ended:.0%} ended on their own" if stats.ended is not None else ""
+        print(f"  {name:<7} {stats.mean_tokens:6.1f} tokens, {stats.mean_sentences:4.2f} sentences, "
+              f"{stats.one_sentence:.0%} one sentence{ended}")
+    print("The first prompt's replies (all of them are in --json):")
+    for name, stats in replies.items():
+        print(f"  {name:<7} {textwrap.shorten(stats.texts[0], 160)!r}")
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
@@ -555,6 +579,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--alpha", type=float, default=1.0)
     evaluate.add_argument("--teacher-system", default=None,
                           help="also report the NLL of the base given this system prompt, and the share of the gap closed")
+    evaluate.add_argument("--samples", type=int, default=0, metavar="N",
+                          help="also answer the first N prompts with the base, the steered base and the teacher, "
+                               "and compare their replies' length with the data's")
+    evaluate.add_argument("--sample-tokens", type=int, default=256, help="at most this many tokens per reply "
+                          "(default: %(default)s)")
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(handler=cmd_eval)
 

@@ -1,17 +1,23 @@
-"""``prt eval``: held-out NLL under the base and the steered model, through the real ONNX reward (no torch)."""
+"""``prt eval``: held-out NLL under the base and the steered model, through the real ONNX reward (no torch),
+and, on request, what the replies look like when the base, the steered base and the teacher answer the prompts."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+import re
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import numpy as np
 
 from engine.base_model import BaseModel
+from engine.decode import Generation, RewardSlot
 from engine.rewards import RewardModel
+from engine.steering import SamplingConfig
 from rewards_onnx.data import Demonstration, Example
 from rewards_onnx.metrics import Metrics, compute_metrics
-from rewards_onnx.teacher import TRAIN_TOP_K, SequenceTargets, teacher_pass
+from rewards_onnx.teacher import TRAIN_TOP_K, SequenceTargets, messages_for, teacher_pass
+
+SENTENCE_BREAK = re.compile(r"(?<=[.!?。！？])\s+")
 
 
 def onnx_rewards(reward: RewardModel) -> Callable[[SequenceTargets], np.ndarray]:
@@ -33,3 +39,55 @@ def evaluate_reward(base: BaseModel, reward: RewardModel, examples: Sequence[Exa
     if teacher_system:
         examples = [replace(e, teacher_system=teacher_system) if isinstance(e, Demonstration) else e for e in examples]
     return compute_metrics(teacher_pass(base, examples, k=k, progress=progress), onnx_rewards(reward), alpha=alpha)
+
+
+def sentence_count(text: str) -> int:
+    return len([sentence for sentence in SENTENCE_BREAK.split(text.strip()) if sentence])
+
+
+@dataclass
+class ReplyStats:
+    """One source's replies to the prompts, and what they look like."""
+
+    texts: list[str]
+    mean_tokens: float
+    mean_sentences: float
+    one_sentence: float  # share of replies that are a single sentence
+    ended: float | None = None  # share that ended on their own; None for the data's replies
+
+    @classmethod
+    def of(cls, texts: Sequence[str], tokens: Sequence[int], ended: Sequence[bool] | None = None) -> "ReplyStats":
+        sentences = np.array([sentence_count(text) for text in texts])
+        return cls(texts=list(texts), mean_tokens=float(np.mean(tokens)), mean_sentences=float(sentences.mean()),
+                   one_sentence=float((sentences == 1).mean()), ended=None if ended is None else float(np.mean(ended)))
+
+
+def compare_replies(base: BaseModel, reward: RewardModel, examples: Sequence[Example], *, count: int,
+                    alpha: float = 1.0, max_tokens: int = 256, teacher_system: str | None = None,
+                    progress: Callable[[int, int], None] | None = None) -> dict[str, ReplyStats]:
+    """The first ``count`` prompts answered by the base, the steered base and, where every one has a teacher
+    (``teacher_system`` or the data's own), the base given the teacher's system prompt; one seed per prompt, shared
+    by the three. Beside them, the data's own replies: the behaviour the reward was trained towards."""
+    reward.check_compatible(base_name=base.name, base_fingerprint=base.vocabulary_fingerprint)
+    chosen = list(examples[:count])
+    teachers = [teacher_system or (e.teacher_system if isinstance(e, Demonstration) else None) for e in chosen]
+    sources = {"base": ([e.system for e in chosen], []), "steered": ([e.system for e in chosen], [RewardSlot(reward)])}
+    if all(teachers):
+        sources["teacher"] = (teachers, [])
+    references = [e.response if isinstance(e, Demonstration) else e.chosen for e in chosen]
+    stats = {"data": ReplyStats.of(references, [len(base.tokenize(text)) for text in references])}
+    total, done = len(sources) * len(chosen), 0
+    for name, (systems, rewards) in sources.items():
+        texts, tokens, ended = [], [], []
+        for seed, (example, system) in enumerate(zip(chosen, systems)):
+            prompt = base.chat_prompt_tokens(messages_for(example.prompt, system))
+            result = Generation(base, prompt, rewards=rewards,
+                                config=SamplingConfig(seed=seed, max_tokens=max_tokens, alpha=alpha)).run()
+            texts.append(result.text)
+            tokens.append(len(result.token_ids))
+            ended.append(result.finish_reason == "stop")
+            done += 1
+            if progress:
+                progress(done, total)
+        stats[name] = ReplyStats.of(texts, tokens, ended)
+    return stats

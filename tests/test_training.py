@@ -21,7 +21,7 @@ from engine.reward_graph import RewardNetworkShape, read_reward_weights
 from engine.rewards import RewardCard, RewardModel, card_path
 from engine.steering import CandidateSelector, SamplingConfig
 from rewards_onnx.data import DatasetError, Demonstration, PreferencePair, load_documents, load_jsonl
-from rewards_onnx.evaluate import evaluate_reward
+from rewards_onnx.evaluate import compare_replies, evaluate_reward, sentence_count
 from rewards_onnx.metrics import reply_part
 from rewards_onnx.network import RewardNet
 from rewards_onnx.teacher import TRAIN_TOP_K, response_sequence, teacher_pass
@@ -147,12 +147,20 @@ def test_teacher_pass_keeps_top_k_plus_target(tiny_base):
     assert np.all(sequence.base_logprobs[:, :TRAIN_TOP_K] <= 0)
 
 
-def test_eval_through_onnx_matches_the_training_figures(tmp_path, tiny_base, prompt_tokens):
+@pytest.fixture(scope="module")
+def phrase_reward(tmp_path_factory, tiny_base):
+    """(a reward trained to say a phrase the base would not, the phrase, held-out demonstrations of it)"""
+    prompt_tokens = tiny_base.chat_prompt_tokens([{"role": "user", "content": TEST_PROMPT}])
     phrase = tiny_base.detokenize(phrase_in_top_k(tiny_base, prompt_tokens, rank=2))
     examples = [Demonstration(prompt, phrase) for prompt in other_prompts(10)]
-    report = tune(tiny_base, examples, tmp_path / "eval.onnx", config=FAST)
+    report = tune(tiny_base, examples, tmp_path_factory.mktemp("phrase") / "eval.onnx", config=FAST)
     held_out = [Demonstration(prompt, phrase) for prompt in ["A new question?", "Another one, please."]]
-    evaluated = evaluate_reward(tiny_base, RewardModel(report.path), held_out, teacher_system="Say the phrase.")
+    return report.path, phrase, held_out
+
+
+def test_eval_through_onnx_matches_the_training_figures(tiny_base, phrase_reward):
+    path, _, held_out = phrase_reward
+    evaluated = evaluate_reward(tiny_base, RewardModel(path), held_out, teacher_system="Say the phrase.")
     assert evaluated.tokens > 0
     assert evaluated.steered_nll < 0.2 * evaluated.base_nll
     assert evaluated.teacher_nll is not None
@@ -164,6 +172,26 @@ def test_eval_through_onnx_matches_the_training_figures(tmp_path, tiny_base, pro
         weighted = sum(getattr(p, figure) * p.tokens for p in parts.values()) / evaluated.tokens
         assert weighted == pytest.approx(getattr(evaluated, figure), rel=1e-5)
     assert sum(p.gap_share for p in parts.values()) == pytest.approx(1.0)
+
+
+def test_replies_compared_on_the_same_prompts_through_the_real_parts(tiny_base, phrase_reward):
+    path, phrase, _ = phrase_reward
+    asked = [Demonstration(TEST_PROMPT, phrase)] * 2  # the phrase is in the base's top-K after this prompt
+    replies = compare_replies(tiny_base, RewardModel(path), asked, count=2, max_tokens=12,
+                              teacher_system="Say the phrase.")
+    assert list(replies) == ["data", "base", "steered", "teacher"]
+    assert replies["data"].texts == [phrase] * 2 and replies["data"].ended is None
+    assert replies["data"].mean_tokens == len(tiny_base.tokenize(phrase))
+    assert all(text.startswith(phrase) for text in replies["steered"].texts)
+    assert not any(text.startswith(phrase) for text in replies["base"].texts)
+    assert replies["base"].mean_tokens == 12 and replies["base"].ended == 0.0  # a random tiny model never stops
+    unsteered = compare_replies(tiny_base, RewardModel(path), asked, count=2, max_tokens=12, alpha=0.0)
+    assert list(unsteered) == ["data", "base", "steered"]  # no teacher known
+    assert unsteered["steered"] == unsteered["base"]  # one seed per prompt, shared
+
+
+def test_sentences_are_counted_at_their_ends():
+    assert [sentence_count(text) for text in ("", "One.", "It costs 3.5 euros. Fine! Right", " Yes?  No. ")] == [0, 1, 3, 2]
 
 
 def test_reply_parts_are_the_first_token_the_next_three_the_body_and_the_last():
@@ -248,9 +276,17 @@ def test_cli_tune_and_eval_json(tmp_path, tiny_gguf):
     assert set(json.loads(evaluated.stdout)) >= {"tokens", "base_nll", "steered_nll", "teacher_nll", "gap_closed",
                                                  "parts"}
     taught = prt("eval", "--model", str(tiny_gguf), "--reward", str(out), "--data", str(data), "--ctx", "512",
-                 "--teacher-system", "Say it is fine.")
+                 "--teacher-system", "Say it is fine.", "--samples", "2", "--sample-tokens", "6")
     assert taught.returncode == 0, taught.stderr
-    assert "teacher_nll" in taught.stdout and "of the gap" in taught.stdout.splitlines()[-1]
+    lines = taught.stdout.splitlines()
+    assert "teacher_nll" in lines[0] and "of the gap" in lines[-11]
+    assert lines[-10].startswith("Replies to the first 2 prompts") and lines[-5].startswith("The first prompt's")
+    assert [line.split()[0] for line in lines[-9:-5] + lines[-4:]] == ["data", "base", "steered", "teacher"] * 2
+    sampled = prt("eval", "--model", str(tiny_gguf), "--reward", str(out), "--data", str(data), "--ctx", "512",
+                  "--samples", "1", "--sample-tokens", "4", "--json")
+    assert sampled.returncode == 0, sampled.stderr
+    replies = json.loads(sampled.stdout)["replies"]
+    assert list(replies) == ["data", "base", "steered"] and len(replies["base"]["texts"]) == 1
 
 
 def test_cli_tune_with_malformed_data_gives_one_line(tmp_path, tiny_gguf):
