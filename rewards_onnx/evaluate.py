@@ -10,12 +10,12 @@ from typing import Callable, Sequence
 import numpy as np
 
 from engine.base_model import BaseModel
-from engine.decode import Generation, RewardSlot
+from engine.decode import RewardSlot
 from engine.rewards import RewardModel
 from engine.steering import SamplingConfig
 from rewards_onnx.data import Demonstration, Example
 from rewards_onnx.metrics import Metrics, compute_metrics
-from rewards_onnx.teacher import TRAIN_TOP_K, SequenceTargets, messages_for, teacher_pass
+from rewards_onnx.teacher import TRAIN_TOP_K, ProgressCount, SequenceTargets, answer_prompts, teacher_pass
 
 SENTENCE_BREAK = re.compile(r"(?<=[.!?。！？])\s+")
 
@@ -76,18 +76,11 @@ def compare_replies(base: BaseModel, reward: RewardModel, examples: Sequence[Exa
         sources["teacher"] = (teachers, [])
     references = [e.response if isinstance(e, Demonstration) else e.chosen for e in chosen]
     stats = {"data": ReplyStats.of(references, [len(base.tokenize(text)) for text in references])}
-    total, done = len(sources) * len(chosen), 0
+    answered = ProgressCount(len(sources) * len(chosen), progress)
     for name, (systems, rewards) in sources.items():
-        texts, tokens, ended = [], [], []
-        for seed, (example, system) in enumerate(zip(chosen, systems)):
-            prompt = base.chat_prompt_tokens(messages_for(example.prompt, system))
-            result = Generation(base, prompt, rewards=rewards,
-                                config=SamplingConfig(seed=seed, max_tokens=max_tokens, alpha=alpha)).run()
-            texts.append(result.text)
-            tokens.append(len(result.token_ids))
-            ended.append(result.finish_reason == "stop")
-            done += 1
-            if progress:
-                progress(done, total)
-        stats[name] = ReplyStats.of(texts, tokens, ended)
+        asked = [(example.prompt, system) for example, system in zip(chosen, systems)]
+        results = answer_prompts(base, asked, rewards=rewards, on_reply=answered.advance,
+                                 config=SamplingConfig(max_tokens=max_tokens, alpha=alpha))
+        stats[name] = ReplyStats.of([r.text for r in results], [len(r.token_ids) for r in results],
+                                    [r.finish_reason == "stop" for r in results])
     return stats

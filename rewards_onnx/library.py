@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 
 from engine.base_model import BaseModel
-from engine.decode import Generation, RewardSlot, attach_rewards
+from engine.decode import RewardSlot, attach_rewards
 from engine.errors import PrtError
 from engine.rewards import RewardCard, card_path, write_card
 from engine.steering import SamplingConfig
 from rewards_onnx.distill import QUESTION_FORMS, distill
-from rewards_onnx.teacher import messages_for
+from rewards_onnx.teacher import ProgressCount, answer_prompts
 
 if TYPE_CHECKING:  # building imports torch (rewards_onnx.train) when it runs; checking never does
     from rewards_onnx.train import Progress, TuneConfig, TuneReport
@@ -226,19 +226,12 @@ def check_library(base: BaseModel, folder: Path, *, prompts: int = 32, max_token
     """Each reward's marker on held-out prompts: bare base, base + reward, base under the style's prompt."""
     rewards = library_rewards(folder, styles)
     questions = check_prompts(prompts)
-    total, done = len(questions) * (1 + 2 * len(rewards)), 0
+    answered = ProgressCount(len(questions) * (1 + 2 * len(rewards)), progress)
+    config = SamplingConfig(temperature=TEACHER_TEMPERATURE, max_tokens=max_tokens)
 
     def replies(system: str | None, slots: list[RewardSlot]) -> list[str]:
-        nonlocal done
-        texts = []
-        for seed, question in enumerate(questions):
-            config = SamplingConfig(temperature=TEACHER_TEMPERATURE, seed=seed, max_tokens=max_tokens)
-            texts.append(Generation(base, base.chat_prompt_tokens(messages_for(question, system)), rewards=slots,
-                                    config=config).run().text)
-            done += 1
-            if progress:
-                progress(done, total)
-        return texts
+        asked = [(question, system) for question in questions]
+        return [r.text for r in answer_prompts(base, asked, rewards=slots, config=config, on_reply=answered.advance)]
 
     plain = replies(None, [])
     checks = []

@@ -7,17 +7,30 @@ returns one batch of logit rows at a time and each row is reduced at once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import numpy as np
 
 from engine.base_model import BaseModel, ChatMessage
+from engine.decode import Generation, GenerationResult, RewardSlot
 from engine.steering import CandidateSelector, SamplingConfig, log_normalizer
 from rewards_onnx.data import DatasetError, Demonstration, Example, PreferencePair
 
 TRAIN_TOP_K = SamplingConfig().top_k  # training and decoding see the same support
 Progress = Callable[[int, int], None]
+
+
+class ProgressCount:
+    """Counts finished steps out of ``total`` and reports the count to ``progress``, if there is one."""
+
+    def __init__(self, total: int, progress: Progress | None) -> None:
+        self.total, self.done, self.progress = total, 0, progress
+
+    def advance(self, steps: int = 1) -> None:
+        self.done += steps
+        if self.progress:
+            self.progress(self.done, self.total)
 
 
 @dataclass
@@ -49,6 +62,19 @@ class TeacherData:
 
 def messages_for(prompt: str, system: str | None) -> list[ChatMessage]:
     return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+
+
+def answer_prompts(base: BaseModel, prompts: Sequence[tuple[str, str | None]], *, rewards: Sequence[RewardSlot] = (),
+                   config: SamplingConfig, on_reply: Callable[[], None] | None = None) -> list[GenerationResult]:
+    """Each (prompt, system prompt) answered with the prompt's index as the seed, so that sources compared on the
+    same prompts (base, steered, teacher) share their seeds."""
+    results = []
+    for seed, (prompt, system) in enumerate(prompts):
+        tokens = base.chat_prompt_tokens(messages_for(prompt, system))
+        results.append(Generation(base, tokens, rewards=rewards, config=replace(config, seed=seed)).run())
+        if on_reply:
+            on_reply()
+    return results
 
 
 def response_sequence(base: BaseModel, messages: Sequence[ChatMessage], response: str) -> tuple[list[int], int]:
@@ -102,13 +128,7 @@ def teacher_pass(base: BaseModel, examples: Sequence[Example], *, k: int = TRAIN
     """Every example in the plain context first, then the distilled ones in their teacher's context, so that
     consecutive evaluations share the chat template's opening and the base skips it."""
     data, taught = TeacherData([], []), []
-    total, done = sum(map(evaluations, examples)), 0
-
-    def advance(passes: int) -> None:
-        nonlocal done
-        done += passes
-        if progress:
-            progress(done, total)
+    advance = ProgressCount(sum(map(evaluations, examples)), progress).advance
 
     for example in examples:
         messages = messages_for(example.prompt, example.system)
