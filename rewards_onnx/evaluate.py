@@ -15,7 +15,7 @@ from engine.rewards import RewardModel
 from engine.steering import SamplingConfig
 from rewards_onnx.data import Demonstration, Example
 from rewards_onnx.metrics import Metrics, compute_metrics
-from rewards_onnx.teacher import TRAIN_TOP_K, ProgressCount, SequenceTargets, answer_prompts, teacher_pass
+from rewards_onnx.teacher import TRAIN_TOP_K, Progress, ProgressCount, SequenceTargets, answer_prompts, teacher_pass
 
 SENTENCE_BREAK = re.compile(r"(?<=[.!?。！？])\s+")
 
@@ -56,7 +56,7 @@ class ReplyStats:
     ended: float | None = None  # share that ended on their own; None for the data's replies
 
     @classmethod
-    def of(cls, texts: Sequence[str], tokens: Sequence[int], ended: Sequence[bool] | None = None) -> "ReplyStats":
+    def of(cls, texts: Sequence[str], tokens: Sequence[int], ended: Sequence[bool] | None = None) -> ReplyStats:
         sentences = np.array([sentence_count(text) for text in texts])
         return cls(texts=list(texts), mean_tokens=float(np.mean(tokens)), mean_sentences=float(sentences.mean()),
                    one_sentence=float((sentences == 1).mean()), ended=None if ended is None else float(np.mean(ended)))
@@ -64,14 +64,15 @@ class ReplyStats:
 
 def compare_replies(base: BaseModel, reward: RewardModel, examples: Sequence[Example], *, count: int,
                     alpha: float = 1.0, max_tokens: int = 256, teacher_system: str | None = None,
-                    progress: Callable[[int, int], None] | None = None) -> dict[str, ReplyStats]:
+                    progress: Progress | None = None) -> dict[str, ReplyStats]:
     """The first ``count`` prompts answered by the base, the steered base and, where every one has a teacher
     (``teacher_system`` or the data's own), the base given the teacher's system prompt; one seed per prompt, shared
     by the three. Beside them, the data's own replies: the behaviour the reward was trained towards."""
     reward.check_compatible(base_name=base.name, base_fingerprint=base.vocabulary_fingerprint)
     chosen = list(examples[:count])
     teachers = [teacher_system or (e.teacher_system if isinstance(e, Demonstration) else None) for e in chosen]
-    sources = {"base": ([e.system for e in chosen], []), "steered": ([e.system for e in chosen], [RewardSlot(reward)])}
+    own_systems = [e.system for e in chosen]
+    sources = {"base": (own_systems, []), "steered": (own_systems, [RewardSlot(reward)])}
     if all(teachers):
         sources["teacher"] = (teachers, [])
     references = [e.response if isinstance(e, Demonstration) else e.chosen for e in chosen]
