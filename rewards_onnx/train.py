@@ -171,12 +171,28 @@ def _save_checked(model: RewardNet, card: RewardCard, out_path: Path, *, seed: i
 
 
 def split_held_out(examples: Sequence[Example], config: TuneConfig) -> tuple[list[Example], list[Example]]:
+    """Hold out whole prompts: all answers to one prompt (a thumbs-up and an edit of it, or several distilled
+    answers) fall on one side, so the held-out figures are about prompts the reward has not seen."""
     if len(examples) < 2:
         raise DatasetError(f"Tuning needs at least 2 examples (one is held out to check the result); got {len(examples)}.")
-    order = list(range(len(examples)))
-    random.Random(config.seed).shuffle(order)
-    n_held = min(len(examples) - 1, max(1, round(len(examples) * config.held_out_fraction)))
-    return [examples[i] for i in order[n_held:]], [examples[i] for i in order[:n_held]]
+    groups = _prompt_groups(examples)
+    if len(groups) < 2:  # every example answers the same prompt: hold out answers instead
+        groups = [[index] for index in range(len(examples))]
+    random.Random(config.seed).shuffle(groups)
+    wanted, held_groups, held_count = max(1, round(len(examples) * config.held_out_fraction)), 0, 0
+    while held_count < wanted and held_groups < len(groups) - 1:
+        held_count += len(groups[held_groups])
+        held_groups += 1
+    train, held = groups[held_groups:], groups[:held_groups]
+    return [examples[i] for group in train for i in group], [examples[i] for group in held for i in group]
+
+
+def _prompt_groups(examples: Sequence[Example]) -> list[list[int]]:
+    """Indices of the examples, grouped by (system, prompt), in order of first appearance."""
+    groups: dict[tuple[str | None, str], list[int]] = {}
+    for index, example in enumerate(examples):
+        groups.setdefault((example.system, example.prompt), []).append(index)
+    return list(groups.values())
 
 
 def _seed_everything(seed: int) -> None:

@@ -25,7 +25,7 @@ from rewards_onnx.evaluate import compare_replies, evaluate_reward, sentence_cou
 from rewards_onnx.metrics import reply_part
 from rewards_onnx.network import RewardNet
 from rewards_onnx.teacher import TRAIN_TOP_K, response_sequence, teacher_pass
-from rewards_onnx.train import ExportParityError, TuneConfig, _initial_model, check_export_parity, tune
+from rewards_onnx.train import ExportParityError, TuneConfig, _initial_model, check_export_parity, split_held_out, tune
 from test_cli import assert_one_line_error, prt
 from tiny_models import small_reward_shape, write_reward
 
@@ -245,6 +245,22 @@ def test_too_few_examples_to_hold_one_out(tmp_path, tiny_base):
     with pytest.raises(DatasetError, match="at least 2 examples"):
         tune(tiny_base, [Demonstration("a", "b")], tmp_path / "x.onnx")
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_all_answers_to_a_prompt_fall_on_one_side_of_the_held_out_split():
+    examples = [Demonstration(f"question {q}", f"answer {a}") for a in range(3) for q in range(40)]
+    examples += [PreferencePair("question 7", "good", "bad"), Demonstration("question 7", "x", system="be brief")]
+    train, held = split_held_out(examples, TuneConfig())
+    held_prompts = {(e.system, e.prompt) for e in held}
+    assert held_prompts and not held_prompts & {(e.system, e.prompt) for e in train}
+    assert sorted(map(repr, train + held)) == sorted(map(repr, examples))
+    assert round(len(examples) * 0.1) <= len(held) < round(len(examples) * 0.1) + 4  # whole prompts, about 10%
+
+
+def test_answers_to_one_single_prompt_are_still_split():
+    examples = [Demonstration("the only question", f"answer {a}") for a in range(20)]
+    train, held = split_held_out(examples, TuneConfig())
+    assert len(held) == 2 and len(train) == 18
 
 
 def test_documents_become_prompt_and_continuation_windows(tmp_path):
