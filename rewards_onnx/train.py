@@ -179,8 +179,9 @@ def split_held_out(examples: Sequence[Example], config: TuneConfig) -> tuple[lis
     if len(groups) < 2:  # every example answers the same prompt: hold out answers instead
         groups = [[index] for index in range(len(examples))]
     random.Random(config.seed).shuffle(groups)
-    wanted, held_groups, held_count = max(1, round(len(examples) * config.held_out_fraction)), 0, 0
-    while held_count < wanted and held_groups < len(groups) - 1:
+    wanted = max(1, round(len(examples) * config.held_out_fraction))
+    held_groups = held_count = 0
+    while held_count < wanted and held_groups < len(groups) - 1:  # never hold out every prompt
         held_count += len(groups[held_groups])
         held_groups += 1
     train, held = groups[held_groups:], groups[:held_groups]
