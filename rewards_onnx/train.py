@@ -200,6 +200,7 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True)  # else some CPU kernels sum in thread order: runs differ
 
 
 # -- training ------------------------------------------------------------------------------------
