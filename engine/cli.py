@@ -325,6 +325,8 @@ class _JsonProgress(_Progress):
 
 def cmd_tune(args: argparse.Namespace) -> int:
     train = _training_modules()
+    from rewards_onnx.teacher_cache import default_cache_path
+
     examples = _load_examples(args)
     try:
         config = train.TuneConfig(seed=args.seed, **({"epochs": args.epochs} if args.epochs else {}))
@@ -333,7 +335,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     bar = _JsonProgress() if args.progress_json else _ProgressBar()
     with _load_base(args) as base, bar:
         report = train.tune(base, examples, Path(args.out), config=config, name=args.name,
-                            on_progress=lambda p: bar(p.phase, p.done, p.total, p.eta_seconds, p.message))
+                            on_progress=lambda p: bar(p.phase, p.done, p.total, p.eta_seconds, p.message),
+                            cache_path=None if args.no_cache else default_cache_path())
     summary = {"path": str(report.path), "held_out": report.held_out.to_json(), "epochs_run": report.epochs_run,
                "best_epoch": report.best_epoch, "parity_max_abs_diff": report.parity_max_abs_diff,
                "seconds": round(report.seconds, 1), "teacher_seconds": round(report.teacher_seconds, 1),
@@ -568,6 +571,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--name", default=None, help="the reward's name (default: the file name)")
     tune.add_argument("--epochs", type=int, default=None, help="at most this many epochs (default: 20)")
     tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--no-cache", action="store_true",
+                      help="pass every example through the base again, without keeping or reusing teacher passes")
     tune.add_argument("--json", action="store_true")
     tune.add_argument("--progress-json", action="store_true", help="progress as JSON lines on stderr")
     tune.set_defaults(handler=cmd_tune)

@@ -13,6 +13,7 @@ The base model is frozen; it only supplies lp, once, in the teacher pass.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import random
@@ -30,10 +31,11 @@ from engine.errors import PrtError, RewardFileError
 from engine.files import file_sha256
 from engine.reward_graph import RewardNetworkShape, build_reward_model
 from engine.rewards import RewardCard, RewardModel, card_path, save_reward
-from rewards_onnx.data import DatasetError, Example, counts
+from rewards_onnx.data import DatasetError, Demonstration, Example, counts
 from rewards_onnx.metrics import Metrics, compute_metrics
 from rewards_onnx.network import RewardNet, base_embedding_projection
-from rewards_onnx.teacher import TRAIN_TOP_K, SequenceTargets, TeacherData, evaluations, teacher_pass
+from rewards_onnx.teacher import TRAIN_TOP_K, SequenceTargets, TeacherData, teacher_pass
+from rewards_onnx.teacher_cache import TeacherCache
 
 PARITY_TOLERANCE = 1e-3
 
@@ -92,13 +94,18 @@ class TuneReport:
 
 
 def tune(base: BaseModel, examples: Sequence[Example], out_path: Path, *, config: TuneConfig = TuneConfig(),
-         name: str | None = None, on_progress: Callable[[Progress], None] | None = None) -> TuneReport:
+         name: str | None = None, on_progress: Callable[[Progress], None] | None = None,
+         cache_path: Path | None = None) -> TuneReport:
+    """Train, export and check a reward. With ``cache_path``, teacher passes are kept there and reused
+    (rewards_onnx/teacher_cache.py): the same examples give the same reward, minus the passes' time."""
     started = time.perf_counter()
     out_path = _checked_destination(Path(out_path))
     report = on_progress or (lambda progress: None)
     _seed_everything(config.seed)
+    model_sha256 = file_sha256(base.path)
     train_examples, held_examples = split_held_out(examples, config)
-    train_data, held_data = _teacher_data(base, train_examples, held_examples, config, report)
+    with _teacher_cache(cache_path, model_sha256, config.top_k) as cache:
+        train_data, held_data = _teacher_data(base, train_examples, held_examples, config, report, cache)
     teacher_seconds = time.perf_counter() - started
 
     model = _initial_model(base, config)
@@ -110,7 +117,7 @@ def tune(base: BaseModel, examples: Sequence[Example], out_path: Path, *, config
     held_metrics = evaluate_torch(model, held_data, config.pair_beta)
     card = RewardCard(
         name=name or Path(out_path).stem, vocabulary_fingerprint=base.vocabulary_fingerprint,
-        vocabulary_size=base.n_vocab, base_model_name=base.name, base_model_sha256=file_sha256(base.path),
+        vocabulary_size=base.n_vocab, base_model_name=base.name, base_model_sha256=model_sha256,
         description=f"Tuned on {len(examples)} examples",
         network={"width": config.width, "layers": config.layers, "heads": config.heads, "top_k": config.top_k},
         training_data={**counts(list(examples)), "train_examples": len(train_examples),
@@ -134,18 +141,26 @@ def _checked_destination(out_path: Path) -> Path:
     return out_path
 
 
+def _teacher_cache(path: Path | None, model_sha256: str, k: int) -> contextlib.AbstractContextManager:
+    return TeacherCache(path, model_sha256=model_sha256, k=k) if path else contextlib.nullcontext()
+
+
 def _teacher_data(base: BaseModel, train: Sequence[Example], held: Sequence[Example], config: TuneConfig,
-                  report: Callable[[Progress], None]) -> tuple[TeacherData, TeacherData]:
+                  report: Callable[[Progress], None], cache: TeacherCache | None) -> tuple[TeacherData, TeacherData]:
+    """One teacher pass over both sets (through the cache, if there is one), split back into the two."""
     started = time.perf_counter()
-    train_passes = sum(map(evaluations, train))
-    total = train_passes + sum(map(evaluations, held))
 
-    def teach(subset: Sequence[Example], offset: int) -> TeacherData:
-        def progress(done: int, _: int) -> None:
-            report(Progress("teacher", offset + done, total, time.perf_counter() - started))
-        return teacher_pass(base, subset, k=config.top_k, progress=progress)
+    def progress(done: int, total: int) -> None:
+        report(Progress("teacher", done, total, time.perf_counter() - started))
 
-    return teach(train, 0), teach(held, train_passes)
+    if cache:
+        data = cache.teacher_pass(base, [*train, *held], progress=progress)
+    else:
+        data = teacher_pass(base, [*train, *held], k=config.top_k, progress=progress)
+    train_demonstrations = sum(isinstance(example, Demonstration) for example in train)
+    train_pairs = len(train) - train_demonstrations
+    return (TeacherData(data.demonstrations[:train_demonstrations], data.pairs[:train_pairs]),
+            TeacherData(data.demonstrations[train_demonstrations:], data.pairs[train_pairs:]))
 
 
 def _initial_model(base: BaseModel, config: TuneConfig) -> RewardNet:
