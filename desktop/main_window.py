@@ -13,7 +13,7 @@ from PySide6.QtWidgets import (QDialog, QDockWidget, QFileDialog, QLabel, QMainW
                                QSplitter)
 
 from engine.chat import tune_command
-from engine.models import app_data_dir
+from engine.models import app_data_dir, teacher_cache_path
 from desktop.chat_session import ChatSession
 from desktop.chat_view import ChatView
 from desktop.conversation_list import ConversationList
@@ -243,11 +243,13 @@ class MainWindow(QMainWindow):
             return
         answer = QMessageBox.warning(
             self, "Delete all data", "Delete every conversation, all feedback, the list of installed rewards, the "
-            "tuning history and the settings? Model and reward files stay on disk. This cannot be undone.",
+            "tuning history, the saved teacher passes and the settings? Model and reward files stay on disk. "
+            "This cannot be undone.",
             QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.Cancel, QMessageBox.StandardButton.Cancel)
         if answer != QMessageBox.StandardButton.Yes:
             return
         self.store.delete_all()
+        teacher_cache_path().unlink(missing_ok=True)  # it holds the tokens of every text tuned on
         self.new_chat()
         self.conversations.refresh()
         self.rewards_panel.refresh()

@@ -22,7 +22,8 @@ from engine.base_model import BaseModel, BaseModelConfig, ChatMessage
 from engine.decode import Generation, GenerationResult, RewardSlot, attach_rewards
 from engine.errors import PrtError
 from engine.files import write_atomically
-from engine.models import DEFAULT_MODEL_SPEC, add_model, ensure_default_model, installed_models, resolve_model
+from engine.models import (DEFAULT_MODEL_SPEC, add_model, ensure_default_model, installed_models, resolve_model,
+                           teacher_cache_path)
 from engine.onboarding import REPLY_TOKENS, library_dir, library_reward_paths
 from engine.steering import SamplingConfig
 
@@ -325,8 +326,6 @@ class _JsonProgress(_Progress):
 
 def cmd_tune(args: argparse.Namespace) -> int:
     train = _training_modules()
-    from rewards_onnx.teacher_cache import default_cache_path
-
     examples = _load_examples(args)
     try:
         config = train.TuneConfig(seed=args.seed, **({"epochs": args.epochs} if args.epochs else {}))
@@ -336,7 +335,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     with _load_base(args) as base, bar:
         report = train.tune(base, examples, Path(args.out), config=config, name=args.name,
                             on_progress=lambda p: bar(p.phase, p.done, p.total, p.eta_seconds, p.message),
-                            cache_path=None if args.no_cache else default_cache_path())
+                            cache_path=None if args.no_cache else teacher_cache_path())
     summary = {"path": str(report.path), "held_out": report.held_out.to_json(), "epochs_run": report.epochs_run,
                "best_epoch": report.best_epoch, "parity_max_abs_diff": report.parity_max_abs_diff,
                "seconds": round(report.seconds, 1), "teacher_seconds": round(report.teacher_seconds, 1),

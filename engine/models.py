@@ -51,6 +51,11 @@ def app_data_subdir(name: str) -> Path:
     return path
 
 
+def teacher_cache_path() -> Path:
+    """Where ``prt tune`` keeps its teacher passes (rewards_onnx/teacher_cache.py); they hold the tuned texts' tokens."""
+    return app_data_dir() / "teacher-cache.sqlite"
+
+
 def models_dir() -> Path:
     return app_data_subdir("models")
 

@@ -23,20 +23,14 @@ from typing import Sequence
 import numpy as np
 
 from engine.base_model import BaseModel
-from engine.models import app_data_dir
 from rewards_onnx.data import Demonstration, Example
 from rewards_onnx.teacher import Progress, SequenceTargets, TeacherData, evaluations, teacher_pass
 
-CACHE_FILE = "teacher-cache.sqlite"
 ENTRY_FORMAT = 1  # part of every key: a change to what an entry holds makes old entries unreachable
 DEFAULT_MAX_BYTES = 1 << 30  # about 30,000 distilled replies of 50 tokens at K = 40
 WRITE_EVERY = 16  # examples passed between writes: what a stopped tune loses at most
 
 Passed = SequenceTargets | tuple[SequenceTargets, SequenceTargets]  # a demonstration's, or a pair's
-
-
-def default_cache_path() -> Path:
-    return app_data_dir() / CACHE_FILE
 
 
 class TeacherCache:

@@ -20,6 +20,7 @@ from PySide6.QtWidgets import QDialog, QMessageBox
 from engine.chat import RewardInfo
 from engine.decode import GenerationResult, StepTrace, TokenEvent
 from engine.errors import ModelFileError, RewardRuntimeError
+from engine.models import teacher_cache_path
 from engine.rewards import RewardCard
 from engine.store import Store
 from desktop.app import main
@@ -507,12 +508,14 @@ def test_settings_dialog_auto_values_mean_none(qtbot, tmp_path):
 
 def test_delete_all_data_asks_first(qtbot, window, store, monkeypatch):
     send(qtbot, window, "Hello")
+    teacher_cache_path().write_bytes(b"passes of the texts tuned on")
     answers = [QMessageBox.StandardButton.Cancel, QMessageBox.StandardButton.Yes]
     monkeypatch.setattr(QMessageBox, "warning", lambda *args: answers.pop(0))
     window.delete_all_data()
-    assert len(store.conversations()) == 1
+    assert len(store.conversations()) == 1 and teacher_cache_path().exists()
     window.delete_all_data()
     assert store.conversations() == [] and window.conversations.titles() == []
+    assert not teacher_cache_path().exists()
     assert window.session.conversation_id is None and window.chat_view.message_widgets() == []
 
 

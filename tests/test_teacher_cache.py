@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from engine.files import file_sha256
+from engine.models import teacher_cache_path
 from rewards_onnx import teacher_cache
 from rewards_onnx.data import Demonstration, PreferencePair
 from rewards_onnx.teacher import TRAIN_TOP_K, TeacherData, teacher_pass
@@ -127,7 +128,7 @@ def test_the_file_keeps_within_its_bound_dropping_the_least_recently_used(open_c
         assert passes_made(cache, tiny_base, examples[:4])[1] == 4
 
 
-def test_cli_tune_reuses_its_teacher_passes_and_trains_the_same_reward(tmp_path, tiny_gguf, isolated_app_folder):
+def test_cli_tune_reuses_its_teacher_passes_and_trains_the_same_reward(tmp_path, tiny_gguf):
     data = tmp_path / "data.jsonl"
     data.write_text("\n".join(json.dumps({"prompt": p, "response": "Fine, thanks."}) for p in other_prompts(8)))
 
@@ -139,9 +140,9 @@ def test_cli_tune_reuses_its_teacher_passes_and_trains_the_same_reward(tmp_path,
         return json.loads(result.stdout)["held_out"] | {"teacher_lines": len(teacher_lines)}
 
     uncached = tuned("plain.onnx", "--no-cache")
-    assert not (isolated_app_folder / teacher_cache.CACHE_FILE).exists()
+    assert not (teacher_cache_path()).exists()
     first, second = tuned("first.onnx"), tuned("second.onnx")
-    assert (isolated_app_folder / teacher_cache.CACHE_FILE).exists()
+    assert (teacher_cache_path()).exists()
     assert first["teacher_lines"] == uncached["teacher_lines"] > 0 and second["teacher_lines"] == 0
     for result in (first, second, uncached):
         del result["teacher_lines"]
