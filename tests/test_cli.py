@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -144,10 +145,11 @@ def test_bench_with_a_library_decodes_with_its_rewards_merged_and_separately(tin
 
 
 def test_reward_spec_parsing_keeps_windows_paths():
-    assert parse_reward_spec("r.onnx") == (parse_reward_spec("r.onnx")[0], 1.0)
-    assert parse_reward_spec("dir/r.onnx:0.25")[1] == 0.25
-    path, weight = parse_reward_spec("C:\\rewards\\r.onnx")
-    assert str(path) == "C:\\rewards\\r.onnx" and weight == 1.0
+    assert parse_reward_spec("r.onnx") == (Path("r.onnx"), 1.0)
+    assert parse_reward_spec("dir/r.onnx:0.25") == (Path("dir/r.onnx"), 0.25)
+    assert parse_reward_spec("C:\\rewards\\r.onnx") == (Path("C:\\rewards\\r.onnx"), 1.0)
+    assert parse_reward_spec("C:\\rewards\\r.onnx:-1.5") == (Path("C:\\rewards\\r.onnx"), -1.5)
+    assert parse_reward_spec("D:/rewards/r.onnx:2") == (Path("D:/rewards/r.onnx"), 2.0)
 
 
 def test_reward_for_another_vocabulary_gives_one_line_naming_both_models(tmp_path, tiny_gguf):

@@ -5,13 +5,17 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
+from engine.decode import Generation, attach_rewards
 from engine.errors import RewardFileError
 from engine.mixing import scoring_groups
+from engine.reward_graph import random_reward_weights
 from engine.rewards import CARD_FORMAT_VERSION, RewardCard, RewardModel, card_path
+from engine.steering import SamplingConfig
 from rewards_onnx import library
 from rewards_onnx.data import Demonstration
 from rewards_onnx.distill import MORE_TOPICS, TOPICS, example_prompts
@@ -20,6 +24,7 @@ from rewards_onnx.library import (CHECK_TOPICS, STYLES, LibraryError, MarkerChec
                                   word_count)
 from rewards_onnx.train import TuneConfig
 from test_cli import assert_one_line_error, prt
+from tiny_models import small_reward_shape, write_reward
 
 TINY_TUNE = TuneConfig(epochs=1, width=32, layers=1, heads=4, held_out_fraction=0.5)
 
@@ -77,13 +82,36 @@ def test_build_makes_one_labelled_reward_per_style(built, tiny_base):
     assert [group.indices for group in scoring_groups(rewards)] == [tuple(range(len(STYLES)))]
 
 
-def test_check_measures_each_reward_with_and_without_it(built, tiny_base):
-    folder, _, _ = built
-    checks = check_library(tiny_base, folder, prompts=2, max_tokens=6)
+def replies(base, prompts: list[str], *, system: str | None = None, reward=None) -> list[str]:
+    """The replies a check compares, written here one by one: prompt i sampled with seed i."""
+    config = SamplingConfig(temperature=library.TEACHER_TEMPERATURE, max_tokens=6)
+    texts = []
+    for seed, prompt in enumerate(prompts):
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        slots = attach_rewards(base, [(reward, 1.0)]) if reward else []
+        generation = Generation(base, base.chat_prompt_tokens(messages), rewards=slots, config=replace(config, seed=seed))
+        texts.append(generation.run().text)
+    return texts
+
+
+def test_check_measures_each_reward_with_and_without_it(tmp_path, tiny_base):
+    """Each style's marker on the same prompts and seeds: the bare model, the model with that style's reward (a
+    strong random one here, so that the replies change), and the model under the style's system prompt."""
+    for seed, style in enumerate(STYLES, start=1):
+        write_reward(tmp_path / f"{style.name}.onnx",
+                     random_reward_weights(small_reward_shape(tiny_base.n_vocab), seed=seed, scale=1.0),
+                     vocabulary_fingerprint=tiny_base.vocabulary_fingerprint, base_name=tiny_base.name)
+    checks = check_library(tiny_base, tmp_path, prompts=2, max_tokens=6)
+    prompts = check_prompts(2)
+    plain = replies(tiny_base, prompts)
     assert [check.style for check in checks] == list(STYLES)
     for check in checks:
-        assert len(check.without) == len(check.steered) == len(check.teacher) == 2
-        assert set(check.to_json()) >= {"without", "with", "teacher", "shift", "shift_standard_error", "moved"}
+        marker, steered = check.style.marker, replies(tiny_base, prompts, reward=tmp_path / f"{check.style.name}.onnx")
+        assert steered != plain, check.style.name
+        assert check.without == [marker(text) for text in plain]
+        assert check.steered == [marker(text) for text in steered]
+        assert check.teacher == [marker(text) for text in replies(tiny_base, prompts, system=check.style.system)]
+    assert any(check.steered != check.without for check in checks)
 
 
 def test_moved_means_the_intended_direction_beyond_noise():

@@ -10,10 +10,11 @@ import pytest
 from onnx import TensorProto, helper
 
 from engine.base_model import BaseModel
-from engine.decode import attach_rewards
+from engine.decode import Generation, attach_rewards
 from engine.errors import RewardFileError, VocabularyMismatchError
-from engine.reward_graph import random_reward_weights
+from engine.reward_graph import random_reward_weights, token_preference_weights
 from engine.rewards import RewardCard, RewardModel, card_path, save_reward
+from engine.steering import SamplingConfig
 from tiny_models import small_reward_shape, write_reward, write_tiny_llama
 from conftest import TINY_CONFIG
 
@@ -63,9 +64,19 @@ def test_rewards_depend_on_context_and_candidates(random_reward):
     assert np.abs(first - first.mean()).max() > 1e-3
 
 
-def test_a_reward_for_the_same_vocabulary_is_portable_across_models(random_reward, tiny_gguf_other_seed):
+def test_a_reward_for_the_same_vocabulary_is_portable_across_models(tmp_path, tiny_base, tiny_gguf_other_seed):
+    """One reward file steers two different models of one vocabulary: each says the token it prefers."""
+    prompt = tiny_base.chat_prompt_tokens([{"role": "user", "content": "Tell me something."}])
+    target = tiny_base.tokenize(" portable")[0]
+    path = write_reward(tmp_path / "likes.onnx", token_preference_weights(small_reward_shape(VOCAB), token=target,
+                                                                          strength=1e3),
+                        vocabulary_fingerprint=tiny_base.vocabulary_fingerprint, base_name=tiny_base.name)
+    every_token = SamplingConfig(temperature=0.0, top_k=VOCAB, max_tokens=1, ignore_eos=True)
     with BaseModel(tiny_gguf_other_seed, config=TINY_CONFIG) as other:
-        assert attach_rewards(other, [(random_reward, 0.5)])[0].weight == 0.5
+        for base in (tiny_base, other):
+            plain = Generation(base, prompt, config=every_token).run()
+            steered = Generation(base, prompt, rewards=attach_rewards(base, [(path, 1.0)]), config=every_token).run()
+            assert plain.token_ids != [target] and steered.token_ids == [target], base.name
 
 
 def test_a_reward_for_another_vocabulary_is_refused_naming_both_models(tmp_path, tokenizer, tiny_base):
