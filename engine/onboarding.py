@@ -211,7 +211,10 @@ def reward_totals(result: GenerationResult, rewards: int) -> np.ndarray:
 
 def save_profile(store, survey: StyleSurvey, name: str) -> Profile:
     """Keep the survey's result in the store, in one transaction: the profile with every question and answer,
-    each pick as 'pick' feedback (training data for a tuned reward later), and the dials set to the profile."""
+    each pick as 'pick' feedback (training data for a tuned reward later), and the dials set to the profile.
+    Before any answer there is no style to save, and the dials the user set stay as they are."""
+    if not survey.answered:
+        raise ValueError("answer at least one question before saving a style profile")
     profile = survey.profile(name)
     questions = [{"prompt": question.prompt, "a": question.first.text, "b": question.second.text,
                   "mix_a": question.first.mix, "mix_b": question.second.mix, "answer": answer}

@@ -95,11 +95,14 @@ def test_the_result_is_stored_with_its_picks_and_sets_the_dials(tmp_path, tiny_b
 
 def test_nothing_is_saved_before_a_question_is_answered(tmp_path, tiny_base, reward_paths):
     with Store(tmp_path / "chats.db") as store:
-        assert saved_profile(store) is None
+        store.add_reward(reward_paths[0], "style1")
+        store.set_reward_state(reward_paths[0], weight=0.7)  # a dial the user set before the survey
         survey = StyleSurvey(tiny_base, reward_paths, questions=2, reply_tokens=8)
-        profile = save_profile(store, survey, "Untouched")
-        assert profile.weights == {name: 0.0 for name in survey.reward_names}
-        assert [entry.enabled for entry in store.rewards()] == [False, False] and store.feedback() == []
+        survey.next_question()  # written and shown, not answered
+        with pytest.raises(ValueError, match="answer at least one question"):
+            save_profile(store, survey, "Untouched")
+        assert saved_profile(store) is None and store.feedback() == []
+        assert [(entry.name, entry.enabled, entry.weight) for entry in store.rewards()] == [("style1", True, 0.7)]
 
 
 def test_rewards_for_another_vocabulary_are_refused(tmp_path, tiny_base):
