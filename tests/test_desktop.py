@@ -519,6 +519,8 @@ def test_delete_all_data_asks_first(qtbot, window, store, monkeypatch):
     assert window.session.conversation_id is None and window.chat_view.message_widgets() == []
 
 
+@pytest.mark.skipif(sys.version_info >= (3, 12),
+                    reason="None is immortal on Python 3.12+: its reference count never drops, so this cannot fail")
 def test_the_qt_binding_keeps_its_references_to_none(qapp):
     """PySide6 6.12.0 on Python < 3.12 drops a reference to None on every call of a void Qt method, so the app
     dies ("Fatal Python error: none_dealloc") after a few thousand repaints; 6.11.3 is fine. Python 3.12+ is
