@@ -32,6 +32,18 @@ def feedback_text(counts: dict[str, int]) -> str:
     return f"Collected feedback: {total} ({details})"
 
 
+def skipped_text(skipped: dict | None) -> str:
+    """'3 examples skipped (2 longer than the 4096-token context, 1 not valid JSON), e.g. data.jsonl:7.' from the
+    tune summary's "skipped"; empty when nothing was."""
+    if not skipped or not skipped.get("count"):
+        return ""
+    count = skipped["count"]
+    by_reason = sorted(skipped.get("by_reason", {}).items(), key=lambda item: -item[1])  # a Qt signal sorts keys
+    reasons = ", ".join(f"{number} {reason}" for reason, number in by_reason)
+    example = f", e.g. {skipped['items'][0]['where']}" if skipped.get("items") else ""
+    return f"{count} example{'s' if count != 1 else ''} skipped ({reasons}){example}."
+
+
 class TunePanel(QWidget):
     reward_tuned = Signal(str)  # the new reward's path
 
@@ -181,8 +193,9 @@ class TunePanel(QWidget):
         self._store.add_reward(summary["path"], self._name)
         self._store.finish_tuning_run(self._run_id, status="done", reward_path=summary["path"], metrics=held_out)
         took = f" in {duration_text(summary['seconds'])}" if "seconds" in summary else ""
+        skipped = skipped_text(summary.get("skipped"))
         self._show_result(f"Saved {self._name}{took}. {sentence(held_out_text(held_out))}. "
-                          "Switch it on in the Rewards panel.")
+                          + (f"{skipped} " if skipped else "") + "Switch it on in the Rewards panel.")
         self.reward_tuned.emit(summary["path"])
 
     def _end_run(self, status: str, message: str) -> None:

@@ -28,6 +28,7 @@ from engine.onboarding import REPLY_TOKENS, library_dir, library_reward_paths
 from engine.steering import SamplingConfig
 
 if TYPE_CHECKING:  # rewards_onnx is imported where a command needs it
+    from rewards_onnx.data import Dataset, Source
     from rewards_onnx.evaluate import ReplyStats
     from rewards_onnx.metrics import Metrics
 
@@ -292,27 +293,36 @@ def _training_modules():
     return train
 
 
-def _load_examples(args: argparse.Namespace) -> list:
-    from rewards_onnx.data import DatasetError, load_documents, load_jsonl
+def _load_examples(args: argparse.Namespace) -> Dataset:
+    """Every source's examples; what is not an example is skipped and reported, only nothing usable is an error."""
+    from rewards_onnx.data import Dataset, DatasetError, read_documents, read_jsonl
 
-    examples = [e for path in args.data for e in load_jsonl(Path(path))]
-    examples += [e for folder in getattr(args, "documents", []) for e in load_documents(Path(folder))]
+    sources = [read_jsonl(Path(path)) for path in args.data]
+    sources += [source for folder in getattr(args, "documents", []) for source in read_documents(Path(folder))]
     if getattr(args, "feedback", None) is not None:
-        examples += _feedback_examples(Path(args.feedback) if args.feedback else None)
-    if not examples:
+        sources.append(_feedback_examples(Path(args.feedback) if args.feedback else None))
+    if not sources:
         raise DatasetError("No training data given; add --data FILE.jsonl, --documents FOLDER or --feedback.")
-    return examples
+    data = Dataset(sources)
+    data.require_examples()
+    return data
 
 
-def _feedback_examples(database: Path | None) -> list:
+def _feedback_examples(database: Path | None) -> Source:
     from engine.store import Store, default_store_path
-    from rewards_onnx.data import examples_from_store
+    from rewards_onnx.data import read_feedback
 
     database = database or default_store_path()
     if not database.is_file():
         raise UsageError(f"No chat database at {database}; chat in the app first, or leave out --feedback.")
     with Store(database) as store:
-        return examples_from_store(store)[0]
+        return read_feedback(store, str(database))
+
+
+def _report_skipped(data: Dataset) -> None:
+    """One line on stderr for everything a job skipped (--json has them all in "skipped")."""
+    if data.skipped:
+        print(f"prt: {data.skipped_summary()}", file=sys.stderr)
 
 
 class _JsonProgress(_Progress):
@@ -326,20 +336,23 @@ class _JsonProgress(_Progress):
 
 def cmd_tune(args: argparse.Namespace) -> int:
     train = _training_modules()
-    examples = _load_examples(args)
+    data = _load_examples(args)
     try:
         config = train.TuneConfig(seed=args.seed, **({"epochs": args.epochs} if args.epochs else {}))
     except ValueError as error:
         raise UsageError(str(error)) from error
     bar = _JsonProgress() if args.progress_json else _ProgressBar()
     with _load_base(args) as base, bar:
-        report = train.tune(base, examples, Path(args.out), config=config, name=args.name,
+        report = train.tune(base, data, Path(args.out), config=config, name=args.name,
                             on_progress=lambda p: bar(p.phase, p.done, p.total, p.eta_seconds, p.message),
                             cache_path=None if args.no_cache else teacher_cache_path())
     summary = {"path": str(report.path), "held_out": report.held_out.to_json(), "epochs_run": report.epochs_run,
                "best_epoch": report.best_epoch, "parity_max_abs_diff": report.parity_max_abs_diff,
                "seconds": round(report.seconds, 1), "teacher_seconds": round(report.teacher_seconds, 1),
-               "train_examples": report.train_examples, "held_out_examples": report.held_out_examples}
+               "train_examples": report.train_examples, "held_out_examples": report.held_out_examples,
+               "sources": [source.to_json() for source in report.data.sources],
+               "skipped": report.data.skipped_json()}
+    _report_skipped(report.data)
     if args.json:
         print(json.dumps(summary))
     else:
@@ -351,6 +364,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
                  if held.gap_closed is not None else "")
               + (f"; pair accuracy {held.pair_accuracy:.0%}" if held.pairs else ""))
         _print_reply_parts(held)
+        print("Data:")
+        for source in report.data.sources:
+            print(f"  {source.summary_line()}")
     return 0
 
 
@@ -368,22 +384,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.samples < 0 or args.sample_tokens < 1:
         raise UsageError("--samples must be >= 0 and --sample-tokens >= 1")
-    examples = _load_examples(args)
+    data = _load_examples(args)
     bar, replies = _ProgressBar(), {}
     with _load_base(args) as base, bar:
         reward = RewardModel(args.reward)
-        metrics = evaluate_reward(base, reward, examples, alpha=args.alpha, teacher_system=args.teacher_system,
-                                  progress=lambda done, total: bar("teacher", done, total, None))
+        metrics, data = evaluate_reward(base, reward, data, alpha=args.alpha, teacher_system=args.teacher_system,
+                                        progress=lambda done, total: bar("teacher", done, total, None))
         if args.samples:
-            replies = compare_replies(base, reward, examples, count=args.samples, alpha=args.alpha,
+            replies = compare_replies(base, reward, data.examples, count=args.samples, alpha=args.alpha,
                                       max_tokens=args.sample_tokens, teacher_system=args.teacher_system,
                                       progress=lambda done, total: bar("replies", done, total, None))
-    result = metrics.to_json() | ({"replies": {name: asdict(stats) for name, stats in replies.items()}} if replies else {})
+    result = metrics.to_json() | {"skipped": data.skipped_json()} | (
+        {"replies": {name: asdict(stats) for name, stats in replies.items()}} if replies else {})
+    _report_skipped(data)
     if args.json:
         print(json.dumps(result))
     else:
         print("  ".join(f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}"
-                        for key, value in result.items() if value is not None and key not in ("parts", "replies")))
+                        for key, value in result.items()
+                        if value is not None and key not in ("parts", "replies", "skipped")))
         _print_reply_parts(metrics)
         _print_reply_stats(replies, args.sample_tokens)
     return 0

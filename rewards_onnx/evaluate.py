@@ -13,9 +13,10 @@ from engine.base_model import BaseModel
 from engine.decode import RewardSlot
 from engine.rewards import RewardModel
 from engine.steering import SamplingConfig
-from rewards_onnx.data import Demonstration, Example
+from rewards_onnx.data import Dataset, Demonstration, Example, as_dataset
 from rewards_onnx.metrics import Metrics, compute_metrics
-from rewards_onnx.teacher import TRAIN_TOP_K, Progress, ProgressCount, SequenceTargets, answer_prompts, teacher_pass
+from rewards_onnx.teacher import (TRAIN_TOP_K, Progress, ProgressCount, SequenceTargets, answer_prompts, fitting,
+                                  teacher_pass)
 
 SENTENCE_BREAK = re.compile(r"(?<=[.!?。！？])\s+")
 
@@ -31,14 +32,20 @@ def onnx_rewards(reward: RewardModel) -> Callable[[SequenceTargets], np.ndarray]
     return rewards_for
 
 
-def evaluate_reward(base: BaseModel, reward: RewardModel, examples: Sequence[Example], *, alpha: float = 1.0,
-                    teacher_system: str | None = None, k: int = TRAIN_TOP_K,
-                    progress: Callable[[int, int], None] | None = None) -> Metrics:
-    """Base and steered NLL on the examples; with a teacher (``teacher_system``, or the data's own), its NLL too."""
+def evaluate_reward(base: BaseModel, reward: RewardModel, examples: Sequence[Example] | Dataset, *,
+                    alpha: float = 1.0, teacher_system: str | None = None, k: int = TRAIN_TOP_K,
+                    progress: Callable[[int, int], None] | None = None) -> tuple[Metrics, Dataset]:
+    """Base and steered NLL on the examples; with a teacher (``teacher_system``, or the data's own), its NLL too.
+    Also the data evaluated: the examples the teacher pass could take, with those it could not as skipped."""
     reward.check_compatible(base_name=base.name, base_fingerprint=base.vocabulary_fingerprint)
+    data = as_dataset(examples)
     if teacher_system:
-        examples = [replace(e, teacher_system=teacher_system) if isinstance(e, Demonstration) else e for e in examples]
-    return compute_metrics(teacher_pass(base, examples, k=k, progress=progress), onnx_rewards(reward), alpha=alpha)
+        data = data.mapped(lambda e: replace(e, teacher_system=teacher_system) if isinstance(e, Demonstration) else e)
+    data = fitting(base, data)
+    data.require_examples()
+    metrics = compute_metrics(teacher_pass(base, data.examples, k=k, progress=progress), onnx_rewards(reward),
+                              alpha=alpha)
+    return metrics, data
 
 
 def sentence_count(text: str) -> int:

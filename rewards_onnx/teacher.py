@@ -14,8 +14,9 @@ import numpy as np
 
 from engine.base_model import BaseModel, ChatMessage
 from engine.decode import Generation, GenerationResult, RewardSlot
+from engine.errors import ContextOverflowError, PromptError
 from engine.steering import CandidateSelector, SamplingConfig, log_normalizer
-from rewards_onnx.data import DatasetError, Demonstration, Example, PreferencePair
+from rewards_onnx.data import Dataset, DatasetError, Demonstration, Example, PreferencePair
 
 TRAIN_TOP_K = SamplingConfig().top_k  # training and decoding see the same support
 Progress = Callable[[int, int], None]
@@ -92,6 +93,38 @@ def response_sequence(base: BaseModel, messages: Sequence[ChatMessage], response
     if end <= len(prompt):
         raise DatasetError("A response is empty after tokenization; every response needs some text.")
     return full[:end], len(prompt)
+
+
+def fitting(base: BaseModel, data: Dataset) -> Dataset:
+    """The data without the examples the teacher pass cannot take, each of those recorded as skipped, so that one
+    long chat never stops a whole job. Run before any pass, so a skipped example is never cached as one."""
+    return data.kept(lambda example: unfit_reason(base, example))
+
+
+def unfit_reason(base: BaseModel, example: Example) -> str | None:
+    """Why the teacher pass cannot take ``example`` (the conversation with a reply does not fit the context, a reply
+    is nothing once tokenized or tokenizes differently in the teacher's context, the chat template refuses it),
+    or None."""
+    replies = (example.chosen, example.rejected) if isinstance(example, PreferencePair) else (example.response,)
+    systems = [example.system]
+    if isinstance(example, Demonstration) and example.teacher_system:
+        systems.append(example.teacher_system)
+    targets = []  # reply tokens in each pass
+    for system in systems:
+        for reply in replies:
+            try:
+                tokens, first_target = response_sequence(base, messages_for(example.prompt, system), reply)
+                base.check_fits(len(tokens))
+            except ContextOverflowError:
+                return f"longer than the {base.n_ctx}-token context"
+            except DatasetError:
+                return "a reply is empty once tokenized"
+            except PromptError:  # e.g. a template that allows no system prompt
+                return "the model's chat template refuses it"
+            targets.append(len(tokens) - first_target)
+    if len(systems) > 1 and len(set(targets)) > 1:  # one reply in two contexts
+        return "the reply tokenizes differently under the teacher's system prompt"
+    return None
 
 
 def reduce_to_support(base: BaseModel, tokens: Sequence[int], first_target: int, k: int) -> SequenceTargets:

@@ -31,10 +31,10 @@ from engine.errors import PrtError, RewardFileError
 from engine.files import file_sha256
 from engine.reward_graph import RewardNetworkShape, build_reward_model
 from engine.rewards import RewardCard, RewardModel, card_path, save_reward
-from rewards_onnx.data import DatasetError, Demonstration, Example, counts
+from rewards_onnx.data import Dataset, DatasetError, Demonstration, Example, as_dataset, counts
 from rewards_onnx.metrics import Metrics, compute_metrics
 from rewards_onnx.network import RewardNet, base_embedding_projection
-from rewards_onnx.teacher import TRAIN_TOP_K, SequenceTargets, TeacherData, teacher_pass
+from rewards_onnx.teacher import TRAIN_TOP_K, SequenceTargets, TeacherData, fitting, teacher_pass
 from rewards_onnx.teacher_cache import TeacherCache
 
 PARITY_TOLERANCE = 1e-3
@@ -91,18 +91,24 @@ class TuneReport:
     teacher_seconds: float
     train_examples: int
     held_out_examples: int
+    data: Dataset  # what was trained on and held out, per source, and what was skipped
 
 
-def tune(base: BaseModel, examples: Sequence[Example], out_path: Path, *, config: TuneConfig = TuneConfig(),
+def tune(base: BaseModel, examples: Sequence[Example] | Dataset, out_path: Path, *, config: TuneConfig = TuneConfig(),
          name: str | None = None, on_progress: Callable[[Progress], None] | None = None,
          cache_path: Path | None = None) -> TuneReport:
-    """Train, export and check a reward. With ``cache_path``, teacher passes are kept there and reused
-    (rewards_onnx/teacher_cache.py): the same examples give the same reward, minus the passes' time."""
+    """Train, export and check a reward on the examples the teacher pass can take (the others are skipped and
+    counted). With ``cache_path``, teacher passes are kept there and reused (rewards_onnx/teacher_cache.py): the
+    same examples give the same reward, minus the passes' time."""
     started = time.perf_counter()
     out_path = _checked_destination(Path(out_path))
     report = on_progress or (lambda progress: None)
     _seed_everything(config.seed)
     model_sha256 = file_sha256(base.path)
+    data = fitting(base, as_dataset(examples))
+    examples = data.examples
+    if len(examples) < 2 and data.skipped:  # say what was skipped before split_held_out refuses
+        raise DatasetError(f"Tuning needs at least 2 usable examples; {data.skipped_summary()}.")
     train_examples, held_examples = split_held_out(examples, config)
     with _teacher_cache(cache_path, model_sha256, config.top_k) as cache:
         train_data, held_data = _teacher_data(base, train_examples, held_examples, config, report, cache)
@@ -120,8 +126,9 @@ def tune(base: BaseModel, examples: Sequence[Example], out_path: Path, *, config
         vocabulary_size=base.n_vocab, base_model_name=base.name, base_model_sha256=model_sha256,
         description=f"Tuned on {len(examples)} examples",
         network={"width": config.width, "layers": config.layers, "heads": config.heads, "top_k": config.top_k},
-        training_data={**counts(list(examples)), "train_examples": len(train_examples),
-                       "held_out_examples": len(held_examples), "train_tokens": train_data.n_targets},
+        training_data={**counts(examples), "train_examples": len(train_examples),
+                       "held_out_examples": len(held_examples), "train_tokens": train_data.n_targets,
+                       "skipped": len(data.skipped), "skipped_by_reason": data.skipped_by_reason()},
         metrics={"held_out": held_metrics.to_json(), "best_epoch": best_epoch, "epochs_run": epochs_run,
                  "config": asdict(config)})
     path, parity = _save_checked(model, card, out_path, seed=config.seed)
@@ -129,7 +136,7 @@ def tune(base: BaseModel, examples: Sequence[Example], out_path: Path, *, config
     return TuneReport(path=path, held_out=held_metrics, epochs_run=epochs_run, best_epoch=best_epoch,
                       parity_max_abs_diff=parity, seconds=time.perf_counter() - started,
                       teacher_seconds=teacher_seconds, train_examples=len(train_examples),
-                      held_out_examples=len(held_examples))
+                      held_out_examples=len(held_examples), data=data)
 
 
 def _checked_destination(out_path: Path) -> Path:

@@ -20,7 +20,7 @@ from engine.errors import RewardFileError, VocabularyMismatchError
 from engine.reward_graph import RewardNetworkShape, read_reward_weights
 from engine.rewards import RewardCard, RewardModel, card_path
 from engine.steering import CandidateSelector, SamplingConfig
-from rewards_onnx.data import DatasetError, Demonstration, PreferencePair, load_documents, load_jsonl
+from rewards_onnx.data import DatasetError, Demonstration, PreferencePair, load_jsonl, read_documents, read_jsonl
 from rewards_onnx.evaluate import compare_replies, evaluate_reward, sentence_count
 from rewards_onnx.metrics import reply_part
 from rewards_onnx.network import RewardNet
@@ -160,7 +160,8 @@ def phrase_reward(tmp_path_factory, tiny_base):
 
 def test_eval_through_onnx_matches_the_training_figures(tiny_base, phrase_reward):
     path, _, held_out = phrase_reward
-    evaluated = evaluate_reward(tiny_base, RewardModel(path), held_out, teacher_system="Say the phrase.")
+    evaluated, data = evaluate_reward(tiny_base, RewardModel(path), held_out, teacher_system="Say the phrase.")
+    assert len(data.examples) == len(held_out) and not data.skipped
     assert evaluated.tokens > 0
     assert evaluated.steered_nll < 0.2 * evaluated.base_nll
     assert evaluated.teacher_nll is not None
@@ -207,29 +208,34 @@ def test_eval_refuses_a_reward_for_another_vocabulary(tmp_path, tiny_base):
         evaluate_reward(tiny_base, RewardModel(path), [Demonstration("Hi", "Hello")])
 
 
-@pytest.mark.parametrize("line, fragment", [
-    ('{"prompt": "hi", "response": "yo"', ":1: not valid JSON"),
-    ('["prompt", "response"]', ":1: expected a JSON object"),
-    ('{"prompt": "hi"}', ":1: 'chosen' is missing"),
-    ('{"prompt": "hi", "response": ""}', ":1: 'response' is empty"),
-    ('{"prompt": "hi", "response": "yo", "extra": 1}', ":1: unknown field(s) ['extra']"),
-    ('{"prompt": "hi", "response": "yo", "chosen": "a", "rejected": "b"}', ":1: has both"),
-    ('{"prompt": "hi", "response": "yo", "teacher_temperature": 0.7}', ":1: 'teacher_temperature' must be"),
-    ('{"prompt": "hi", "response": "yo", "teacher_system": "s", "teacher_temperature": -1}', "a positive number"),
+@pytest.mark.parametrize("line, where, reason", [
+    ('{"prompt": "hi", "response": "yo"', ":1, column 34", "not valid JSON"),
+    ('["prompt", "response"]', ":1", "not a JSON object"),
+    ('{"prompt": "hi"}', ":1", "'chosen' is missing"),
+    ('{"prompt": "hi", "response": ""}', ":1", "'response' is empty or not a string"),
+    ('{"prompt": "hi", "response": "yo", "extra": 1}', ":1, fields 'extra'", "has unknown fields"),
+    ('{"prompt": "hi", "response": "yo", "chosen": "a", "rejected": "b"}', ":1", "has both 'response' and"),
+    ('{"prompt": "hi", "response": "yo", "teacher_temperature": 0.7}', ":1", "'teacher_temperature' is not a"),
+    ('{"prompt": "hi", "response": "yo", "teacher_system": "s", "teacher_temperature": -1}', ":1",
+     "'teacher_temperature' is not a number from 0.01 to 100"),
 ])
-def test_malformed_jsonl_names_the_line_and_the_problem(tmp_path, line, fragment):
+def test_a_malformed_line_is_skipped_naming_the_line_and_the_problem(tmp_path, line, where, reason):
     path = tmp_path / "data.jsonl"
     path.write_text(line + "\n")
-    with pytest.raises(DatasetError) as error:
+    [skipped] = read_jsonl(path).skipped
+    assert skipped.where == f"{path}{where}" and skipped.reason.startswith(reason)
+    with pytest.raises(DatasetError) as error:  # the strict reader, for files that must be wholly good
         load_jsonl(path)
-    assert fragment in str(error.value) and str(path) in str(error.value)
+    assert str(error.value).startswith(f"{path}{where}: {reason}")
 
 
-def test_the_line_number_is_the_bad_lines(tmp_path):
+def test_a_bad_line_is_skipped_with_its_line_number_and_the_good_ones_kept(tmp_path):
     path = tmp_path / "data.jsonl"
-    path.write_text('{"prompt": "a", "response": "b"}\n\n{"prompt": "a", "response": 3}\n')
-    with pytest.raises(DatasetError, match=r"data.jsonl:3: 'response' is empty or not a string"):
-        load_jsonl(path)
+    path.write_text('{"prompt": "a", "response": "b"}\n\n{"prompt": "a", "response": 3}\n{"prompt": "c", "response": "d"}\n')
+    source = read_jsonl(path)
+    assert source.examples == [Demonstration("a", "b"), Demonstration("c", "d")]
+    assert source.places == [f"{path}:1", f"{path}:4"]
+    assert [str(skipped) for skipped in source.skipped] == [f"{path}:3: 'response' is empty or not a string"]
 
 
 def test_empty_data_is_refused(tmp_path):
@@ -237,8 +243,8 @@ def test_empty_data_is_refused(tmp_path):
     with pytest.raises(DatasetError, match="has no examples"):
         load_jsonl(tmp_path / "empty.jsonl")
     (tmp_path / "docs").mkdir()
-    with pytest.raises(DatasetError, match="no usable .txt or .md"):
-        load_documents(tmp_path / "docs")
+    with pytest.raises(DatasetError, match="has no .txt or .md files"):
+        read_documents(tmp_path / "docs")
 
 
 def test_too_few_examples_to_hold_one_out(tmp_path, tiny_base):
@@ -269,12 +275,13 @@ def test_documents_become_prompt_and_continuation_windows(tmp_path):
     paragraph = "I write short sentences. I like the sea. The wind is cold here. " * 4
     (folder / "journal.md").write_text("\n\n".join([paragraph] * 12))
     (folder / "ignored.pdf").write_bytes(b"%PDF")
-    examples = load_documents(folder)
-    assert len(examples) >= 2
-    assert all(e.prompt.startswith("Continue this text") and e.response for e in examples)
+    [journal] = read_documents(folder)
+    assert len(journal.examples) >= 2
+    assert all(e.prompt.startswith("Continue this text") and e.response for e in journal.examples)
     (folder / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 100)
-    with pytest.raises(DatasetError, match="not UTF-8"):
-        load_documents(folder)
+    journal_again, latin1 = read_documents(folder)  # the file that is not UTF-8 is skipped, the other one kept
+    assert journal_again == journal and not latin1.examples
+    assert [str(skipped) for skipped in latin1.skipped] == [f"{folder / 'latin1.txt'}, byte 4: not UTF-8 text"]
 
 
 def test_cli_tune_and_eval_json(tmp_path, tiny_gguf):
@@ -305,11 +312,13 @@ def test_cli_tune_and_eval_json(tmp_path, tiny_gguf):
     assert list(replies) == ["data", "base", "steered"] and len(replies["base"]["texts"]) == 1
 
 
-def test_cli_tune_with_malformed_data_gives_one_line(tmp_path, tiny_gguf):
+def test_cli_tune_with_too_few_good_lines_says_what_was_skipped(tmp_path, tiny_gguf):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"prompt": "a", "response": "b"}\nnot json\n')
-    result = prt("tune", "--model", str(tiny_gguf), "--data", str(data), "--out", str(tmp_path / "r.onnx"))
-    assert_one_line_error(result, "bad.jsonl:2: not valid JSON")
+    result = prt("tune", "--model", str(tiny_gguf), "--data", str(data), "--out", str(tmp_path / "r.onnx"),
+                 "--ctx", "512")
+    assert_one_line_error(result, "needs at least 2 usable examples; skipped 1 of 2 examples: 1 not valid JSON "
+                                  f"({data}:2, column 1)")
     assert not (tmp_path / "r.onnx").exists()
 
 
