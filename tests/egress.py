@@ -12,8 +12,8 @@ from __future__ import annotations
 import codecs
 import os
 import re
-import struct
 import shutil
+import struct
 import subprocess
 import sys
 from dataclasses import dataclass, field
