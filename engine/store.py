@@ -33,6 +33,7 @@ from sqlite_utils.db import NotFoundError
 from engine.errors import StoreError
 from engine.files import write_atomically
 from engine.models import app_data_dir
+from engine.user_json import parse_user_json
 
 STORE_FILE = "chats.db"
 BUSY_TIMEOUT_S = 10.0
@@ -207,12 +208,37 @@ def default_store_path() -> Path:
 
 
 def _synchronized(method):
-    """Hold the store's lock for the whole call: one connection, shared by the GUI thread and workers."""
+    """Hold the store's lock for the whole call (one connection, shared by the GUI thread and workers), and turn
+    what a damaged, locked or full database raises into a StoreError."""
     @functools.wraps(method)
     def locked(self, *args, **kwargs):
         with self._lock:
-            return method(self, *args, **kwargs)
+            try:
+                return method(self, *args, **kwargs)
+            except Exception as error:
+                if not _is_database_failure(error):
+                    raise
+                raise StoreError(f"The chat database {self.path} failed ({error}); close other programs using it "
+                                 "and free disk space, or, if it is damaged, move it aside and restart.") from error
     return locked
+
+
+def _is_database_failure(error: Exception) -> bool:
+    """Whether the file or its disk is at fault: damaged pages, text that is not UTF-8, a damaged JSON column,
+    a lock held elsewhere, a full disk. Constraint and API misuse errors stay bugs."""
+    return (isinstance(error, (sqlite3.OperationalError, sqlite3.DataError, UnicodeDecodeError, _DamagedColumn))
+            or type(error) is sqlite3.DatabaseError)  # "database disk image is malformed"
+
+
+class _DamagedColumn(Exception):
+    """A JSON column that does not decode: the database file was changed outside the app."""
+
+
+def _stored_json(text: Any) -> Any:
+    try:
+        return json.loads(text)
+    except (ValueError, TypeError, RecursionError) as error:
+        raise _DamagedColumn(f"a stored JSON value does not decode: {error}") from None
 
 
 class Store:
@@ -231,7 +257,7 @@ class Store:
             self._conn.close()
             raise StoreError(f"Cannot open the chat database {self.path} ({error}); close other programs using it, "
                              "or choose another data folder.") from error
-        except sqlite3.DatabaseError as error:
+        except (sqlite3.DatabaseError, UnicodeDecodeError) as error:
             self._conn.close()
             raise StoreError(_not_a_chat_database(self.path)) from error
         except StoreError:
@@ -254,7 +280,7 @@ class Store:
                 if version > SCHEMA_VERSION:
                     raise StoreError(f"{self.path} was written by a newer version of the app (schema {version}; "
                                      f"this one knows up to {SCHEMA_VERSION}); update the app.")
-                if version == 0 and self._db.table_names():
+                if version < 0 or (version == 0 and self._db.table_names()):
                     raise StoreError(_not_a_chat_database(self.path))
                 if version == SCHEMA_VERSION:
                     return
@@ -484,7 +510,7 @@ class Store:
     @_synchronized
     def tuning_runs(self) -> list[TuningRun]:
         rows = self._db["tuning_runs"].rows_where(order_by="id DESC")
-        return [_record(TuningRun, row, sources=json.loads(row["sources"]), metrics=json.loads(row["metrics"]))
+        return [_record(TuningRun, row, sources=_stored_json(row["sources"]), metrics=_stored_json(row["metrics"]))
                 for row in rows]
 
     # settings: any JSON value under a key
@@ -492,7 +518,7 @@ class Store:
     @_synchronized
     def setting(self, key: str, default: Any = None) -> Any:
         row = self._db.execute("SELECT value FROM settings WHERE key = ?", [key]).fetchone()
-        return default if row is None else json.loads(row[0])
+        return default if row is None else _stored_json(row[0])
 
     @_synchronized
     def set_setting(self, key: str, value: Any) -> None:
@@ -522,7 +548,7 @@ class Store:
                          for row in self._db["conversations"].rows_where(order_by="id")}
         for row in self._db["messages"].rows_where(order_by="conversation_id, position"):
             message = {k: row[k] for k in ("position", "role", "content", "status", "created", "updated")}
-            conversations[row["conversation_id"]]["messages"].append({**message, "stats": json.loads(row["stats"])})
+            conversations[row["conversation_id"]]["messages"].append({**message, "stats": _stored_json(row["stats"])})
         return list(conversations.values())
 
     @_synchronized
@@ -597,7 +623,7 @@ def _record(cls, row: dict, **decoded):
 
 
 def _message(row: dict) -> Message:
-    return _record(Message, row, stats=json.loads(row["stats"]))
+    return _record(Message, row, stats=_stored_json(row["stats"]))
 
 
 def _json(value: Any, name: str) -> str:
@@ -654,15 +680,16 @@ _MESSAGE_FIELDS = {"position": int, "role": str, "content": str, "status": str, 
 _FEEDBACK_FIELDS = {"kind": str, "prompt": str, "system": str, "chosen": (str, _NULL), "rejected": (str, _NULL),
                     "created": str, "conversation_uid": (str, _NULL), "message_position": (int, _NULL)}
 _JSON_NAMES = {str: "a string", int: "an integer", list: "a list", dict: "an object", _NULL: "null"}
+_MAX_INTEGER = 2**63 - 1  # SQLite's
 
 
 def _read_export(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = parse_user_json(path.read_bytes())
     except OSError as error:
         raise StoreError(f"Cannot read {path} ({error.strerror}); check the file and try again.") from error
-    except ValueError as error:  # not UTF-8, or not JSON
-        raise _bad_export(path, f"not valid JSON: {error}") from error
+    except ValueError as error:  # not UTF-8, not JSON, too deep
+        raise _bad_export(path, error) from error
     if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
         raise _bad_export(path, f"no \"format\": \"{EXPORT_FORMAT}\" at the top")
     if isinstance(data.get("version"), int) and data["version"] > EXPORT_VERSION:
@@ -676,8 +703,14 @@ def _read_export(path: Path) -> dict:
 
 def _check_export(data: dict) -> None:
     _check_fields(data, {"version": int, "conversations": list, "feedback": list}, "the file")
+    if data["version"] != EXPORT_VERSION:
+        raise ValueError(f"version {data['version']} is not one this app wrote")
+    first_with_uid: dict[str, int] = {}
     for i, conversation in enumerate(data["conversations"]):
         _check_fields(conversation, _CONVERSATION_FIELDS, f"conversations[{i}]")
+        first = first_with_uid.setdefault(conversation["uid"], i)
+        if first != i:
+            raise ValueError(f"conversations[{i}] has the uid of conversations[{first}]")
         for j, message in enumerate(conversation["messages"]):
             where = f"conversations[{i}].messages[{j}]"
             _check_fields(message, _MESSAGE_FIELDS, where)
@@ -698,6 +731,8 @@ def _check_fields(record: Any, expected: dict, where: str) -> None:
         if not isinstance(value, types) or isinstance(value, bool):
             names = " or ".join(_JSON_NAMES[t] for t in (types if isinstance(types, tuple) else (types,)))
             raise ValueError(f"{where}.{name} is missing or not {names}")
+        if isinstance(value, int) and not 0 <= value <= _MAX_INTEGER:
+            raise ValueError(f"{where}.{name} is {value}, not a whole number from 0 to {_MAX_INTEGER}")
 
 
 def _bad_export(path: Path | str, problem: Any) -> StoreError:
