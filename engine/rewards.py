@@ -10,7 +10,9 @@ same at token 10 and token 2000 except for attention over the cache.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,6 +25,7 @@ from engine import reward_graph as contract
 from engine.base_model import common_prefix_length
 from engine.errors import RewardFileError, RewardRuntimeError, VocabularyMismatchError
 from engine.files import file_sha256, write_atomically
+from engine.user_json import parse_user_json
 
 CARD_FORMAT_VERSION = 2  # 2 added ``label``; cards of format 1 load with an empty label
 
@@ -53,14 +56,59 @@ class RewardCard:
         if not path.is_file():
             raise RewardFileError(f"The reward card {path} is missing; a reward needs its .json card beside the .onnx file.")
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            version = int(data.get("format_version", CARD_FORMAT_VERSION))
-            if version > CARD_FORMAT_VERSION:  # before reading fields a newer app may have added
-                raise RewardFileError(f"The reward card {path} has format {version}; this app reads up to "
-                                      f"{CARD_FORMAT_VERSION}. Update the app.")
-            return cls(**data)
-        except (ValueError, TypeError, AttributeError) as error:
-            raise RewardFileError(f"The reward card {path} is not a valid card ({error}); re-export the reward.") from error
+            data = parse_user_json(path.read_bytes())
+        except OSError as error:
+            raise RewardFileError(f"Cannot read the reward card {path} ({error.strerror}); check the file.") from error
+        except ValueError as error:  # not UTF-8, not JSON, too deep
+            raise _bad_card(path, str(error)) from error
+        version = data.get("format_version") if isinstance(data, dict) else None
+        if isinstance(version, int) and version > CARD_FORMAT_VERSION:  # before checking fields a newer app may add
+            raise RewardFileError(f"The reward card {path} has format {version}; this app reads up to "
+                                  f"{CARD_FORMAT_VERSION}. Update the app.")
+        problem = _card_problem(data)
+        if problem:
+            raise _bad_card(path, problem)
+        return cls(**data)
+
+
+# figures the app shows from a card, as numbers (formatting a text as a number would fail)
+_SHOWN_FIGURES = {"training_data": ("demonstrations", "preference_pairs"),
+                  "held_out": ("tokens", "base_nll", "steered_nll", "gap_closed", "pair_accuracy", "pairs")}
+
+
+def _json_types(hint: Any) -> tuple[type, ...]:
+    """The JSON types a field's annotation allows: str -> (str,), str | None -> (str, NoneType), dict[...] -> (dict,)."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    return tuple(typing.get_origin(option) or option for option in options)
+
+
+def _card_problem(data: Any) -> str | None:
+    """What is wrong with a card's decoded JSON, or None."""
+    if not isinstance(data, dict):
+        return "not a JSON object"
+    expected = {name: _json_types(hint) for name, hint in typing.get_type_hints(RewardCard).items()}
+    required = [f.name for f in fields(RewardCard) if f.default is MISSING and f.default_factory is MISSING]
+    unknown, missing = sorted(set(data) - set(expected)), [name for name in required if name not in data]
+    if unknown or missing:
+        return f"unknown fields {unknown}" if unknown else f"missing fields {missing}"
+    for name, value in data.items():
+        if not isinstance(value, expected[name]) or isinstance(value, bool):
+            return f"{name} has the wrong type ({type(value).__name__})"
+    if data["vocabulary_size"] < 1:
+        return f"vocabulary_size is {data['vocabulary_size']}"
+    held_out = data.get("metrics", {}).get("held_out", {})
+    if not isinstance(held_out, dict):
+        return "metrics.held_out is not an object"
+    for where, figures in (("training_data", data.get("training_data", {})), ("held_out", held_out)):
+        for name in _SHOWN_FIGURES[where]:
+            value = figures.get(name)
+            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+                return f"{where}.{name} is not a number"
+    return None
+
+
+def _bad_card(path: Path, problem: str) -> RewardFileError:
+    return RewardFileError(f"The reward card {path} is not a valid card ({problem}); re-export the reward.")
 
 
 def card_path(onnx_path: Path) -> Path:
@@ -101,7 +149,24 @@ class RewardSession:
                              for name in (contract.past_key(layer), contract.past_value(layer))]
         self._tokens: list[int] = []
         self._state: list[np.ndarray] = []
+        self._check_first_step(source)
+
+    def _check_first_step(self, source: Path | str) -> None:
+        """Score two candidates after one token: a graph can have the contract's names and still return other
+        shapes, types or non-finite rewards, which would fail far from their cause, in the middle of a reply."""
         self.reset()
+        try:
+            outputs = self._session.run(self._output_names, self._feeds([0], np.zeros(2, dtype=np.int64)))
+        except Exception as error:  # onnxruntime raises its own exception types
+            raise RewardFileError(f"The reward {source} fails on its first token ({_first_line(error)}); "
+                                  "it may be corrupt. Re-export it.") from error
+        state_shape = (self.rows, self.heads, 1, self.head_dim)
+        expected = [(self.rows, 2)] + [state_shape] * len(self._state_names)
+        actual = [getattr(output, "shape", None) for output in outputs]
+        if actual != expected or not all(out.dtype == np.float32 and np.isfinite(out).all() for out in outputs):
+            raise RewardFileError(f"The reward {source} breaks the reward contract: after one token it returned "
+                                  f"shapes {actual} (expected {expected}, finite float32); see "
+                                  "docs/reward-onnx-contract.md.")
 
     @property
     def n_past(self) -> int:
@@ -120,16 +185,18 @@ class RewardSession:
 
     def advance(self, new_tokens: Sequence[int], candidates: np.ndarray) -> np.ndarray:
         """Append ``new_tokens`` to the state and return the rewards [rows, K] of the candidates for the next token."""
-        feeds = {contract.INPUT_IDS: np.asarray(new_tokens, dtype=np.int64).reshape(1, -1),
-                 contract.CANDIDATE_IDS: np.asarray(candidates, dtype=np.int64).reshape(1, -1),
-                 **dict(zip(self._state_names, self._state))}
         try:
-            rewards, *state = self._session.run(self._output_names, feeds)
+            rewards, *state = self._session.run(self._output_names, self._feeds(new_tokens, candidates))
         except Exception as error:  # onnxruntime raises its own exception types
             raise RewardRuntimeError(f"{self.title} failed at token {self.n_past}: {error}") from error
         self._state = state
         self._tokens.extend(int(token) for token in new_tokens)
         return rewards
+
+    def _feeds(self, new_tokens: Sequence[int], candidates: np.ndarray) -> dict[str, np.ndarray]:
+        return {contract.INPUT_IDS: np.asarray(new_tokens, dtype=np.int64).reshape(1, -1),
+                contract.CANDIDATE_IDS: np.asarray(candidates, dtype=np.int64).reshape(1, -1),
+                **dict(zip(self._state_names, self._state))}
 
     def sync(self, tokens: Sequence[int], candidates: np.ndarray) -> np.ndarray:
         """Make the state hold ``tokens`` (reusing the common prefix) and score the candidates after them: [rows, K]."""
@@ -196,12 +263,18 @@ def open_session(model: Path | bytes, *, threads: int) -> ort.InferenceSession:
     options.log_severity_level = 3
     try:
         source = model if isinstance(model, bytes) else str(model)
-        return ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
+        # no fallback: on a damaged file onnxruntime would print four lines to stdout and parse it again
+        return ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"], enable_fallback=0)
     except Exception as error:  # onnxruntime raises its own exception types
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         what = "graph built in memory" if isinstance(model, bytes) else model
-        raise RewardFileError(f"The reward {what} is not a readable ONNX model ({first_line}); "
+        raise RewardFileError(f"The reward {what} is not a readable ONNX model ({_first_line(error)}); "
                               "it may be truncated or corrupt. Re-export it.") from error
+
+
+def _first_line(error: Exception) -> str:
+    """onnxruntime's messages run over many lines; the first says what failed."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _check_contract(session: ort.InferenceSession, path: Path | str) -> tuple[int, int, int, int]:
@@ -217,7 +290,11 @@ def _check_contract(session: ort.InferenceSession, path: Path | str) -> tuple[in
         raise RewardFileError(
             f"The reward {path} does not follow the reward contract (inputs {sorted(inputs)}, outputs "
             f"{sorted(outputs)}); see docs/reward-onnx-contract.md.")
-    rows, heads, _, head_dim = inputs[contract.past_key(0)].shape
+    state_shape = inputs[contract.past_key(0)].shape
+    if len(state_shape or ()) != 4:
+        raise RewardFileError(f"The reward {path} declares its state with shape {state_shape}, not "
+                              "[batch, heads, tokens, head size]; see docs/reward-onnx-contract.md.")
+    rows, heads, _, head_dim = state_shape
     if not isinstance(heads, int) or not isinstance(head_dim, int):
         raise RewardFileError(f"The reward {path} must declare fixed head count and head size in its state inputs.")
     return rows if isinstance(rows, int) else 1, layers, heads, head_dim  # a symbolic batch: one sequence
