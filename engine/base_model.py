@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
 
+import jinja2  # llama-cpp-python's own dependency, for its chat templates
 import llama_cpp
 import numpy as np
 import psutil
@@ -86,6 +87,11 @@ class BaseModel:
         self.description = metadata.get("general.name", "")
         self.chat_template = metadata.get("tokenizer.chat_template")
         self._fingerprint: str | None = None
+        try:
+            self._check_chat_template()
+        except ModelFileError:
+            self.close()
+            raise
 
     # -- lifetime ---------------------------------------------------------
     def close(self) -> None:
@@ -140,14 +146,30 @@ class BaseModel:
             # A base model without a template: plain text continuation.
             text = "\n\n".join(message["content"] for message in messages)
             return self.tokenize(text, add_bos=True)
+        try:
+            rendered = self._render_chat(messages, add_generation_prompt=add_generation_prompt)
+        except Exception as error:  # the template is code from the model file: whatever it raises
+            raise PromptError(f"The chat template of {self.name} cannot format this conversation ({error}); change "
+                              "the conversation (e.g. remove the system prompt) or pick another model.") from error
+        return self.tokenize(rendered.prompt, add_bos=not rendered.added_special, special=True)
+
+    def _render_chat(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool):
         formatter = Jinja2ChatFormatter(
             template=self.chat_template,
             eos_token=self._token_text(self._llama.token_eos()),
             bos_token=self._token_text(self._llama.token_bos()),
             add_generation_prompt=add_generation_prompt,
         )
-        rendered = formatter(messages=[dict(message) for message in messages])
-        return self.tokenize(rendered.prompt, add_bos=not rendered.added_special, special=True)
+        return formatter(messages=[dict(message) for message in messages])
+
+    def _check_chat_template(self) -> None:
+        """A damaged template would fail at the first message; fail at load instead, naming the file."""
+        if self.chat_template is None:
+            return
+        try:
+            self._render_chat([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+        except Exception as error:  # the template is code from the model file: whatever it raises
+            raise _broken_template(self.path, error) from error
 
     def _token_text(self, token: int) -> str:
         return "" if token < 0 else llama_cpp.llama_vocab_get_text(self._vocab, token).decode("utf-8", errors="replace")
@@ -238,11 +260,17 @@ def _load_llama(path: Path, config: BaseModelConfig) -> llama_cpp.Llama:
                 logits_all=False,
                 verbose=False,
             )
+    except jinja2.TemplateError as error:  # llama-cpp-python compiles the file's chat templates while loading
+        raise _broken_template(path, error) from error
     except (ValueError, RuntimeError, OSError) as error:
         raise ModelFileError(
             f"llama.cpp could not load {path} ({error}); the file is truncated, corrupt, or of an "
             "architecture this llama.cpp does not support. Re-download it or pick another GGUF."
         ) from error
+
+
+def _broken_template(path: Path, error: Exception) -> ModelFileError:
+    return ModelFileError(f"The chat template in {path} is broken ({error}); re-download the model or pick another GGUF.")
 
 
 @contextlib.contextmanager
