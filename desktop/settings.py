@@ -11,9 +11,11 @@ from pathlib import Path
 import platformdirs
 
 from engine.base_model import BaseModelConfig
+from engine.errors import StoreError
 from engine.files import write_atomically
 from engine.models import APP_NAME
 from engine.steering import SamplingConfig
+from engine.user_json import parse_user_json
 
 _MODEL_DEFAULTS = BaseModelConfig()
 _SAMPLING_DEFAULTS = SamplingConfig()
@@ -35,10 +37,15 @@ class AppSettings:
 
     @classmethod
     def load(cls, store) -> "AppSettings":
-        """The saved settings; unknown or missing keys fall back to the defaults."""
-        saved = store.setting(STORE_KEY, {}) or {}
+        """The saved settings; unknown keys are ignored, missing or unusable values fall back to the defaults."""
+        try:
+            saved = store.setting(STORE_KEY, {})
+        except StoreError:  # the saved value is damaged: start with the defaults, the next save replaces it
+            saved = {}
+        if not isinstance(saved, dict):
+            return cls()
         known = {field.name for field in fields(cls)}
-        return cls(**{key: value for key, value in saved.items() if key in known})
+        return cls(**{key: value for key, value in saved.items() if key in known and _usable(key, value)})
 
     def save(self, store) -> None:
         store.set_setting(STORE_KEY, asdict(self))
@@ -51,16 +58,48 @@ class AppSettings:
                               max_tokens=self.max_tokens, seed=seed)
 
 
+# the ranges of the numbers (the settings dialog's, and the strength slider's for alpha)
+_RANGES = {"n_threads": (1, 256), "n_gpu_layers": (-1, 999), "n_ctx": (256, 131072), "temperature": (0.0, 2.0),
+           "top_k": (1, 1000), "top_p": (0.01, 1.0), "min_p": (0.0, 0.99), "max_tokens": (1, 32768),
+           "alpha": (0.0, 3.0)}
+_AUTOMATIC = ("n_threads", "n_gpu_layers")  # these may also be None: automatic
+
+
+def _usable(key: str, value: object) -> bool:
+    """Whether a saved value is one the app could have saved: of the field's type, in its range."""
+    if key == "last_model":
+        return isinstance(value, str)
+    if value is None:
+        return key in _AUTOMATIC
+    low, high = _RANGES[key]
+    number_types = int if isinstance(low, int) else (int, float)
+    return isinstance(value, number_types) and not isinstance(value, bool) and low <= value <= high
+
+
 # -- the data folder: read at start-up, before anything asks engine.models.app_data_dir() ---------------
 def data_folder_file() -> Path:
     return Path(platformdirs.user_config_dir(APP_NAME, appauthor=False)) / "desktop.json"
 
 
 def configured_data_folder() -> Path | None:
+    """The folder desktop.json names; None (the default folder) if the file is missing or damaged."""
     try:
-        return Path(json.loads(data_folder_file().read_text(encoding="utf-8"))["data_folder"])
-    except (OSError, ValueError, KeyError, TypeError):
+        saved = parse_user_json(data_folder_file().read_bytes())
+    except (OSError, ValueError):
         return None
+    folder = saved.get("data_folder") if isinstance(saved, dict) else None
+    return Path(folder) if _usable_folder(folder) else None
+
+
+def _usable_folder(folder: object) -> bool:
+    """An absolute path the OS can take: it goes into PRT_HOME, and the engine creates it."""
+    if not isinstance(folder, str) or "\0" in folder or not os.path.isabs(folder):
+        return False
+    try:
+        os.fsencode(folder)
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def save_data_folder(folder: Path) -> None:

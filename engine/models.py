@@ -40,16 +40,21 @@ def _say_to_stderr(message: str) -> None:
 def app_data_dir() -> Path:
     """The app's data folder; ``PRT_HOME`` overrides the OS's app-data location."""
     override = os.environ.get("PRT_HOME")
-    path = Path(override) if override else Path(platformdirs.user_data_dir(APP_NAME, appauthor=False))
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return _created(Path(override) if override else Path(platformdirs.user_data_dir(APP_NAME, appauthor=False)))
 
 
 def app_data_subdir(name: str) -> Path:
     """A folder inside the app's data folder, created on first use."""
-    path = app_data_dir() / name
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return _created(app_data_dir() / name)
+
+
+def _created(folder: Path) -> Path:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file in the way, no permission, a name too long for the file system
+        raise PrtError(f"Cannot use the data folder {folder} ({error.strerror}); choose another data folder "
+                       "in Settings, or set PRT_HOME to one.") from error
+    return folder
 
 
 def teacher_cache_path() -> Path:
