@@ -16,9 +16,11 @@ numpy only: the desktop app asks the questions, this module does the math.
 from __future__ import annotations
 
 import json
+import math
+import tokenize
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -30,6 +32,7 @@ from engine.errors import PrtError
 ANSWER_LABELS = {"a": 1.0, "b": 0.0, "none": 0.5}
 STRATEGIES = ("adaptive", "random")
 PROFILE_FORMAT_VERSION = 1
+NPY_MAGIC = b"\x93NUMPY"
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
@@ -214,16 +217,32 @@ class Profile:
     def from_json(cls, text: str) -> "Profile":
         try:
             data = json.loads(text)
-            profile = cls(name=str(data["name"]), weights={str(k): float(w) for k, w in data["weights"].items()},
-                          answers=[([float(x) for x in a["v"]], checked_answer(a["answer"]))
-                                   for a in data["answers"]],
-                          prior_var=float(data["prior_var"]), format_version=int(data["format_version"]))
-        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            profile = cls(name=str(data["name"]), weights={str(k): _finite(w) for k, w in data["weights"].items()},
+                          answers=[([_finite(x) for x in _typed(a["v"], list)], checked_answer(a["answer"]))
+                                   for a in _typed(data["answers"], list)],
+                          prior_var=_finite(data["prior_var"]), format_version=_typed(data["format_version"], int))
+            if profile.format_version <= PROFILE_FORMAT_VERSION:  # a newer format may change what is valid
+                profile.posterior()  # checks each answer against the weights and the prior variance
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as error:
             raise ProfileError(f"Not a preference profile ({error}); answer the questions again.") from error
         if profile.format_version > PROFILE_FORMAT_VERSION:
             raise ProfileError(f"The profile has format {profile.format_version}; this app reads up to "
                                f"{PROFILE_FORMAT_VERSION}. Update the app.")
         return profile
+
+
+def _typed(value: Any, kind: type | tuple[type, ...]) -> Any:
+    """value, if it is a JSON value of that kind (true and false are no numbers); TypeError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise TypeError(f"{value!r} is not of the right type")
+    return value
+
+
+def _finite(value: Any) -> float:
+    """A JSON number as a finite float; TypeError or ValueError for anything else (a text, NaN, Infinity)."""
+    if not math.isfinite(_typed(value, (int, float))):
+        raise ValueError(f"{value!r} is not a finite number")
+    return float(value)
 
 
 # -- simulated users and question pools, for the benchmark ----------------------------------------------------
@@ -390,9 +409,11 @@ def format_pref_report(report: dict) -> str:
 def load_features(path: Path) -> np.ndarray:
     """Per-reply reward values [n_replies, n_rewards] from a .npy file; ValueError with the reason otherwise."""
     try:
-        features = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as error:
+        with open(path, "rb") as handle:
+            if handle.read(len(NPY_MAGIC)) != NPY_MAGIC:  # e.g. an .npz archive, which is a zip
+                raise ValueError("it does not start with the .npy header")
+        # memory-mapped, then copied: a damaged shape cannot ask for more memory than the file holds
+        return np.array(np.load(path, mmap_mode="r", allow_pickle=False))
+    # numpy raises any of these for a damaged header
+    except (OSError, ValueError, OverflowError, EOFError, SyntaxError, tokenize.TokenError) as error:
         raise ValueError(f"cannot read {path} as a .npy array ({error})") from error
-    if not isinstance(features, np.ndarray):  # an .npz archive
-        raise ValueError(f"{path} is not a single .npy array")
-    return features
