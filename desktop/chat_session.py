@@ -16,6 +16,7 @@ from PySide6.QtCore import QObject, QTimer, Signal
 
 from engine.chat import ReplyRecorder
 from engine.decode import GenerationResult, TokenEvent
+from engine.errors import StoreError
 from engine.steering import SamplingConfig
 from desktop.chat_view import ChatView, MessageWidget, PairWidget, ask_for_edit
 from desktop.token_view import TokenInfo
@@ -198,8 +199,19 @@ class ChatSession(QObject):
             if slot < len(self._targets):
                 self._targets[slot].append(new)
             if self._reply is not None:
-                self._reply.recorder.feed(TokenEvent("".join(piece.text for piece in new)))
+                self._save(self._reply.recorder.feed, TokenEvent("".join(piece.text for piece in new)))
         self._report_speed(sum(piece.shift is not None for _slot, piece in pieces))
+
+    def _save(self, write: Callable[..., object], *args, **kwargs) -> None:
+        """A write of the streaming reply; one the store refuses (a full disk) stops the reply and is shown once.
+
+        The recorder then writes nothing more, so the stored message keeps the text saved before.
+        """
+        try:
+            write(*args, **kwargs)
+        except StoreError as error:
+            self.stop()
+            self.error.emit(str(error))
 
     def _report_speed(self, new_tokens: int) -> None:
         """Tokens per second since the first token arrived (the prompt's prefill not counted)."""
@@ -226,8 +238,8 @@ class ChatSession(QObject):
 
     def _finish_single(self, job: ReplyJob, results: list[GenerationResult], error: str | None) -> None:
         reply, self._reply = self._reply, None
-        reply.recorder.finish(results[0] if results else GenerationResult(finish_reason="cancelled"),
-                              job.reward_names, error=error)
+        result = results[0] if results else GenerationResult(finish_reason="cancelled")
+        self._save(reply.recorder.finish, result, job.reward_names, error=error)
         self._tokens[reply.message_id] = self._streamed[0]
         if reply.widget is not None:
             message = self._store.message(reply.message_id)

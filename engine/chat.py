@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Mapping, Sequence, TypeVar
 
 from engine.base_model import BaseModel, BaseModelConfig, ChatMessage
 from engine.decode import Generation, GenerationResult, RewardSlot, TokenEvent
-from engine.errors import PrtError, RewardFileError
+from engine.errors import PrtError, RewardFileError, StoreError
 from engine.models import app_data_subdir
 from engine.rewards import RewardCard, RewardModel, card_path
 from engine.steering import SamplingConfig
@@ -151,6 +151,8 @@ class ReplyRecorder:
 
     The partial text is written at most every ``interval`` seconds, so a crash or a kill
     loses at most that much; ``finish`` writes the final text, status and statistics.
+    When the store refuses a write (a full disk), the StoreError is raised once and nothing
+    more is written: the message keeps the text saved before, as after a crash.
     """
 
     FINAL_STATUS = {"stop": "complete", "length": "complete", "context": "complete", "cancelled": "stopped",
@@ -162,6 +164,7 @@ class ReplyRecorder:
         self._interval = interval
         self._text = ""
         self._last_write = time.monotonic()
+        self._refused: StoreError | None = None  # the store's error, once it refused a write
 
     @property
     def text(self) -> str:
@@ -170,7 +173,7 @@ class ReplyRecorder:
     def feed(self, event: TokenEvent) -> None:
         self._text += event.text
         if time.monotonic() - self._last_write >= self._interval:
-            self._store.update_message(self._message_id, content=self._text, status="streaming")
+            self._write(content=self._text, status="streaming")
             self._last_write = time.monotonic()
 
     def finish(self, result: GenerationResult, reward_names: Sequence[str] = (), error: str | None = None) -> str:
@@ -179,8 +182,17 @@ class ReplyRecorder:
                  "finish_reason": result.finish_reason, "rewards": list(reward_names)}
         if error:
             stats["error"] = error
-        self._store.update_message(self._message_id, content=self._text, status=status, stats=stats)
+        self._write(content=self._text, status=status, stats=stats)
         return status
+
+    def _write(self, **values) -> None:
+        if self._refused is not None:
+            return
+        try:
+            self._store.update_message(self._message_id, **values)
+        except StoreError as error:
+            self._refused = error
+            raise
 
 
 # -- tuning runs in a child process: torch stays out of the app, and cancel is a clean kill -------------

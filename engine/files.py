@@ -1,10 +1,23 @@
-"""File helpers shared by the model store and the reward files: hashing and atomic writes."""
+"""File helpers shared by the model store and the reward files: hashing, atomic writes, a full disk."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from pathlib import Path
+
+from engine.errors import PrtError
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)  # no space left on the device, or in the user's quota
+
+
+class DiskFullError(PrtError):
+    """A file could not be written because the disk is full; nothing at its path was changed."""
+
+
+def is_disk_full(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS
 
 
 def file_sha256(path: Path, chunk_size: int = 1 << 20) -> str:
@@ -16,7 +29,10 @@ def file_sha256(path: Path, chunk_size: int = 1 << 20) -> str:
 
 
 def write_atomically(path: Path, data: bytes | str) -> None:
-    """Write to a sibling temp file and rename: a crash or a full disk never leaves a half file at path."""
+    """Write to a sibling temp file and rename: a crash or a full disk never leaves a half file at path.
+
+    A full disk raises DiskFullError; what was at ``path`` before stays as it was.
+    """
     path = Path(path)
     partial = path.with_name(f".{path.name}.partial")
     try:
@@ -25,5 +41,10 @@ def write_atomically(path: Path, data: bytes | str) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(partial, path)
+    except OSError as error:
+        if is_disk_full(error):
+            raise DiskFullError(f"The disk is full: no room in {path.parent} to write {path.name} (nothing there was "
+                                "changed); free some space or choose another folder, then try again.") from error
+        raise
     finally:
         partial.unlink(missing_ok=True)

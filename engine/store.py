@@ -295,8 +295,12 @@ class Store:
             try:
                 yield
                 self._conn.execute("COMMIT")
-            except BaseException:
+            except BaseException as error:
                 self._db.rollback()
+                if _is_disk_full(error):
+                    raise StoreError(f"The disk is full: the chat database {self.path} could not save the last "
+                                     "change (everything saved before is kept); free some space, then try "
+                                     "again.") from error
                 raise
 
     def _now(self) -> str:
@@ -658,6 +662,11 @@ def _fts_query(text: str) -> str:
     """Each word of the user's text as a quoted prefix phrase, so quotes and FTS5 operators in it mean nothing."""
     words = [word for word in text.split() if re.search(r"[^\W_]", word)]  # skip words with no letter or digit
     return " ".join('"' + word.replace('"', '""') + '"*' for word in words)
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    """SQLite's SQLITE_FULL ("database or disk is full": it could not grow the file or its journal)."""
+    return isinstance(error, sqlite3.OperationalError) and "database or disk is full" in str(error)
 
 
 def _missing(table: str, key: Any) -> StoreError:
