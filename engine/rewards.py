@@ -189,6 +189,9 @@ class RewardSession:
             rewards, *state = self._session.run(self._output_names, self._feeds(new_tokens, candidates))
         except Exception as error:  # onnxruntime raises its own exception types
             raise RewardRuntimeError(f"{self.title} failed at token {self.n_past}: {error}") from error
+        if not np.isfinite(rewards).all():  # sampling from NaN scores raises deep in numpy; greedy picks garbage
+            raise RewardRuntimeError(f"{self.title} gave a reward that is not a finite number at token "
+                                     f"{self.n_past}; its file may be damaged: turn it off, or re-export it.")
         self._state = state
         self._tokens.extend(int(token) for token in new_tokens)
         return rewards

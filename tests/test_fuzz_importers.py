@@ -32,7 +32,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from onnx import TensorProto, helper
 
 from engine.base_model import BaseModel, BaseModelConfig
-from engine.errors import ModelFileError, PrtError, RewardFileError, StoreError
+from engine.errors import ModelFileError, PrtError, RewardFileError, RewardRuntimeError, StoreError
 from engine.models import app_data_dir, check_gguf_file
 from engine.pref import PreferencePosterior, Profile, ProfileError, load_features
 from engine.reward_graph import random_reward_weights
@@ -420,13 +420,16 @@ def contract_graph(*, rewards: str = "zeros", state: str = "grows", heads: int =
                  helper.make_tensor("axes13", TensorProto.INT64, [2], [1, 3]),
                  helper.make_tensor("state_shape", TensorProto.INT64, [4], [1, heads, 1, head_dim]),
                  helper.make_tensor("axis1", TensorProto.INT64, [1], [1]),
-                 helper.make_tensor("three", TensorProto.INT64, [1], [3])]
+                 helper.make_tensor("three", TensorProto.INT64, [1], [3]),
+                 helper.make_tensor("seven", TensorProto.INT64, [], [7])]
     reward_nodes = {
         "zeros": [helper.make_node("Identity", ["scores"], ["rewards"])],
         "one value": [helper.make_node("ReduceSum", ["scores", "axis1"], ["rewards"], keepdims=1)],
         "float64": [helper.make_node("Cast", ["scores"], ["rewards"], to=TensorProto.DOUBLE)],
         "nan": [helper.make_node("Add", ["scores", "nan"], ["rewards"])],
         "fails": [helper.make_node("Reshape", ["scores", "three"], ["rewards"])],
+        "nan for token 7": [helper.make_node("Equal", ["candidate_ids", "seven"], ["is_seven"]),
+                            helper.make_node("Where", ["is_seven", "nan", "scores"], ["rewards"])],
     }[rewards]
     new = [helper.make_node("Cast", ["input_ids"], ["ids"], to=TensorProto.FLOAT),
            helper.make_node("Unsqueeze", ["ids", "axes13"], ["ids4"]),
@@ -471,6 +474,14 @@ def test_a_graph_that_follows_the_contract_loads_and_scores(tmp_path):
 def test_a_graph_that_loads_but_breaks_the_runtime_contract_is_refused(tmp_path, rewards, state, message):
     path = save_graph(tmp_path / "graphs" / "broken.onnx", contract_graph(rewards=rewards, state=state))
     assert message in str(assert_reward_refused(path))
+
+
+def test_a_reward_that_turns_non_finite_later_stops_with_a_runtime_error(tmp_path):
+    reward = RewardModel(save_graph(tmp_path / "graphs" / "nan7.onnx", contract_graph(rewards="nan for token 7")))
+    assert reward.sync([1, 2], np.array([5, 6])).tolist() == [0.0, 0.0]
+    with pytest.raises(RewardRuntimeError, match="not a finite number at token 2"):
+        reward.advance([3], np.array([5, 7]))
+    assert reward.n_past == 2  # the state is as it was before the failed step
 
 
 # -- the app's settings ----------------------------------------------------------------------------------------
