@@ -39,5 +39,9 @@ class ContextOverflowError(PrtError):
     """The prompt does not fit in the model's context window."""
 
 
+class DiskFullError(PrtError):
+    """A file could not be written because the disk is full; nothing at its path was changed."""
+
+
 class StoreError(PrtError):
     """The chat database or an export file is unreadable, damaged, too new, or a request names a missing row."""

@@ -7,13 +7,9 @@ import hashlib
 import os
 from pathlib import Path
 
-from engine.errors import PrtError
+from engine.errors import DiskFullError
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)  # no space left on the device, or in the user's quota
-
-
-class DiskFullError(PrtError):
-    """A file could not be written because the disk is full; nothing at its path was changed."""
 
 
 def is_disk_full(error: BaseException) -> bool:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.base_model import BaseModel
-from engine.errors import PrtError, RewardFileError
+from engine.errors import DiskFullError, PrtError, RewardFileError
 from engine.files import file_sha256
 from engine.reward_graph import RewardNetworkShape, build_reward_model
 from engine.rewards import RewardCard, RewardModel, card_path, save_reward
@@ -186,6 +186,10 @@ def _save_checked(model: RewardNet, card: RewardCard, out_path: Path, *, seed: i
         parity = check_export_parity(model, staged, seed=seed)
         os.replace(card_path(staged), card_path(out_path))
         os.replace(staged, out_path)
+    except DiskFullError as error:  # name the file the user asked for, not the staged one
+        raise DiskFullError(f"The disk is full: no room in {out_path.parent} for the reward {out_path.name} and its "
+                            "card (nothing there was changed); free some space or choose another --out, then tune "
+                            "again.") from error
     finally:
         staged.unlink(missing_ok=True)
         card_path(staged).unlink(missing_ok=True)

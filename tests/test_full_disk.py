@@ -202,7 +202,7 @@ def test_a_tune_on_a_full_disk_leaves_no_half_reward_and_keeps_the_old_one(names
     else:  # room for the new reward file, to the page, and none for its card
         disk = SmallDisk(namespace, tmp_path, size=reward_pages)
     ran = disk.run(*command, "--out", str(disk.path / "mine.onnx"), env={"PRT_HOME": str(tmp_path / "home")})
-    assert_one_line_error(ran, f"{refused} (nothing there was changed)")
+    assert_one_line_error(ran, "for the reward mine.onnx and its card (nothing there was changed)")
     assert_says_the_disk_is_full(ran.stderr)
     assert disk.files_after() == disk.seeded()
 
