@@ -16,11 +16,12 @@ from engine.errors import PrtError
 from engine.onboarding import saved_profile
 from engine.pref import Profile, ProfileError
 from desktop.formatting import held_out_text, sentence, training_data_text
+from desktop.settings import SETTING_RANGES
 from desktop.theme import lowered_color, raised_color
 
 WEIGHT_STEPS = 100  # slider steps per 1.0 of weight or strength
 MAX_WEIGHT = 2.0
-MAX_STRENGTH = 3.0
+MAX_STRENGTH = SETTING_RANGES["alpha"][1]
 
 
 def _slider(minimum: float, maximum: float, value: float) -> QSlider:

@@ -59,10 +59,11 @@ class AppSettings:
 
 
 # the ranges of the numbers (the settings dialog's, and the strength slider's for alpha)
-_RANGES = {"n_threads": (1, 256), "n_gpu_layers": (-1, 999), "n_ctx": (256, 131072), "temperature": (0.0, 2.0),
-           "top_k": (1, 1000), "top_p": (0.01, 1.0), "min_p": (0.0, 0.99), "max_tokens": (1, 32768),
-           "alpha": (0.0, 3.0)}
-_AUTOMATIC = ("n_threads", "n_gpu_layers")  # these may also be None: automatic
+# What the settings dialog and the strength slider can set; a saved value outside is not one the app wrote.
+SETTING_RANGES = {"n_threads": (1, 256), "n_gpu_layers": (0, 999), "n_ctx": (256, 131072), "temperature": (0.0, 2.0),
+                  "top_k": (1, 1000), "top_p": (0.01, 1.0), "min_p": (0.0, 0.99), "max_tokens": (1, 32768),
+                  "alpha": (0.0, 3.0)}
+AUTOMATIC = ("n_threads", "n_gpu_layers")  # these may also be None: automatic
 
 
 def _usable(key: str, value: object) -> bool:
@@ -70,8 +71,8 @@ def _usable(key: str, value: object) -> bool:
     if key == "last_model":
         return isinstance(value, str)
     if value is None:
-        return key in _AUTOMATIC
-    low, high = _RANGES[key]
+        return key in AUTOMATIC
+    low, high = SETTING_RANGES[key]
     number_types = int if isinstance(low, int) else (int, float)
     return isinstance(value, number_types) and not isinstance(value, bool) and low <= value <= high
 

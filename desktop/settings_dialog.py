@@ -8,22 +8,23 @@ from pathlib import Path
 from PySide6.QtWidgets import (QDialog, QDialogButtonBox, QDoubleSpinBox, QFileDialog, QFormLayout, QGroupBox,
                                QHBoxLayout, QLabel, QLineEdit, QPushButton, QSpinBox, QVBoxLayout, QWidget)
 
-from desktop.settings import AppSettings
+from desktop.settings import AUTOMATIC, SETTING_RANGES, AppSettings
 
 AUTO = "Auto"
 
 
-def _spin(low: int, high: int, value: int | None, *, auto: bool = False, step: int = 1) -> QSpinBox:
-    """An integer box; with ``auto``, its lowest value reads 'Auto' and stands for None."""
-    box = QSpinBox(minimum=low, maximum=high, singleStep=step)
+def _box(key: str, value: float | None, *, step: float = 1) -> QSpinBox | QDoubleSpinBox:
+    """A box over the setting's range; an automatic setting gets one more value below it, which reads 'Auto'
+    and stands for None."""
+    low, high = SETTING_RANGES[key]
+    if isinstance(low, float):
+        return QDoubleSpinBox(minimum=low, maximum=high, singleStep=step, decimals=2, value=value)
+    auto = key in AUTOMATIC
+    box = QSpinBox(minimum=low - 1 if auto else low, maximum=high, singleStep=int(step))
     if auto:
         box.setSpecialValueText(AUTO)
-    box.setValue(low if value is None else value)
+    box.setValue(box.minimum() if value is None else int(value))
     return box
-
-
-def _double(low: float, high: float, value: float, step: float) -> QDoubleSpinBox:
-    return QDoubleSpinBox(minimum=low, maximum=high, singleStep=step, decimals=2, value=value)
 
 
 def _auto_value(box: QSpinBox) -> int | None:
@@ -35,17 +36,17 @@ class SettingsDialog(QDialog):
         super().__init__(parent)
         self.setWindowTitle("Settings")
         self._settings = settings
-        self.threads = _spin(0, 256, settings.n_threads, auto=True)
-        self.gpu_layers = _spin(-1, 999, settings.n_gpu_layers, auto=True)
+        self.threads = _box("n_threads", settings.n_threads)
+        self.gpu_layers = _box("n_gpu_layers", settings.n_gpu_layers)
         self.gpu_layers.setToolTip("Auto: all layers when llama.cpp has a GPU backend. 0: CPU only.")
-        self.context = _spin(256, 131072, settings.n_ctx, step=256)
-        self.temperature = _double(0, 2, settings.temperature, 0.05)
+        self.context = _box("n_ctx", settings.n_ctx, step=256)
+        self.temperature = _box("temperature", settings.temperature, step=0.05)
         self.temperature.setToolTip("0 picks the most likely token every time")
-        self.top_k = _spin(1, 1000, settings.top_k)
+        self.top_k = _box("top_k", settings.top_k)
         self.top_k.setToolTip("Candidates per token; the rewards score these")
-        self.top_p = _double(0.01, 1, settings.top_p, 0.01)
-        self.min_p = _double(0, 0.99, settings.min_p, 0.01)
-        self.max_tokens = _spin(1, 32768, settings.max_tokens)
+        self.top_p = _box("top_p", settings.top_p, step=0.01)
+        self.min_p = _box("min_p", settings.min_p, step=0.01)
+        self.max_tokens = _box("max_tokens", settings.max_tokens)
         self.data_folder = QLineEdit(str(data_folder))
         model = QFormLayout()
         model.addRow("CPU threads", self.threads)

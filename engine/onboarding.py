@@ -238,4 +238,6 @@ def dial_weights(profile: Profile) -> dict[str, float]:
 def saved_profile(store) -> Profile | None:
     """The profile the last survey saved, or None."""
     saved = store.setting("style_profile")
-    return Profile.from_json(json.dumps(saved.get("profile"))) if saved else None
+    if not isinstance(saved, dict):  # none yet, or not what save_profile writes
+        return None
+    return Profile.from_json(json.dumps(saved.get("profile")))

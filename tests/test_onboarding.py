@@ -113,3 +113,10 @@ def test_rewards_for_another_vocabulary_are_refused(tmp_path, tiny_base):
     with pytest.raises(ValueError, match="at least one base reward"):
         StyleSurvey(tiny_base, [])
 
+
+
+@pytest.mark.parametrize("stored", [[1, 2], "a profile", 3.5, None])
+def test_a_stored_profile_of_another_shape_reads_as_none(tmp_path, stored):
+    with Store(tmp_path / "chats.db") as store:
+        store.set_setting("style_profile", stored)
+        assert saved_profile(store) is None
