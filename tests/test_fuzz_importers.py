@@ -38,7 +38,7 @@ from engine.pref import PreferencePosterior, Profile, ProfileError, load_feature
 from engine.reward_graph import random_reward_weights
 from engine.rewards import RewardCard, RewardModel, card_path, save_reward
 from engine.store import SCHEMA_VERSION, Store
-from desktop.settings import AppSettings, apply_data_folder, configured_data_folder
+from desktop.settings import SETTING_RANGES, AppSettings, apply_data_folder, configured_data_folder
 from desktop.settings_dialog import SettingsDialog
 from test_cli import assert_one_line_error, prt
 from tiny_models import small_reward_shape, write_reward
@@ -510,10 +510,16 @@ def test_saved_settings_of_any_type_and_size_start_the_window_with_usable_values
     dialog.deleteLater()
 
 
-def test_every_setting_the_app_can_save_is_loaded_back(target):
-    chosen = AppSettings(n_threads=256, n_gpu_layers=-1, n_ctx=256, temperature=0.0, top_k=1000, top_p=0.01,
-                         min_p=0.99, max_tokens=32768, alpha=3.0, last_model="/models/x.gguf")
-    assert {name for name in SETTING_NAMES if getattr(chosen, name) == getattr(AppSettings(), name)} == set()
+@pytest.mark.parametrize("end", ["minimum", "maximum"])
+def test_every_setting_the_app_can_save_is_loaded_back(target, qapp, end):
+    """Each box of the settings dialog at its end (the lowest of an automatic one is None), and the strength."""
+    dialog = SettingsDialog(AppSettings(), target.path.parent)
+    for box in (dialog.threads, dialog.gpu_layers, dialog.context, dialog.temperature, dialog.top_k, dialog.top_p,
+                dialog.min_p, dialog.max_tokens):
+        box.setValue(getattr(box, end)())
+    strength = SETTING_RANGES["alpha"][end == "maximum"]
+    chosen = dataclasses.replace(dialog.settings(), alpha=strength, last_model="/models/x.gguf")
+    dialog.deleteLater()
     chosen.save(target)
     assert AppSettings.load(target) == chosen
 
