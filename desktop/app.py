@@ -11,10 +11,10 @@ from pathlib import Path
 
 from PySide6.QtWidgets import QApplication, QMessageBox
 
-from engine.chat import ChatEngine
-from engine.errors import PrtError
-from engine.models import default_model_path
-from engine.store import Store, default_store_path
+from engine.app.chat import ChatEngine
+from engine.runtime.errors import PrtError
+from engine.app.models import default_model_path
+from engine.app.store import Store, default_store_path
 from desktop.main_window import APP_TITLE, MainWindow
 from desktop.settings import AppSettings, apply_data_folder
 from desktop.workers import error_text

@@ -14,10 +14,10 @@ from typing import Callable
 
 from PySide6.QtCore import QObject, QTimer, Signal
 
-from engine.chat import ReplyRecorder
-from engine.decode import GenerationResult, TokenEvent
-from engine.errors import StoreError
-from engine.steering import SamplingConfig
+from engine.app.chat import ReplyRecorder
+from engine.runtime.decode import GenerationResult, TokenEvent
+from engine.runtime.errors import StoreError
+from engine.runtime.steering import SamplingConfig
 from desktop.chat_view import ChatView, MessageWidget, PairWidget, ask_for_edit
 from desktop.token_view import TokenInfo
 from desktop.workers import ReplyJob, run_in_background

@@ -11,7 +11,7 @@ from typing import Mapping
 from PySide6.QtCore import QObject, QProcess, QProcessEnvironment, Signal
 from PySide6.QtWidgets import QLabel, QProgressBar
 
-from engine.chat import TuneProgress
+from engine.app.chat import TuneProgress
 from desktop.formatting import duration_text
 
 ERROR_PREFIX = "prt: error: "

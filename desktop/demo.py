@@ -17,12 +17,12 @@ from typing import Iterator, Mapping
 
 import numpy as np
 
-from engine.chat import RewardInfo
-from engine.decode import StepTrace, TokenEvent
-from engine.errors import PrtError
-from engine.rewards import RewardCard
-from engine.steering import steered_scores
-from engine.store import Store
+from engine.app.chat import RewardInfo
+from engine.runtime.decode import StepTrace, TokenEvent
+from engine.runtime.errors import PrtError
+from engine.runtime.rewards import RewardCard
+from engine.runtime.steering import steered_scores
+from engine.app.store import Store
 from desktop.token_view import TokenInfo, token_info
 
 DEMO_MODEL = "SmolLM2-135M-Instruct.Q4_1"

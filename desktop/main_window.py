@@ -12,8 +12,8 @@ from PySide6.QtGui import QAction, QCloseEvent, QGuiApplication, QKeySequence
 from PySide6.QtWidgets import (QDialog, QDockWidget, QFileDialog, QLabel, QMainWindow, QMessageBox, QProgressBar,
                                QSplitter)
 
-from engine.chat import tune_command
-from engine.models import app_data_dir, teacher_cache_path
+from engine.app.chat import tune_command
+from engine.app.models import app_data_dir, teacher_cache_path
 from desktop.chat_session import ChatSession
 from desktop.chat_view import ChatView
 from desktop.conversation_list import ConversationList

@@ -7,8 +7,8 @@ from pathlib import Path
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import QComboBox, QFileDialog
 
-from engine.errors import PrtError
-from engine.models import add_model, installed_models
+from engine.runtime.errors import PrtError
+from engine.app.models import add_model, installed_models
 
 ADD_FILE = "Add a file…"
 

@@ -11,10 +11,10 @@ from PySide6.QtGui import QColor
 from PySide6.QtWidgets import (QCheckBox, QFileDialog, QFrame, QHBoxLayout, QLabel, QPushButton, QScrollArea,
                                QSlider, QToolButton, QVBoxLayout, QWidget)
 
-from engine.chat import RewardInfo
-from engine.errors import PrtError
-from engine.onboarding import saved_profile
-from engine.pref import Profile, ProfileError
+from engine.app.chat import RewardInfo
+from engine.runtime.errors import PrtError
+from engine.app.onboarding import saved_profile
+from engine.app.pref import Profile, ProfileError
 from desktop.formatting import held_out_text, sentence, training_data_text
 from desktop.settings import SETTING_RANGES
 from desktop.theme import lowered_color, raised_color

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import platformdirs
 
-from engine.base_model import BaseModelConfig
-from engine.errors import StoreError
-from engine.files import write_atomically
-from engine.models import APP_NAME
-from engine.steering import SamplingConfig
-from engine.user_json import parse_user_json
+from engine.runtime.base_model import BaseModelConfig
+from engine.runtime.errors import StoreError
+from engine.runtime.files import write_atomically
+from engine.app.models import APP_NAME
+from engine.runtime.steering import SamplingConfig
+from engine.runtime.user_json import parse_user_json
 
 _MODEL_DEFAULTS = BaseModelConfig()
 _SAMPLING_DEFAULTS = SamplingConfig()
@@ -77,7 +77,7 @@ def _usable(key: str, value: object) -> bool:
     return isinstance(value, number_types) and not isinstance(value, bool) and low <= value <= high
 
 
-# -- the data folder: read at start-up, before anything asks engine.models.app_data_dir() ---------------
+# -- the data folder: read at start-up, before anything asks engine.app.models.app_data_dir() ---------------
 def data_folder_file() -> Path:
     return Path(platformdirs.user_config_dir(APP_NAME, appauthor=False)) / "desktop.json"
 

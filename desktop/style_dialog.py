@@ -1,7 +1,7 @@
 """Find your style: up to ten "which reply do you prefer?" questions about the base style rewards
-(PReF, engine/onboarding.py); the answers set the style dials. Offered once on first run (skippable)
+(PReF, engine/app/onboarding.py); the answers set the style dials. Offered once on first run (skippable)
 and any time from "Retune my style…". A model without base rewards gets them built first, by
-``prt library build`` in a child process (engine.chat.library_build_command).
+``prt library build`` in a child process (engine.app.chat.library_build_command).
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from PySide6.QtCore import QObject, Qt, Signal
 from PySide6.QtWidgets import (QDialog, QGridLayout, QHBoxLayout, QLabel, QProgressBar, QPushButton, QStackedWidget,
                                QTextBrowser, QVBoxLayout, QWidget)
 
-from engine.chat import library_build_command
-from engine.onboarding import (DEFAULT_QUESTIONS, StyleQuestion, StyleSurvey, dial_weights, library_dir,
+from engine.app.chat import library_build_command
+from engine.app.onboarding import (DEFAULT_QUESTIONS, StyleQuestion, StyleSurvey, dial_weights, library_dir,
                                library_reward_paths, save_profile)
-from engine.pref import Profile
+from engine.app.pref import Profile
 from desktop.child_process import ProgressProcess, show_progress
 from desktop.workers import run_in_background
 

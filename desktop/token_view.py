@@ -14,8 +14,8 @@ from typing import Callable, Sequence
 
 from PySide6.QtGui import QTextCharFormat, QTextCursor, QTextDocument
 
-from engine.decode import StepTrace, TokenEvent
-from engine.steering import log_softmax
+from engine.runtime.decode import StepTrace, TokenEvent
+from engine.runtime.steering import log_softmax
 from desktop.theme import lowered_color, raised_color
 
 FULL_TINT_SHIFT = 2.0  # a shift of this many nats (or more) gets the strongest tint

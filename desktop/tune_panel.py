@@ -1,6 +1,6 @@
 """The tune panel: pick the data, train a reward in a child process, follow its progress, keep the result.
 
-Tuning runs as ``python -m engine.cli tune ... --json --progress-json`` (engine.chat.tune_command) in a
+Tuning runs as ``python -m engine.cli tune ... --json --progress-json`` (engine.app.chat.tune_command) in a
 ProgressProcess (desktop/child_process.py).
 """
 
@@ -14,7 +14,7 @@ from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (QCheckBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QLineEdit, QListWidget,
                                QProgressBar, QPushButton, QVBoxLayout, QWidget)
 
-from engine.chat import TuneProgress, rewards_dir, tune_command
+from engine.app.chat import TuneProgress, rewards_dir, tune_command
 from desktop.child_process import ProgressProcess, show_progress
 from desktop.formatting import duration_text, held_out_text, sentence
 

@@ -10,10 +10,10 @@ from typing import Any, Callable, Sequence
 
 from PySide6.QtCore import QObject, QRunnable, QThreadPool, Signal
 
-from engine.base_model import ChatMessage
-from engine.decode import GenerationResult, TokenEvent
-from engine.errors import PrtError
-from engine.steering import SamplingConfig
+from engine.runtime.base_model import ChatMessage
+from engine.runtime.decode import GenerationResult, TokenEvent
+from engine.runtime.errors import PrtError
+from engine.runtime.steering import SamplingConfig
 from desktop.token_view import TokenInfo, token_info
 
 

@@ -1,4 +1,5 @@
-"""The engine: the base model, rewards, steering and decoding, and the app's services (no Qt, no torch).
+"""The engine, in two layers: engine.runtime (model, rewards, steering, decoding) and engine.app (store, chat,
+models, style survey), plus ``prt``'s own commands; no Qt, no torch.
 
 Importing it applies engine.privacy's switches first, before any dependency can initialize.
 """

@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from engine.base_model import BaseModel, BaseModelConfig, ChatMessage
-from engine.decode import Generation, GenerationResult, RewardSlot, attach_rewards
-from engine.errors import PrtError
-from engine.files import write_atomically
-from engine.models import (DEFAULT_MODEL_SPEC, add_model, ensure_default_model, installed_models, resolve_model,
+from engine.runtime.base_model import BaseModel, BaseModelConfig, ChatMessage
+from engine.runtime.decode import Generation, GenerationResult, RewardSlot, attach_rewards
+from engine.runtime.errors import PrtError
+from engine.runtime.files import write_atomically
+from engine.app.models import (DEFAULT_MODEL_SPEC, add_model, ensure_default_model, installed_models, resolve_model,
                            teacher_cache_path)
-from engine.onboarding import REPLY_TOKENS, library_dir, library_reward_paths
-from engine.steering import SamplingConfig
+from engine.app.onboarding import REPLY_TOKENS, library_dir, library_reward_paths
+from engine.runtime.steering import SamplingConfig
 
 if TYPE_CHECKING:  # rewards_onnx is imported where a command needs it
     from rewards_onnx.data import Dataset, Source
@@ -217,7 +217,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from engine.bench import BenchConfig, format_report, run_bench
+    from engine.app.bench import BenchConfig, format_report, run_bench
 
     config = BenchConfig(tokens=args.tokens, rounds=args.rounds, top_k=args.top_k, long_context=args.long_context)
     with _load_base(args) as base:
@@ -234,7 +234,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_pref_bench(args: argparse.Namespace) -> int:
-    from engine.pref import format_pref_report, load_features, run_pref_bench
+    from engine.app.pref import format_pref_report, load_features, run_pref_bench
 
     try:
         features = load_features(Path(args.features)) if args.features else None
@@ -309,7 +309,7 @@ def _load_examples(args: argparse.Namespace) -> Dataset:
 
 
 def _feedback_examples(database: Path | None) -> Source:
-    from engine.store import Store, default_store_path
+    from engine.app.store import Store, default_store_path
     from rewards_onnx.data import read_feedback
 
     database = database or default_store_path()
@@ -329,7 +329,7 @@ class _JsonProgress(_Progress):
     """Progress as one JSON object per line on stderr, for the desktop app's tune panel."""
 
     def __call__(self, phase: str, done: int, total: int, eta: float | None, message: str = "") -> None:
-        from engine.chat import TuneProgress
+        from engine.app.chat import TuneProgress
 
         print(TuneProgress(phase, done, total, eta, message).to_json(), file=sys.stderr, flush=True)
 
@@ -379,7 +379,7 @@ def _print_reply_parts(metrics: Metrics) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from engine.rewards import RewardModel
+    from engine.runtime.rewards import RewardModel
     from rewards_onnx.evaluate import compare_replies, evaluate_reward
 
     if args.samples < 0 or args.sample_tokens < 1:
@@ -437,7 +437,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_rewards(args: argparse.Namespace) -> int:
-    from engine.bench import format_merge_report, run_merge_bench
+    from engine.app.bench import format_merge_report, run_merge_bench
 
     try:
         report = run_merge_bench(rewards=args.rewards, vocab_size=args.vocab_size, top_k=args.top_k,
@@ -504,7 +504,7 @@ def cmd_library_check(args: argparse.Namespace) -> int:
 
 
 def cmd_library_features(args: argparse.Namespace) -> int:
-    from engine.onboarding import sample_reply_features
+    from engine.app.onboarding import sample_reply_features
 
     if args.replies < 2:
         raise UsageError(f"--replies must be at least 2 (a question needs two), got {args.replies}")
@@ -564,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(handler=cmd_bench)
 
-    from engine.pref import NOISE_SCALE
+    from engine.app.pref import NOISE_SCALE
 
     pref_bench = commands.add_parser("pref-bench",
                                      help="simulated users: how well ~10 adaptive questions find their reward weights")

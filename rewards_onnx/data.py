@@ -16,10 +16,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Callable, Iterator, Sequence, Union
 
-from engine.errors import PrtError
+from engine.runtime.errors import PrtError
 
 if TYPE_CHECKING:
-    from engine.store import Feedback, Store
+    from engine.app.store import Feedback, Store
 
 DOCUMENT_SUFFIXES = (".txt", ".md")
 DOCUMENT_WINDOW_CHARS = 1200  # about 250 tokens of English

@@ -14,10 +14,10 @@ import random
 from pathlib import Path
 from typing import Callable
 
-from engine.base_model import BaseModel
-from engine.decode import Generation
-from engine.files import write_atomically
-from engine.steering import SamplingConfig
+from engine.runtime.base_model import BaseModel
+from engine.runtime.decode import Generation
+from engine.runtime.files import write_atomically
+from engine.runtime.steering import SamplingConfig
 from rewards_onnx.data import DatasetError, Demonstration
 from rewards_onnx.teacher import messages_for
 

@@ -9,10 +9,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from engine.base_model import BaseModel
-from engine.decode import RewardSlot
-from engine.rewards import RewardModel
-from engine.steering import SamplingConfig
+from engine.runtime.base_model import BaseModel
+from engine.runtime.decode import RewardSlot
+from engine.runtime.rewards import RewardModel
+from engine.runtime.steering import SamplingConfig
 from rewards_onnx.data import Dataset, Demonstration, Example, as_dataset
 from rewards_onnx.metrics import Metrics, compute_metrics
 from rewards_onnx.teacher import (TRAIN_TOP_K, Progress, ProgressCount, SequenceTargets, answer_prompts, fitting,

@@ -3,7 +3,7 @@
 Each base reward is distilled (the base answers under a style's system prompt and the data keeps
 the answers without it, rewards_onnx/distill.py), then tuned (rewards_onnx/train.py). A reward
 thus moves the bare model toward that style. All of them are tuned with one seed and the embedding
-frozen, so they share it and run merged, in one session per step (engine/mixing.py).
+frozen, so they share it and run merged, in one session per step (engine/runtime/mixing.py).
 
 ``check_library`` measures what each reward does: replies to prompts not used in training, with
 and without the reward (same seeds), and the style's marker on each, e.g. words per reply.
@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
-from engine.base_model import BaseModel
-from engine.decode import RewardSlot, attach_rewards
-from engine.errors import PrtError
-from engine.rewards import RewardCard, card_path, write_card
-from engine.steering import SamplingConfig
+from engine.runtime.base_model import BaseModel
+from engine.runtime.decode import RewardSlot, attach_rewards
+from engine.runtime.errors import PrtError
+from engine.runtime.rewards import RewardCard, card_path, write_card
+from engine.runtime.steering import SamplingConfig
 from rewards_onnx.distill import QUESTION_FORMS, distill
 from rewards_onnx.teacher import ProgressCount, answer_prompts
 

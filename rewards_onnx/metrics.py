@@ -7,7 +7,7 @@ from typing import Callable
 
 import numpy as np
 
-from engine.steering import log_softmax
+from engine.runtime.steering import log_softmax
 from rewards_onnx.teacher import SequenceTargets, TeacherData
 
 RewardsFor = Callable[[SequenceTargets], np.ndarray]  # a sequence -> rewards [N, K+1] on its support

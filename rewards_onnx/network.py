@@ -1,4 +1,4 @@
-"""The reward network in torch: the same math as engine/reward_graph.py, operation for operation.
+"""The reward network in torch: the same math as engine/runtime/reward_graph.py, operation for operation.
 
 Parameters are stored in the graph's layout (x @ W, W shaped [in, out]) so export is a
 plain copy. The token embedding is initialized from the base GGUF's own embedding (PCA
@@ -19,7 +19,7 @@ from gguf import GGUFReader
 from gguf.quants import dequantize
 from torch import nn
 
-from engine.reward_graph import LAYER_NORM_EPS, LayerWeights, RewardNetworkShape, RewardWeights, quantize_rows
+from engine.runtime.reward_graph import LAYER_NORM_EPS, LayerWeights, RewardNetworkShape, RewardWeights, quantize_rows
 
 MASKED = -1e9  # the graph's value for future positions
 

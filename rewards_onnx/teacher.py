@@ -12,10 +12,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from engine.base_model import BaseModel, ChatMessage
-from engine.decode import Generation, GenerationResult, RewardSlot
-from engine.errors import ContextOverflowError, PromptError
-from engine.steering import CandidateSelector, SamplingConfig, log_normalizer
+from engine.runtime.base_model import BaseModel, ChatMessage
+from engine.runtime.decode import Generation, GenerationResult, RewardSlot
+from engine.runtime.errors import ContextOverflowError, PromptError
+from engine.runtime.steering import CandidateSelector, SamplingConfig, log_normalizer
 from rewards_onnx.data import Dataset, DatasetError, Demonstration, Example, PreferencePair
 
 TRAIN_TOP_K = SamplingConfig().top_k  # training and decoding see the same support

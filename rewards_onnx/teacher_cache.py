@@ -22,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-from engine.base_model import BaseModel
+from engine.runtime.base_model import BaseModel
 from rewards_onnx.data import Demonstration, Example
 from rewards_onnx.teacher import Progress, SequenceTargets, TeacherData, evaluations, teacher_pass
 

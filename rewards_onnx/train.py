@@ -26,11 +26,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.base_model import BaseModel
-from engine.errors import DiskFullError, PrtError, RewardFileError
-from engine.files import file_sha256
-from engine.reward_graph import RewardNetworkShape, build_reward_model
-from engine.rewards import RewardCard, RewardModel, card_path, save_reward
+from engine.runtime.base_model import BaseModel
+from engine.runtime.errors import DiskFullError, PrtError, RewardFileError
+from engine.runtime.files import file_sha256
+from engine.runtime.reward_graph import RewardNetworkShape, build_reward_model
+from engine.runtime.rewards import RewardCard, RewardModel, card_path, save_reward
 from rewards_onnx.data import Dataset, DatasetError, Demonstration, Example, as_dataset, counts
 from rewards_onnx.metrics import Metrics, compute_metrics
 from rewards_onnx.network import RewardNet, base_embedding_projection

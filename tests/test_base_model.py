@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.base_model import BaseModel, common_prefix_length
-from engine.decode import Generation
-from engine.errors import ContextOverflowError, ModelFileError, PromptError
-from engine.steering import SamplingConfig
+from engine.runtime.base_model import BaseModel, common_prefix_length
+from engine.runtime.decode import Generation
+from engine.runtime.errors import ContextOverflowError, ModelFileError, PromptError
+from engine.runtime.steering import SamplingConfig
 from conftest import TINY_CONFIG
 
 GREEDY = SamplingConfig(temperature=0.0, max_tokens=40, ignore_eos=True)

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_CONFIG
-from engine.chat import ChatEngine, ReplyRecorder, TuneProgress, tune_command
-from engine.errors import PrtError, VocabularyMismatchError
-from engine.reward_graph import random_reward_weights, token_preference_weights
-from engine.steering import SamplingConfig
-from engine.store import Store
+from engine.app.chat import ChatEngine, ReplyRecorder, TuneProgress, tune_command
+from engine.runtime.errors import PrtError, VocabularyMismatchError
+from engine.runtime.reward_graph import random_reward_weights, token_preference_weights
+from engine.runtime.steering import SamplingConfig
+from engine.app.store import Store
 from tiny_models import small_reward_shape, write_reward
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,10 +97,10 @@ def test_tune_command_and_progress_lines_round_trip(tmp_path):
 GENERATING_CHILD = textwrap.dedent("""
     import sys
     sys.path.insert(0, {repo!r})
-    from engine.base_model import BaseModelConfig
-    from engine.chat import ChatEngine, ReplyRecorder
-    from engine.steering import SamplingConfig
-    from engine.store import Store
+    from engine.runtime.base_model import BaseModelConfig
+    from engine.app.chat import ChatEngine, ReplyRecorder
+    from engine.runtime.steering import SamplingConfig
+    from engine.app.store import Store
 
     store = Store({database!r})
     conversation = store.create_conversation()

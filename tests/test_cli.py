@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from engine.cli import parse_reward_spec
-from engine.reward_graph import random_reward_weights
+from engine.runtime.reward_graph import random_reward_weights
 from tiny_models import small_reward_shape, write_reward
 
 

@@ -7,11 +7,11 @@ import threading
 import numpy as np
 import pytest
 
-from engine.decode import Generation, StopStringMatcher, attach_rewards
-from engine.errors import RewardRuntimeError
-from engine.reward_graph import RewardNetworkShape, random_reward_weights, token_preference_weights
-from engine.rewards import RewardModel
-from engine.steering import Sampler, SamplingConfig
+from engine.runtime.decode import Generation, StopStringMatcher, attach_rewards
+from engine.runtime.errors import RewardRuntimeError
+from engine.runtime.reward_graph import RewardNetworkShape, random_reward_weights, token_preference_weights
+from engine.runtime.rewards import RewardModel
+from engine.runtime.steering import Sampler, SamplingConfig
 from tiny_models import small_reward_shape, write_reward
 
 VOCAB = 49152

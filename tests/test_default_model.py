@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from engine.base_model import BaseModel, BaseModelConfig
-from engine.decode import Generation, attach_rewards
-from engine.models import DefaultModelManifest, installed_models, resolve_model
-from engine.reward_graph import RewardNetworkShape, token_preference_weights
-from engine.steering import SamplingConfig
+from engine.runtime.base_model import BaseModel, BaseModelConfig
+from engine.runtime.decode import Generation, attach_rewards
+from engine.app.models import DefaultModelManifest, installed_models, resolve_model
+from engine.runtime.reward_graph import RewardNetworkShape, token_preference_weights
+from engine.runtime.steering import SamplingConfig
 from test_base_model import reference_greedy
 from test_cli import prt
 from tiny_models import write_reward

@@ -17,12 +17,12 @@ from PySide6.QtCore import Qt
 from PySide6.QtGui import QTextCursor
 from PySide6.QtWidgets import QDialog, QMessageBox
 
-from engine.chat import RewardInfo
-from engine.decode import GenerationResult, StepTrace, TokenEvent
-from engine.errors import ModelFileError, RewardRuntimeError
-from engine.models import teacher_cache_path
-from engine.rewards import RewardCard
-from engine.store import Store
+from engine.app.chat import RewardInfo
+from engine.runtime.decode import GenerationResult, StepTrace, TokenEvent
+from engine.runtime.errors import ModelFileError, RewardRuntimeError
+from engine.app.models import teacher_cache_path
+from engine.runtime.rewards import RewardCard
+from engine.app.store import Store
 from desktop.app import main
 from desktop.chat_view import PairWidget
 from desktop.main_window import MainWindow
@@ -45,7 +45,7 @@ def step_trace(token: int, position: int) -> StepTrace:
 
 
 class FakeGeneration:
-    """Streams canned tokens like engine.decode.Generation; can hold after some tokens until cancelled, or fail."""
+    """Streams canned tokens like engine.runtime.decode.Generation; can hold after some tokens until cancelled, or fail."""
 
     def __init__(self, tokens: list[int], *, hold_after: int | None = None, fail_after: int | None = None) -> None:
         self.tokens, self.hold_after, self.fail_after = tokens, hold_after, fail_after
@@ -537,8 +537,8 @@ def test_the_qt_binding_keeps_its_references_to_none(qapp):
 # -- the real window on real parts ------------------------------------------------------------------
 def test_real_window_on_a_tiny_gguf_with_a_tiny_reward(qtbot, tmp_path, tiny_gguf, tiny_base):
     """Type a prompt, get a streamed reply steered by a real ONNX reward, give feedback, find the rows in SQLite."""
-    from engine.chat import ChatEngine
-    from engine.reward_graph import random_reward_weights
+    from engine.app.chat import ChatEngine
+    from engine.runtime.reward_graph import random_reward_weights
     from tiny_models import small_reward_shape, write_reward
 
     reward = write_reward(tmp_path / "tiny-style.onnx", random_reward_weights(small_reward_shape(tiny_base.n_vocab), seed=5),

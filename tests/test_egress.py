@@ -18,7 +18,7 @@ import pytest
 
 from egress import Watched, WatchUnavailable, watch
 from engine.privacy import OFFLINE_ENVIRONMENT
-from engine.reward_graph import random_reward_weights
+from engine.runtime.reward_graph import random_reward_weights
 from tiny_models import small_reward_shape, write_reward
 
 TESTS = Path(__file__).resolve().parent

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.store import Store
+from engine.app.store import Store
 from test_cli import assert_one_line_error
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,9 +96,9 @@ STREAMING_WINDOW = textwrap.dedent("""
     import json, sys
     from PySide6.QtCore import QTimer
     from PySide6.QtWidgets import QApplication
-    from engine.chat import ChatEngine
-    from engine.models import app_data_dir
-    from engine.store import Store, default_store_path
+    from engine.app.chat import ChatEngine
+    from engine.app.models import app_data_dir
+    from engine.app.store import Store, default_store_path
     from desktop.main_window import MainWindow
     from desktop.settings import AppSettings
 
@@ -210,8 +210,8 @@ def test_a_tune_on_a_full_disk_leaves_no_half_reward_and_keeps_the_old_one(names
 # -- 3. exporting the chats --------------------------------------------------------------------------------
 EXPORT = textwrap.dedent("""
     import json, sys
-    from engine.errors import PrtError
-    from engine.store import Store, default_store_path
+    from engine.runtime.errors import PrtError
+    from engine.app.store import Store, default_store_path
 
     with Store(default_store_path()) as store:
         try:

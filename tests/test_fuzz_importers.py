@@ -2,7 +2,7 @@
 
 Importers: a chat export (Store.import_json), the chat database itself (opening and migrating it), reward
 cards and ONNX reward files (RewardModel), the app's settings (AppSettings.load, desktop.json), GGUF models
-(check_gguf_file, BaseModel, ``prt generate``), preference profiles and feature files (engine/pref.py).
+(check_gguf_file, BaseModel, ``prt generate``), preference profiles and feature files (engine/app/pref.py).
 Pure-Python importers get a few hundred hypothesis examples each (derandomized: every run sees the same
 inputs); file damage is a deterministic loop over offsets. llama.cpp may abort the whole process on a
 damaged model, so GGUF files are loaded in child processes.
@@ -31,13 +31,13 @@ from gguf import GGUFReader
 from hypothesis import HealthCheck, given, settings, strategies as st
 from onnx import TensorProto, helper
 
-from engine.base_model import BaseModel, BaseModelConfig
-from engine.errors import ModelFileError, PrtError, RewardFileError, RewardRuntimeError, StoreError
-from engine.models import app_data_dir, check_gguf_file
-from engine.pref import PreferencePosterior, Profile, ProfileError, load_features
-from engine.reward_graph import random_reward_weights
-from engine.rewards import RewardCard, RewardModel, card_path, save_reward
-from engine.store import SCHEMA_VERSION, Store
+from engine.runtime.base_model import BaseModel, BaseModelConfig
+from engine.runtime.errors import ModelFileError, PrtError, RewardFileError, RewardRuntimeError, StoreError
+from engine.app.models import app_data_dir, check_gguf_file
+from engine.app.pref import PreferencePosterior, Profile, ProfileError, load_features
+from engine.runtime.reward_graph import random_reward_weights
+from engine.runtime.rewards import RewardCard, RewardModel, card_path, save_reward
+from engine.app.store import SCHEMA_VERSION, Store
 from desktop.settings import SETTING_RANGES, AppSettings, apply_data_folder, configured_data_folder
 from desktop.settings_dialog import SettingsDialog
 from test_cli import assert_one_line_error, prt
@@ -582,7 +582,7 @@ def test_a_data_folder_that_cannot_be_created_gives_one_message(tmp_path, monkey
             app_data_dir()
 
 
-# -- preference profiles and feature files (engine/pref.py) -----------------------------------------------------
+# -- preference profiles and feature files (engine/app/pref.py) -----------------------------------------------------
 @pytest.fixture(scope="module")
 def profile_json() -> str:
     posterior = PreferencePosterior(3).fit([([1.0, -0.5, 0.2], "a"), ([0.3, 0.9, -1.0], "b"), ([0.1, 0.1, 0.1], "none")])

@@ -17,11 +17,11 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from engine.chat import tune_command
-from engine.models import teacher_cache_path
-from engine.reward_graph import random_reward_weights
-from engine.rewards import RewardCard, RewardModel, card_path
-from engine.store import Store
+from engine.app.chat import tune_command
+from engine.app.models import teacher_cache_path
+from engine.runtime.reward_graph import random_reward_weights
+from engine.runtime.rewards import RewardCard, RewardModel, card_path
+from engine.app.store import Store
 from rewards_onnx.data import (DOCUMENT_INSTRUCTION, DOCUMENT_MIN_CHARS, DOCUMENT_WINDOW_CHARS, MAX_LINE_BYTES,
                                TEACHER_TEMPERATURES, Dataset, DatasetError, Demonstration, PreferencePair, Skipped,
                                Source, load_jsonl, read_documents, read_feedback, read_jsonl)

@@ -10,12 +10,12 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from engine.decode import Generation, attach_rewards
-from engine.errors import RewardFileError
-from engine.mixing import scoring_groups
-from engine.reward_graph import random_reward_weights
-from engine.rewards import CARD_FORMAT_VERSION, RewardCard, RewardModel, card_path
-from engine.steering import SamplingConfig
+from engine.runtime.decode import Generation, attach_rewards
+from engine.runtime.errors import RewardFileError
+from engine.runtime.mixing import scoring_groups
+from engine.runtime.reward_graph import random_reward_weights
+from engine.runtime.rewards import CARD_FORMAT_VERSION, RewardCard, RewardModel, card_path
+from engine.runtime.steering import SamplingConfig
 from rewards_onnx import library
 from rewards_onnx.data import Demonstration
 from rewards_onnx.distill import MORE_TOPICS, TOPICS, example_prompts

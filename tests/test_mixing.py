@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.decode import Generation, attach_rewards
-from engine.errors import VocabularyMismatchError
-from engine.mixing import scoring_groups
-from engine.reward_graph import (RewardNetworkShape, build_reward_model, random_reward_weights,
+from engine.runtime.decode import Generation, attach_rewards
+from engine.runtime.errors import VocabularyMismatchError
+from engine.runtime.mixing import scoring_groups
+from engine.runtime.reward_graph import (RewardNetworkShape, build_reward_model, random_reward_weights,
                                  read_reward_weights)
-from engine.rewards import RewardModel
-from engine.steering import SamplingConfig
+from engine.runtime.rewards import RewardModel
+from engine.runtime.steering import SamplingConfig
 from tiny_models import small_reward_shape, write_reward
 
 VOCAB = 49152
@@ -117,7 +117,7 @@ def test_reading_a_reward_graph_gives_back_its_weights():
 
 
 def test_the_merge_bench_reports_both_ways_and_the_saving():
-    from engine.bench import run_merge_bench
+    from engine.app.bench import run_merge_bench
 
     report = run_merge_bench(rewards=2, vocab_size=500, top_k=8, long_context=20)
     assert set(report["ms_per_step"]) == {"16", "20"}

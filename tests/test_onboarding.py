@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.decode import Generation, attach_rewards
-from engine.errors import VocabularyMismatchError
-from engine.onboarding import MIX_SIZE, StyleSurvey, reward_totals, save_profile, saved_profile
-from engine.pref import cosine
-from engine.reward_graph import random_reward_weights
-from engine.rewards import RewardModel
-from engine.steering import SamplingConfig
-from engine.store import Store
+from engine.runtime.decode import Generation, attach_rewards
+from engine.runtime.errors import VocabularyMismatchError
+from engine.app.onboarding import MIX_SIZE, StyleSurvey, reward_totals, save_profile, saved_profile
+from engine.app.pref import cosine
+from engine.runtime.reward_graph import random_reward_weights
+from engine.runtime.rewards import RewardModel
+from engine.runtime.steering import SamplingConfig
+from engine.app.store import Store
 from tiny_models import small_reward_shape, write_reward
 
 VOCAB = 49152

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from engine.pref import (PreferencePosterior, Profile, ProfileError, choose_question, cosine, informativeness,
+from engine.app.pref import (PreferencePosterior, Profile, ProfileError, choose_question, cosine, informativeness,
                          run_pref_bench)
 from test_cli import assert_one_line_error, prt
 
@@ -28,7 +28,7 @@ def test_laplace_map_and_covariance_match_brute_force_in_2d():
     prior_var = 2.0
     posterior = PreferencePosterior(2, prior_var=prior_var).fit(zip(questions, answers))
 
-    def negative_log_posterior(weights):  # [..., 2] -> [...], written out independently of engine.pref
+    def negative_log_posterior(weights):  # [..., 2] -> [...], written out independently of engine.app.pref
         z = weights @ questions.T
         log_p_a, log_p_b = -np.log1p(np.exp(-z)), -np.log1p(np.exp(z))
         return -(labels * log_p_a + (1 - labels) * log_p_b).sum(-1) + (weights ** 2).sum(-1) / (2 * prior_var)

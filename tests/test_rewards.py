@@ -9,12 +9,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from engine.base_model import BaseModel
-from engine.decode import Generation, attach_rewards
-from engine.errors import RewardFileError, VocabularyMismatchError
-from engine.reward_graph import random_reward_weights, token_preference_weights
-from engine.rewards import RewardCard, RewardModel, card_path, save_reward
-from engine.steering import SamplingConfig
+from engine.runtime.base_model import BaseModel
+from engine.runtime.decode import Generation, attach_rewards
+from engine.runtime.errors import RewardFileError, VocabularyMismatchError
+from engine.runtime.reward_graph import random_reward_weights, token_preference_weights
+from engine.runtime.rewards import RewardCard, RewardModel, card_path, save_reward
+from engine.runtime.steering import SamplingConfig
 from tiny_models import small_reward_shape, write_reward, write_tiny_llama
 from conftest import TINY_CONFIG
 

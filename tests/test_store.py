@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import sqlite_utils
 
-from engine.errors import StoreError
-from engine.store import MIGRATIONS, SCHEMA_VERSION, Store, default_store_path
+from engine.runtime.errors import StoreError
+from engine.app.store import MIGRATIONS, SCHEMA_VERSION, Store, default_store_path
 from rewards_onnx.data import DatasetError, Demonstration, PreferencePair, examples_from_store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -405,7 +405,7 @@ def test_threads_share_one_store(store):
 STREAMING_CHILD = """
 import sys
 sys.path.insert(0, {repo!r})
-from engine.store import Store
+from engine.app.store import Store
 store = Store({path!r})
 conversation = store.create_conversation("Kill test")
 store.add_message(conversation, "user", "Tell me a long story")

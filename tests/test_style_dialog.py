@@ -10,11 +10,11 @@ import pytest
 from PySide6.QtWidgets import QDialog
 
 from conftest import TINY_CONFIG
-from engine.chat import ChatEngine
-from engine.onboarding import StyleSurvey, library_dir, saved_profile
-from engine.reward_graph import random_reward_weights
-from engine.rewards import RewardCard, card_path, write_card
-from engine.store import Store
+from engine.app.chat import ChatEngine
+from engine.app.onboarding import StyleSurvey, library_dir, saved_profile
+from engine.runtime.reward_graph import random_reward_weights
+from engine.runtime.rewards import RewardCard, card_path, write_card
+from engine.app.store import Store
 from desktop.main_window import MainWindow
 from desktop.settings import AppSettings
 from desktop.style_dialog import SURVEY_SETTING, StyleDialog

@@ -8,8 +8,8 @@ import sqlite3
 import numpy as np
 import pytest
 
-from engine.files import file_sha256
-from engine.models import teacher_cache_path
+from engine.runtime.files import file_sha256
+from engine.app.models import teacher_cache_path
 from rewards_onnx import teacher_cache
 from rewards_onnx.data import Demonstration, PreferencePair
 from rewards_onnx.teacher import TRAIN_TOP_K, TeacherData, teacher_pass

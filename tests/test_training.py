@@ -15,11 +15,11 @@ import onnx
 import pytest
 import torch
 
-from engine.decode import Generation, attach_rewards
-from engine.errors import RewardFileError, VocabularyMismatchError
-from engine.reward_graph import RewardNetworkShape, read_reward_weights
-from engine.rewards import RewardCard, RewardModel, card_path
-from engine.steering import CandidateSelector, SamplingConfig
+from engine.runtime.decode import Generation, attach_rewards
+from engine.runtime.errors import RewardFileError, VocabularyMismatchError
+from engine.runtime.reward_graph import RewardNetworkShape, read_reward_weights
+from engine.runtime.rewards import RewardCard, RewardModel, card_path
+from engine.runtime.steering import CandidateSelector, SamplingConfig
 from rewards_onnx.data import DatasetError, Demonstration, PreferencePair, load_jsonl, read_documents, read_jsonl
 from rewards_onnx.evaluate import compare_replies, evaluate_reward, sentence_count
 from rewards_onnx.metrics import reply_part
@@ -201,7 +201,7 @@ def test_reply_parts_are_the_first_token_the_next_three_the_body_and_the_last():
 
 
 def test_eval_refuses_a_reward_for_another_vocabulary(tmp_path, tiny_base):
-    from engine.reward_graph import random_reward_weights
+    from engine.runtime.reward_graph import random_reward_weights
     path = write_reward(tmp_path / "foreign.onnx", random_reward_weights(small_reward_shape(49152), seed=0),
                         vocabulary_fingerprint="sha256:" + "1" * 64, base_name="another-family")
     with pytest.raises(VocabularyMismatchError, match="another-family"):
@@ -397,8 +397,8 @@ def test_distilled_targets_are_the_teachers_distribution_at_its_sampling_tempera
 
 
 def test_cli_tunes_from_the_apps_feedback_with_json_progress(tmp_path, tiny_gguf):
-    from engine.chat import TuneProgress
-    from engine.store import Store
+    from engine.app.chat import TuneProgress
+    from engine.app.store import Store
 
     database = tmp_path / "chats.db"
     with Store(database) as store:

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from gguf import GGUFReader, GGUFWriter, LlamaFileType
 
-from engine.reward_graph import RewardNetworkShape, RewardWeights, build_reward_model
-from engine.rewards import RewardCard, save_reward
+from engine.runtime.reward_graph import RewardNetworkShape, RewardWeights, build_reward_model
+from engine.runtime.rewards import RewardCard, save_reward
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ rotates each round so drift in machine speed hits each equally):
 - engine:    our loop with no reward (the cost of owning the loop);
 - steered:   our loop with a reference-size reward (2 layers, width 128);
 - with ``library``: our loop with several rewards (e.g. the base style rewards) at weight 0.5 each,
-  scored by one merged session per step and by one session per reward (engine/mixing.py).
+  scored by one merged session per step and by one session per reward (engine/runtime/mixing.py).
 
 Each generates exactly ``tokens`` tokens (EOS ignored) so all see the same
 context lengths. Decode speed is timed from the first token to the last, so
@@ -17,7 +17,7 @@ to back, so a machine that speeds up or slows down mid-run does not skew them. T
 alone at a short and a long context.
 
 ``prt bench-rewards`` (``run_merge_bench``): N rewards scored per step by N sessions vs one merged
-session (engine/mixing.py), steps interleaved, at a short and a long context; and the model bytes.
+session (engine/runtime/mixing.py), steps interleaved, at a short and a long context; and the model bytes.
 """
 
 from __future__ import annotations
@@ -35,12 +35,12 @@ import numpy as np
 import onnx
 import psutil
 
-from engine.base_model import BaseModel
-from engine.decode import Generation, RewardSlot, attach_rewards
-from engine.mixing import stacked_model
-from engine.reward_graph import RewardNetworkShape, build_reward_model, random_reward_weights, read_reward_weights
-from engine.rewards import RewardCard, RewardModel, RewardSession, open_session, save_reward
-from engine.steering import SamplingConfig
+from engine.runtime.base_model import BaseModel
+from engine.runtime.decode import Generation, RewardSlot, attach_rewards
+from engine.runtime.mixing import stacked_model
+from engine.runtime.reward_graph import RewardNetworkShape, build_reward_model, random_reward_weights, read_reward_weights
+from engine.runtime.rewards import RewardCard, RewardModel, RewardSession, open_session, save_reward
+from engine.runtime.steering import SamplingConfig
 
 PROMPTS = (
     "Explain how a bicycle works, part by part.",

@@ -18,8 +18,8 @@ from typing import Sequence
 
 import onnx
 
-from engine.reward_graph import RewardNetworkShape, RewardWeights, build_stacked_reward_model, read_reward_weights
-from engine.rewards import RewardModel, RewardSession, open_session
+from engine.runtime.reward_graph import RewardNetworkShape, RewardWeights, build_stacked_reward_model, read_reward_weights
+from engine.runtime.rewards import RewardModel, RewardSession, open_session
 
 CACHED_PLANS = 2  # sets of rewards whose plans are kept, with their KV state between replies (and their memory)
 

@@ -21,12 +21,11 @@ from typing import Callable
 
 import platformdirs
 
-from engine.errors import ModelFetchError, ModelFileError, PrtError
-from engine.files import file_sha256, write_atomically
-from engine.gguf_metadata import metadata_problem, read_metadata
+from engine.runtime.errors import ModelFetchError, ModelFileError, PrtError
+from engine.runtime.files import file_sha256, write_atomically
+from engine.runtime.gguf_metadata import check_gguf_file
 
 APP_NAME = "prt-chat"
-GGUF_MAGIC = b"GGUF"
 REGISTRY_FILE = "models.json"
 DEFAULT_MODEL_SPEC = "default"
 
@@ -137,30 +136,6 @@ def _check_sha256(path: Path, expected: str, *, what: str) -> None:
     actual = file_sha256(path)
     if actual != expected:
         raise ModelFetchError(f"The sha256 of {what} is {actual}, expected {expected}; the download is corrupt, try again.")
-
-
-def check_gguf_file(path: Path) -> Path:
-    """Checks before llama.cpp sees the file: a precise message, and no values that crash llama.cpp."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise ModelFileError(f"Model file not found: {path}. Give the path of a .gguf file, or 'default'.")
-    if not path.is_file():
-        raise ModelFileError(f"{path} is a folder, not a model file; give the path of a .gguf file inside it.")
-    try:
-        with open(path, "rb") as handle:
-            magic = handle.read(4)
-        if magic != GGUF_MAGIC:
-            raise ModelFileError(f"{path} is not a GGUF model (it does not start with 'GGUF'); "
-                                 "convert it to GGUF or pick another file.")
-        problem = metadata_problem(read_metadata(path))
-    except OSError as error:
-        raise ModelFileError(f"Cannot read the model file {path}: {error.strerror}.") from error
-    except ValueError as error:  # the metadata's structure is broken
-        raise ModelFileError(f"The model {path} could not load: the file is truncated, corrupt, or not a GGUF "
-                             f"model ({error}). Re-download it or pick another GGUF.") from error
-    if problem:
-        raise ModelFileError(f"The model {path} is damaged: {problem}. Re-download it or pick another GGUF.")
-    return path
 
 
 @dataclass(frozen=True)

@@ -21,11 +21,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from engine import reward_graph as contract
-from engine.base_model import common_prefix_length
-from engine.errors import RewardFileError, RewardRuntimeError, VocabularyMismatchError
-from engine.files import file_sha256, write_atomically
-from engine.user_json import parse_user_json
+from engine.runtime import reward_graph as contract
+from engine.runtime.base_model import common_prefix_length
+from engine.runtime.errors import RewardFileError, RewardRuntimeError, VocabularyMismatchError
+from engine.runtime.files import file_sha256, write_atomically
+from engine.runtime.user_json import parse_user_json
 
 CARD_FORMAT_VERSION = 2  # 2 added ``label``; cards of format 1 load with an empty label
 
@@ -136,7 +136,7 @@ class RewardSession:
     """An onnxruntime session that follows the reward contract, plus the KV state of one token sequence.
 
     It computes ``rows`` rewards per call: 1 for a reward file, N for rewards stacked into one graph
-    (engine/mixing.py). Rewards come back as [rows, K]; the state is [rows, H, P, D] per layer.
+    (engine/runtime/mixing.py). Rewards come back as [rows, K]; the state is [rows, H, P, D] per layer.
     """
 
     def __init__(self, session: ort.InferenceSession, *, title: str, source: Path | str) -> None:

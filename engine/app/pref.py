@@ -24,7 +24,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from engine.errors import PrtError
+from engine.runtime.errors import PrtError
 
 # An answer is "a" (prefers A), "b" (prefers B) or "none" (no preference). "none" is a half-observation,
 # label 1/2 (half a vote each way): it says lambda^T v is near 0, which pulls the estimate toward the plane

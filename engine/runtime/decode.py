@@ -17,10 +17,10 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from engine.base_model import BaseModel
-from engine.mixing import ScoringGroup, scoring_groups
-from engine.rewards import RewardModel
-from engine.steering import Candidates, CandidateSelector, Sampler, SamplingConfig, log_softmax, steered_scores
+from engine.runtime.base_model import BaseModel
+from engine.runtime.mixing import ScoringGroup, scoring_groups
+from engine.runtime.rewards import RewardModel
+from engine.runtime.steering import Candidates, CandidateSelector, Sampler, SamplingConfig, log_softmax, steered_scores
 
 
 @dataclass
@@ -150,7 +150,7 @@ class Generation:
         self.prompt_tokens = list(prompt_tokens)
         self.rewards = list(rewards)
         self.config = config
-        self.merge_rewards = merge_rewards  # score mergeable rewards with one session per step (engine/mixing.py)
+        self.merge_rewards = merge_rewards  # score mergeable rewards with one session per step (engine/runtime/mixing.py)
         self._groups: list[ScoringGroup] = []
         self.result = GenerationResult(prompt_tokens=len(self.prompt_tokens))
         self._cancelled = threading.Event()

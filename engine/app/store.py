@@ -30,10 +30,10 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import sqlite_utils
 from sqlite_utils.db import NotFoundError
 
-from engine.errors import StoreError
-from engine.files import write_atomically
-from engine.models import app_data_dir
-from engine.user_json import parse_user_json
+from engine.runtime.errors import StoreError
+from engine.runtime.files import write_atomically
+from engine.app.models import app_data_dir
+from engine.runtime.user_json import parse_user_json
 
 STORE_FILE = "chats.db"
 BUSY_TIMEOUT_S = 10.0

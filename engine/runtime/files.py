@@ -7,7 +7,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from engine.errors import DiskFullError
+from engine.runtime.errors import DiskFullError
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)  # no space left on the device, or in the user's quota
 

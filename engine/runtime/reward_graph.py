@@ -17,7 +17,7 @@ the base model unchanged.
 
 Several rewards of one shape and one embedding can be stacked into one graph
 (``build_stacked_reward_model``): the batch axis becomes the reward axis, so the
-engine scores them all with one run per step (engine/mixing.py).
+engine scores them all with one run per step (engine/runtime/mixing.py).
 ``read_reward_weights`` reads a reward file's weights back for that.
 """
 

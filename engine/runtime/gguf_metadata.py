@@ -4,7 +4,7 @@ llama.cpp refuses a truncated file or a damaged structure with an error, but it 
 metadata values: a block count above its layer limit or a negative norm epsilon abort the whole
 process (a failed GGML_ASSERT), and llama-cpp-python allocates one int per training-context token
 whenever it tokenizes. ``metadata_problem`` finds such values first, so the user gets one clear
-error instead of a crashed app.
+error instead of a crashed app. ``check_gguf_file`` runs all the checks a model file gets before it loads.
 """
 
 from __future__ import annotations
@@ -15,6 +15,9 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from engine.runtime.errors import ModelFileError
+
+GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)  # llama.cpp no longer reads version 1
 MAX_LAYERS = 512  # llama.cpp's LLAMA_MAX_LAYERS
 MAX_CONTEXT_LENGTH = 1 << 24  # 16M tokens: a 64 MB token buffer per tokenize call
@@ -31,7 +34,7 @@ def read_metadata(path: Path) -> dict[str, Any]:
     """
     with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buffer:
         reader = _Reader(buffer)
-        if reader.read(4) != b"GGUF":
+        if reader.read(4) != GGUF_MAGIC:
             raise ValueError("it does not start with 'GGUF'")
         version = reader.scalar("<I")
         if version not in SUPPORTED_VERSIONS:
@@ -106,3 +109,27 @@ class _Reader:
                 self.skip(self.scalar("<Q"))
         else:
             raise ValueError(f"its array {key} has elements of the unsupported type {kind}")
+
+
+def check_gguf_file(path: Path) -> Path:
+    """Checks before llama.cpp sees the file: a precise message, and no values that crash llama.cpp."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ModelFileError(f"Model file not found: {path}. Give the path of a .gguf file, or 'default'.")
+    if not path.is_file():
+        raise ModelFileError(f"{path} is a folder, not a model file; give the path of a .gguf file inside it.")
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+        if magic != GGUF_MAGIC:
+            raise ModelFileError(f"{path} is not a GGUF model (it does not start with 'GGUF'); "
+                                 "convert it to GGUF or pick another file.")
+        problem = metadata_problem(read_metadata(path))
+    except OSError as error:
+        raise ModelFileError(f"Cannot read the model file {path}: {error.strerror}.") from error
+    except ValueError as error:  # the metadata's structure is broken
+        raise ModelFileError(f"The model {path} could not load: the file is truncated, corrupt, or not a GGUF "
+                             f"model ({error}). Re-download it or pick another GGUF.") from error
+    if problem:
+        raise ModelFileError(f"The model {path} is damaged: {problem}. Re-download it or pick another GGUF.")
+    return path

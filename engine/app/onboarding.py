@@ -6,7 +6,7 @@ posterior (Thompson sampling: early mixes point every which way, later ones wher
 still be), all with the same sampling seed so the mix is what differs. A reply's features are its base
 rewards summed over its tokens, read off the decode trace for free. Every pair of replies to one prompt
 joins the pool of candidate questions, and the most informative unasked one is asked
-(engine.pref.informativeness). No Qt here: the desktop runs ``next_question`` on a worker.
+(engine.app.pref.informativeness). No Qt here: the desktop runs ``next_question`` on a worker.
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from engine.base_model import BaseModel
-from engine.chat import rewards_dir
-from engine.decode import Generation, GenerationResult, attach_rewards
-from engine.errors import PrtError
-from engine.pref import PreferencePosterior, Profile, checked_answer, choose_question
-from engine.steering import SamplingConfig
+from engine.runtime.base_model import BaseModel
+from engine.app.chat import rewards_dir
+from engine.runtime.decode import Generation, GenerationResult, attach_rewards
+from engine.runtime.errors import PrtError
+from engine.app.pref import PreferencePosterior, Profile, checked_answer, choose_question
+from engine.runtime.steering import SamplingConfig
 
 DEFAULT_QUESTIONS = 10
 REPLIES_PER_PROMPT = 3  # 3 pairs per prompt for 3 replies' time

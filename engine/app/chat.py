@@ -13,12 +13,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence, TypeVar
 
-from engine.base_model import BaseModel, BaseModelConfig, ChatMessage
-from engine.decode import Generation, GenerationResult, RewardSlot, TokenEvent
-from engine.errors import PrtError, RewardFileError, StoreError
-from engine.models import app_data_subdir
-from engine.rewards import RewardCard, RewardModel, card_path
-from engine.steering import SamplingConfig
+from engine.runtime.base_model import BaseModel, BaseModelConfig, ChatMessage
+from engine.runtime.decode import Generation, GenerationResult, RewardSlot, TokenEvent
+from engine.runtime.errors import PrtError, RewardFileError, StoreError
+from engine.app.models import app_data_subdir
+from engine.runtime.rewards import RewardCard, RewardModel, card_path
+from engine.runtime.steering import SamplingConfig
 
 
 T = TypeVar("T")

@@ -1,0 +1,6 @@
+"""The runtime: a GGUF base model through llama.cpp, ONNX rewards through onnxruntime, steering and the one
+decode loop, with the user-facing errors and file helpers they share.
+
+It may import numpy, llama_cpp, onnx and onnxruntime, and of this project only engine.runtime: nothing of the
+app services, the front ends or the trainer, so it can be used, tested and upgraded on its own.
+"""
