@@ -1,33 +1,19 @@
 """A ``prt`` command run as a child process: torch never loads into the app, every stderr line is a
-TuneProgress, the last stdout line is a JSON summary, and cancelling is a kill (the CLI writes its files
+JobProgress, the last stdout line is a JSON summary, and cancelling is a kill (the CLI writes its files
 atomically, so nothing half-written stays). Tuning and building the style rewards both run this way."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Mapping
 
 from PySide6.QtCore import QObject, QProcess, QProcessEnvironment, Signal
 from PySide6.QtWidgets import QLabel, QProgressBar
 
-from engine.app.chat import TuneProgress
+from engine.app.jobs import ERROR_PREFIX, JobProgress, summary_from
 from desktop.formatting import duration_text
 
-ERROR_PREFIX = "prt: error: "
-
-
-def summary_from(stdout: str, key: str) -> dict | None:
-    """The JSON summary on the last non-empty stdout line, if there is one and it has ``key``."""
-    lines = [line for line in stdout.splitlines() if line.strip()]
-    try:
-        summary = json.loads(lines[-1]) if lines else None
-    except ValueError:
-        return None
-    return summary if isinstance(summary, dict) and key in summary else None
-
-
-def show_progress(bar: QProgressBar, label: QLabel, progress: TuneProgress, phases: Mapping[str, str]) -> None:
+def show_progress(bar: QProgressBar, label: QLabel, progress: JobProgress, phases: Mapping[str, str]) -> None:
     """Fill the bar and say the phase in words, with the count, the time left and the process's message."""
     bar.setRange(0, max(progress.total, 1))
     bar.setValue(progress.done)
@@ -39,7 +25,7 @@ def show_progress(bar: QProgressBar, label: QLabel, progress: TuneProgress, phas
 class ProgressProcess(QObject):
     """Runs one command at a time; ends with exactly one of ``succeeded``, ``failed`` or ``cancelled``."""
 
-    progress = Signal(object)  # TuneProgress
+    progress = Signal(object)  # JobProgress
     succeeded = Signal(dict)  # the summary
     failed = Signal(str)  # one line: the CLI's error, or what went wrong
     cancelled = Signal()
@@ -84,7 +70,7 @@ class ProgressProcess(QObject):
         lines = (self._stderr_tail + data).split(b"\n")
         self._stderr_tail = b"" if final else lines.pop()
         for line in (raw.decode("utf-8", errors="replace") for raw in lines):
-            progress = TuneProgress.parse(line)
+            progress = JobProgress.parse(line)
             if progress is not None:
                 self.progress.emit(progress)
             elif line.strip():

@@ -14,7 +14,8 @@ from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (QCheckBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QLineEdit, QListWidget,
                                QProgressBar, QPushButton, QVBoxLayout, QWidget)
 
-from engine.app.chat import TuneProgress, rewards_dir, tune_command
+from engine.app.chat import rewards_dir, tune_command
+from engine.app.jobs import JobProgress
 from desktop.child_process import ProgressProcess, show_progress
 from desktop.formatting import duration_text, held_out_text, sentence
 
@@ -184,7 +185,7 @@ class TunePanel(QWidget):
         self.cancel()
         self._process.wait(5000)
 
-    def _show_progress(self, progress: TuneProgress) -> None:
+    def _show_progress(self, progress: JobProgress) -> None:
         show_progress(self.progress, self.phase_label, progress, PHASES)
 
     def _succeeded(self, summary: dict) -> None:

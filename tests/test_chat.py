@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_CONFIG
-from engine.app.chat import ChatEngine, ReplyRecorder, TuneProgress, tune_command
+from engine.app.chat import ChatEngine, ReplyRecorder, tune_command
+from engine.app.jobs import JobProgress
 from engine.runtime.errors import PrtError, VocabularyMismatchError
 from engine.runtime.reward_graph import random_reward_weights, token_preference_weights
 from engine.runtime.steering import SamplingConfig
@@ -89,9 +90,9 @@ def test_tune_command_and_progress_lines_round_trip(tmp_path):
                         feedback_db=tmp_path / "chats.db", name="mine")
     assert argv[:4] == [sys.executable, "-m", "engine.cli", "tune"]
     assert {"--json", "--progress-json", "--feedback", "--data"} <= set(argv)
-    progress = TuneProgress("train", 3, 10, 12.5, "epoch 1")
-    assert TuneProgress.parse(progress.to_json()) == progress
-    assert TuneProgress.parse("prt: error: something") is None
+    progress = JobProgress("train", 3, 10, 12.5, "epoch 1")
+    assert JobProgress.parse(progress.to_json()) == progress
+    assert JobProgress.parse("prt: error: something") is None
 
 
 GENERATING_CHILD = textwrap.dedent("""

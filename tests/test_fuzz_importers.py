@@ -33,7 +33,8 @@ from onnx import TensorProto, helper
 
 from engine.runtime.base_model import BaseModel, BaseModelConfig
 from engine.runtime.errors import ModelFileError, PrtError, RewardFileError, RewardRuntimeError, StoreError
-from engine.app.models import app_data_dir, check_gguf_file
+from engine.app.models import app_data_dir
+from engine.runtime.gguf_metadata import check_gguf_file
 from engine.app.pref import PreferencePosterior, Profile, ProfileError, load_features
 from engine.runtime.reward_graph import random_reward_weights
 from engine.runtime.rewards import RewardCard, RewardModel, card_path, save_reward

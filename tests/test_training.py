@@ -397,7 +397,7 @@ def test_distilled_targets_are_the_teachers_distribution_at_its_sampling_tempera
 
 
 def test_cli_tunes_from_the_apps_feedback_with_json_progress(tmp_path, tiny_gguf):
-    from engine.app.chat import TuneProgress
+    from engine.app.jobs import JobProgress
     from engine.app.store import Store
 
     database = tmp_path / "chats.db"
@@ -409,7 +409,7 @@ def test_cli_tunes_from_the_apps_feedback_with_json_progress(tmp_path, tiny_gguf
     tuned = prt("tune", "--model", str(tiny_gguf), "--feedback", str(database), "--out", str(out), "--epochs", "2",
                 "--ctx", "512", "--json", "--progress-json")
     assert tuned.returncode == 0, tuned.stderr
-    progress = [TuneProgress.parse(line) for line in tuned.stderr.splitlines()]
+    progress = [JobProgress.parse(line) for line in tuned.stderr.splitlines()]
     assert progress and all(progress), tuned.stderr  # every stderr line is a progress record
     assert [p.phase for p in progress][0] == "teacher" and progress[-1].phase == "export"
     assert progress[-1].done == progress[-1].total

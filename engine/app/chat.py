@@ -5,7 +5,6 @@ methods block, so the app calls them from worker threads.
 
 from __future__ import annotations
 
-import json
 import sys
 import threading
 import time
@@ -219,26 +218,3 @@ def library_build_command(*, model_path: Path | str, out_dir: Path | str) -> lis
     """The argv that builds the base style rewards for a model, reporting like ``tune_command``."""
     return [sys.executable, "-m", "engine.cli", "library", "build", "--model", str(model_path), "--out", str(out_dir),
             "--json", "--progress-json"]
-
-
-@dataclass(frozen=True)
-class TuneProgress:
-    phase: str  # "teacher" | "train" | "export"
-    done: int
-    total: int
-    eta_seconds: float | None
-    message: str = ""
-
-    def to_json(self) -> str:
-        return json.dumps({"phase": self.phase, "done": self.done, "total": self.total,
-                           "eta_seconds": self.eta_seconds, "message": self.message})
-
-    @classmethod
-    def parse(cls, line: str) -> "TuneProgress | None":
-        """A progress line from the tuning process, or None for any other line."""
-        try:
-            data = json.loads(line)
-            return cls(str(data["phase"]), int(data["done"]), int(data["total"]), data.get("eta_seconds"),
-                       str(data.get("message", "")))
-        except (ValueError, KeyError, TypeError):
-            return None

@@ -23,7 +23,7 @@ import psutil
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from engine.runtime.errors import ContextOverflowError, ModelFileError, PromptError
-from engine.app.models import check_gguf_file
+from engine.runtime.gguf_metadata import check_gguf_file
 
 ChatMessage = Mapping[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
 
