@@ -1,30 +1,16 @@
-"""``prt`` as a user runs it: a real subprocess, real files, exit codes and one-line errors."""
+"""``prt`` as a user runs it: real files, exit codes and one-line errors (in this process, see tests/helpers.py)."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from engine.cli import parse_reward_spec
+from helpers import assert_one_line_error, prt
 from engine.runtime.reward_graph import random_reward_weights
 from tiny_models import small_reward_shape, write_reward
-
-
-def prt(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "engine.cli", *args], input=stdin, capture_output=True, text=True,
-                          env=os.environ | {"PYTHONIOENCODING": "utf-8"}, timeout=300)
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, fragment: str) -> None:
-    assert result.returncode == 1
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("prt: error: ") and fragment in lines[0], result.stderr
-    assert "Traceback" not in result.stderr
 
 
 @pytest.fixture

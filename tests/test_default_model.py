@@ -13,7 +13,7 @@ from engine.app.models import DefaultModelManifest, installed_models, resolve_mo
 from engine.runtime.reward_graph import RewardNetworkShape, token_preference_weights
 from engine.runtime.steering import SamplingConfig
 from test_base_model import reference_greedy
-from test_cli import prt
+from helpers import prt
 from tiny_models import write_reward
 
 CONFIG = BaseModelConfig(n_ctx=1024, n_threads=2, n_gpu_layers=0)

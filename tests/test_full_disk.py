@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from engine.app.store import Store
-from test_cli import assert_one_line_error
+from helpers import assert_one_line_error
 
 REPO = Path(__file__).resolve().parents[1]
 NAMESPACES = (["unshare", "--user", "--map-root-user", "--mount"], ["unshare", "--mount"])

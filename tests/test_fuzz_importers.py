@@ -41,7 +41,7 @@ from engine.runtime.rewards import RewardCard, RewardModel, card_path, save_rewa
 from engine.app.store import SCHEMA_VERSION, Store
 from desktop.settings import SETTING_RANGES, AppSettings, apply_data_folder, configured_data_folder
 from desktop.settings_dialog import SettingsDialog
-from test_cli import assert_one_line_error, prt
+from helpers import assert_one_line_error, prt_process
 from tiny_models import small_reward_shape, write_reward
 
 TESTS = Path(__file__).resolve().parent
@@ -773,4 +773,5 @@ def test_a_damaged_gguf_gives_one_model_file_error_through_base_model_and_never_
 def test_a_damaged_gguf_gives_one_error_line_from_prt_generate(tiny_gguf, gguf_layout, tmp_path, case, fragment):
     path = tmp_path / "damaged.gguf"
     path.write_bytes(damaged(tiny_gguf.read_bytes(), case(gguf_layout)))
-    assert_one_line_error(prt("generate", "--model", str(path), "--prompt", "Hi", "--ctx", "256"), fragment)
+    # a process of its own: a damaged GGUF that got past the checks could abort the whole interpreter
+    assert_one_line_error(prt_process("generate", "--model", str(path), "--prompt", "Hi", "--ctx", "256"), fragment)

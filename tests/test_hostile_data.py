@@ -28,7 +28,7 @@ from rewards_onnx.data import (DOCUMENT_INSTRUCTION, DOCUMENT_MIN_CHARS, DOCUMEN
 from rewards_onnx.evaluate import evaluate_reward
 from rewards_onnx.teacher import fitting, messages_for, response_sequence
 from rewards_onnx.train import tune
-from test_cli import assert_one_line_error, prt
+from helpers import assert_one_line_error, prt
 from tiny_models import small_reward_shape, write_reward
 
 PARSER_EXAMPLES = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -23,7 +23,7 @@ from rewards_onnx.library import (CHECK_TOPICS, STYLES, LibraryError, MarkerChec
                                   check_prompts, list_line_share, mean_word_length, personal_words_per_100_words,
                                   word_count)
 from rewards_onnx.train import TuneConfig
-from test_cli import assert_one_line_error, prt
+from helpers import assert_one_line_error, prt
 from tiny_models import small_reward_shape, write_reward
 
 TINY_TUNE = TuneConfig(epochs=1, width=32, layers=1, heads=4, held_out_fraction=0.5)

@@ -9,7 +9,7 @@ import pytest
 
 from engine.app.pref import (PreferencePosterior, Profile, ProfileError, choose_question, cosine, informativeness,
                          run_pref_bench)
-from test_cli import assert_one_line_error, prt
+from helpers import assert_one_line_error, prt
 
 
 def test_posterior_converges_to_the_hidden_weights_with_many_noiseless_answers():

@@ -14,8 +14,7 @@ from rewards_onnx import teacher_cache
 from rewards_onnx.data import Demonstration, PreferencePair
 from rewards_onnx.teacher import TRAIN_TOP_K, TeacherData, teacher_pass
 from rewards_onnx.teacher_cache import TeacherCache
-from test_cli import prt
-from test_training import other_prompts
+from helpers import other_prompts, prt
 
 EXAMPLES = [Demonstration("Hi", "Hello."), Demonstration("Hey", "Hi there!", teacher_system="Be brief."),
             PreferencePair("Yo", "Hello there.", "Go away."), Demonstration("Hello", "Good day to you.")]

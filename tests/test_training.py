@@ -26,7 +26,7 @@ from rewards_onnx.metrics import reply_part
 from rewards_onnx.network import RewardNet
 from rewards_onnx.teacher import TRAIN_TOP_K, response_sequence, teacher_pass
 from rewards_onnx.train import ExportParityError, TuneConfig, _initial_model, check_export_parity, split_held_out, tune
-from test_cli import assert_one_line_error, prt
+from helpers import assert_one_line_error, other_prompts, prt
 from tiny_models import small_reward_shape, write_reward
 
 TEST_PROMPT = "Tell me about your day."
@@ -42,10 +42,6 @@ def phrase_in_top_k(base, prompt_tokens, rank: int, length: int = 5) -> list[int
         base.sync(prompt_tokens + phrase)
         phrase.append(int(select(base.last_logits()).token_ids[rank]))
     return phrase
-
-
-def other_prompts(n: int) -> list[str]:
-    return [f"Question number {i}: what do you think about item {i}?" for i in range(n)]
 
 
 @pytest.fixture
