@@ -14,6 +14,7 @@ from PySide6.QtWidgets import (QDialog, QDialogButtonBox, QFrame, QHBoxLayout, Q
                                QPushButton, QScrollArea, QSizePolicy, QTextBrowser, QToolButton, QToolTip,
                                QVBoxLayout, QWidget)
 
+from engine.app.store import Message, MessageStatus
 from desktop.formatting import speed_text
 from desktop.token_view import TokenInfo, write_tokens
 
@@ -106,9 +107,9 @@ def _tool_button(text: str, tip: str, *, checkable: bool = False) -> QToolButton
     return button
 
 
-def stats_text(status: str, stats: dict) -> str:
+def stats_text(status: MessageStatus, stats: dict) -> str:
     """'stopped · 42 tokens · 18.3 tok/s · rewards: concise' for an assistant message's header."""
-    parts = [status] if status in ("streaming", "stopped") else []
+    parts: list[str] = [status] if status in ("streaming", "stopped") else []
     if stats.get("error"):
         parts.append(f"error: {stats['error']}")
     if stats.get("tokens"):
@@ -126,7 +127,7 @@ class MessageWidget(QFrame):
     edit_requested = Signal(int)
     rating_changed = Signal(int, object)  # message id, "thumbs_up" | "thumbs_down" | None
 
-    def __init__(self, message, *, tokens: Sequence[TokenInfo] | None = None, rating: str | None = None,
+    def __init__(self, message: Message, *, tokens: Sequence[TokenInfo] | None = None, rating: str | None = None,
                  token_view: bool = False) -> None:
         super().__init__()
         self.message_id = message.id
@@ -149,7 +150,7 @@ class MessageWidget(QFrame):
         layout.addWidget(self.body)
         self.show_status(message.status, message.stats)
 
-    def show_status(self, status: str, stats: dict) -> None:
+    def show_status(self, status: MessageStatus, stats: dict) -> None:
         text = stats_text(status, stats)
         self.status_label.setText(text)
         self.status_label.setVisible(bool(text))

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Literal, Mapping, Sequence, get_args
 
 import sqlite_utils
 from sqlite_utils.db import NotFoundError
@@ -38,7 +38,8 @@ from engine.runtime.user_json import parse_user_json
 STORE_FILE = "chats.db"
 BUSY_TIMEOUT_S = 10.0
 ROLES = ("user", "assistant")
-MESSAGE_STATUSES = ("complete", "streaming", "stopped", "error")
+MessageStatus = Literal["complete", "streaming", "stopped", "error"]
+MESSAGE_STATUSES: tuple[MessageStatus, ...] = get_args(MessageStatus)
 RUN_STATUSES = ("running", "done", "failed", "cancelled")
 FEEDBACK_TEXTS = {  # the reply texts each kind of feedback needs, besides the prompt
     "thumbs_up": ("chosen",),
@@ -69,7 +70,7 @@ class Message:
     position: int  # 0, 1, 2, ... within the conversation
     role: str  # "user" | "assistant"
     content: str
-    status: str  # "complete" | "streaming" | "stopped" | "error"
+    status: MessageStatus
     stats: dict  # e.g. {"tokens", "tokens_per_second", "finish_reason", "rewards": [names]}
     created: str
     updated: str
@@ -364,7 +365,7 @@ class Store:
     # messages, ordered by position
 
     @_synchronized
-    def add_message(self, conversation_id: int, role: str, content: str, *, status: str = "complete",
+    def add_message(self, conversation_id: int, role: str, content: str, *, status: MessageStatus = "complete",
                     stats: dict | None = None) -> int:
         _check_choice("role", role, ROLES)
         _check_choice("status", status, MESSAGE_STATUSES)
@@ -388,7 +389,7 @@ class Store:
         self._db.execute("UPDATE conversations SET updated = ? WHERE id = ?", [now, conversation_id])
 
     @_synchronized
-    def update_message(self, message_id: int, *, content: str | None = None, status: str | None = None,
+    def update_message(self, message_id: int, *, content: str | None = None, status: MessageStatus | None = None,
                        stats: dict | None = None) -> None:
         """Change what is given; committed at once, so a streamed reply keeps its text through a crash."""
         if status is not None:

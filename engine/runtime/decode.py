@@ -13,7 +13,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Literal, Sequence
 
 import numpy as np
 
@@ -103,12 +103,17 @@ class TokenEvent:
     trace: StepTrace | None = None
 
 
+# Why a generation ended: an end-of-generation token or a stop string, max_tokens, the full context window,
+# cancel(), an exception; "" until it has run.
+FinishReason = Literal["stop", "length", "context", "cancelled", "error", ""]
+
+
 @dataclass
 class GenerationResult:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     trace: list[StepTrace] = field(default_factory=list)
-    finish_reason: str = ""  # "stop" | "length" | "context" | "cancelled" | "error"
+    finish_reason: FinishReason = ""
     prompt_tokens: int = 0
     prompt_seconds: float = 0.0  # prefill of base and rewards
     decode_seconds: float = 0.0  # everything after the prefill
