@@ -14,7 +14,9 @@ from typing import Callable
 
 from PySide6.QtCore import QObject, QTimer, Signal
 
+from engine.app.backend import ChatBackend
 from engine.app.chat import ReplyRecorder
+from engine.app.store import Store
 from engine.runtime.decode import GenerationResult, TokenEvent
 from engine.runtime.errors import StoreError
 from engine.runtime.steering import SamplingConfig
@@ -48,7 +50,8 @@ class ChatSession(QObject):
     speed_changed = Signal(float)  # tokens per second of the reply streaming or just finished
     error = Signal(str)
 
-    def __init__(self, engine, store, view: ChatView, sampling: Callable[[int | None], SamplingConfig]) -> None:
+    def __init__(self, engine: ChatBackend, store: Store, view: ChatView,
+                 sampling: Callable[[int | None], SamplingConfig]) -> None:
         super().__init__(view)
         self._engine, self._store, self._view, self._sampling = engine, store, view, sampling
         self.conversation_id: int | None = None

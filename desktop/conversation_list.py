@@ -5,12 +5,14 @@ from __future__ import annotations
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import QInputDialog, QLineEdit, QListWidget, QListWidgetItem, QMenu, QMessageBox, QVBoxLayout, QWidget
 
+from engine.app.store import Store
+
 
 class ConversationList(QWidget):
     conversation_selected = Signal(int)
     conversation_deleted = Signal(int)
 
-    def __init__(self, store) -> None:
+    def __init__(self, store: Store) -> None:
         super().__init__()
         self._store = store
         self.search = QLineEdit(placeholderText="Search chats (Ctrl+F)")

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Iterable, Iterator, Mapping, NoReturn
 
 import numpy as np
 
@@ -65,11 +65,16 @@ TRACED_REPLY = ("Then add waterproof trousers and a dry bag for your phone. Wet 
                 "so wear boots with a good grip and take it slowly on descents.")
 
 
+def _not_here(*_args: object, **_kwargs: object) -> NoReturn:
+    raise PrtError(NOT_HERE)
+
+
 class DemoBase:
-    """Just enough of a base model for the window: a name and a path."""
+    """Just enough of a base model for the window: a name and a path, and no tokens."""
 
     name = DEMO_MODEL
     path = Path(f"{DEMO_MODEL}.gguf")
+    token_bytes = staticmethod(_not_here)
 
 
 class DemoEngine:
@@ -80,7 +85,7 @@ class DemoEngine:
         self.alpha = 1.0
         self._weights: dict[Path, float] = {}
 
-    def describe_rewards(self, paths) -> list[RewardInfo]:
+    def describe_rewards(self, paths: Iterable[Path | str]) -> list[RewardInfo]:
         return [self._describe(Path(path)) for path in paths]
 
     @staticmethod
@@ -91,7 +96,7 @@ class DemoEngine:
         return RewardInfo(path, reward.card(path.stem), False,
                           f"Trained for '{reward.trained_on}', whose vocabulary differs from '{DEMO_MODEL}'.")
 
-    def set_active_rewards(self, weights: Mapping) -> None:
+    def set_active_rewards(self, weights: Mapping[Path | str, float]) -> None:
         self._weights = {Path(path): weight for path, weight in weights.items()}
 
     def set_alpha(self, alpha: float) -> None:
@@ -101,11 +106,8 @@ class DemoEngine:
     def active_reward_names(self) -> list[str]:
         return [path.stem for path, weight in self._weights.items() if weight * self.alpha != 0]
 
-    def load_model(self, *_args, **_kwargs):
-        raise PrtError(NOT_HERE)
-
-    def reply(self, *_args, **_kwargs):
-        raise PrtError(NOT_HERE)
+    # no model here: loading one, replying and lending it to the style survey are refused politely
+    load_model = reply = run_locked = run_exclusive = staticmethod(_not_here)
 
 
 def split_into_tokens(text: str) -> list[str]:

@@ -12,8 +12,10 @@ from PySide6.QtGui import QAction, QCloseEvent, QGuiApplication, QKeySequence
 from PySide6.QtWidgets import (QDialog, QDockWidget, QFileDialog, QLabel, QMainWindow, QMessageBox, QProgressBar,
                                QSplitter)
 
+from engine.app.backend import ChatBackend
 from engine.app.chat import tune_command
 from engine.app.models import app_data_dir, teacher_cache_path
+from engine.app.store import Store
 from desktop.chat_session import ChatSession
 from desktop.chat_view import ChatView
 from desktop.conversation_list import ConversationList
@@ -30,7 +32,7 @@ APP_TITLE = "PRT Chat"
 
 
 class MainWindow(QMainWindow):
-    def __init__(self, engine, store, *, settings: AppSettings | None = None,
+    def __init__(self, engine: ChatBackend, store: Store, *, settings: AppSettings | None = None,
                  tune_command_factory: Callable[..., list[str]] = tune_command, offer_style_survey: bool = False) -> None:
         """``offer_style_survey``: open "Find your style" after the first model loads, until answered or skipped."""
         super().__init__()

@@ -11,10 +11,12 @@ from PySide6.QtGui import QColor
 from PySide6.QtWidgets import (QCheckBox, QFileDialog, QFrame, QHBoxLayout, QLabel, QPushButton, QScrollArea,
                                QSlider, QToolButton, QVBoxLayout, QWidget)
 
+from engine.app.backend import ChatBackend
 from engine.app.chat import RewardInfo
 from engine.runtime.errors import PrtError
 from engine.app.onboarding import saved_profile
 from engine.app.pref import Profile, ProfileError
+from engine.app.store import RewardEntry, Store
 from desktop.formatting import held_out_text, sentence, training_data_text
 from desktop.settings import SETTING_RANGES
 from desktop.theme import lowered_color, raised_color
@@ -64,7 +66,7 @@ class RewardRow(QFrame):
     changed = Signal()
     remove_requested = Signal(str)
 
-    def __init__(self, entry, info: RewardInfo) -> None:
+    def __init__(self, entry: RewardEntry, info: RewardInfo) -> None:
         super().__init__()
         self.path = entry.path
         self.usable = info.compatible is True
@@ -127,7 +129,7 @@ class RewardsPanel(QWidget):
     error = Signal(str)
     style_requested = Signal()  # "Retune my style…"
 
-    def __init__(self, engine, store, *, strength: float = 1.0) -> None:
+    def __init__(self, engine: ChatBackend, store: Store, *, strength: float = 1.0) -> None:
         super().__init__()
         self._engine, self._store = engine, store
         self.rows: list[RewardRow] = []
@@ -201,7 +203,7 @@ class RewardsPanel(QWidget):
         self._store.add_reward(path, info.name)
         self.refresh()
 
-    def active_weights(self) -> dict[str, float]:
+    def active_weights(self) -> dict[Path | str, float]:
         return {row.path: row.weight for row in self.rows if row.active}
 
     def _try_apply(self) -> bool:

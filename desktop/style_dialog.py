@@ -13,10 +13,12 @@ from PySide6.QtCore import QObject, Qt, Signal
 from PySide6.QtWidgets import (QDialog, QGridLayout, QHBoxLayout, QLabel, QProgressBar, QPushButton, QStackedWidget,
                                QTextBrowser, QVBoxLayout, QWidget)
 
+from engine.app.backend import ChatBackend
 from engine.app.chat import library_build_command
 from engine.app.onboarding import (DEFAULT_QUESTIONS, StyleQuestion, StyleSurvey, dial_weights, library_dir,
                                library_reward_paths, save_profile)
 from engine.app.pref import Profile
+from engine.app.store import Store
 from desktop.child_process import ProgressProcess, show_progress
 from desktop.workers import run_in_background
 
@@ -27,7 +29,7 @@ BUILD_PHASES = {"distill": "Writing example answers", "teacher": "Scoring them w
                 "export": "Exporting and checking"}
 
 
-def first_run_pending(store) -> bool:
+def first_run_pending(store: Store) -> bool:
     return store.setting(SURVEY_SETTING) is None
 
 
@@ -46,7 +48,8 @@ class _ProgressRelay(QObject):
 class StyleDialog(QDialog):
     profile_saved = Signal()
 
-    def __init__(self, engine, store, parent: QWidget | None = None, *, questions: int = DEFAULT_QUESTIONS,
+    def __init__(self, engine: ChatBackend, store: Store, parent: QWidget | None = None, *,
+                 questions: int = DEFAULT_QUESTIONS,
                  build_command: Callable[..., list[str]] = library_build_command,
                  survey_factory: Callable[..., StyleSurvey] = StyleSurvey) -> None:
         super().__init__(parent)
@@ -145,6 +148,7 @@ class StyleDialog(QDialog):
 
     def build_library(self) -> None:
         base = self._engine.base
+        assert base is not None  # the build button shows only with a model loaded
         argv = self._build_command(model_path=base.path, out_dir=library_dir(base.path))
         library_dir(base.path).mkdir(parents=True, exist_ok=True)
         self.build_bar.setRange(0, 0)

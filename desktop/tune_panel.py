@@ -14,8 +14,10 @@ from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (QCheckBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QLineEdit, QListWidget,
                                QProgressBar, QPushButton, QVBoxLayout, QWidget)
 
+from engine.app.backend import ChatBackend
 from engine.app.chat import rewards_dir, tune_command
 from engine.app.jobs import JobProgress
+from engine.app.store import Store
 from desktop.child_process import ProgressProcess, show_progress
 from desktop.formatting import duration_text, held_out_text, sentence
 
@@ -48,7 +50,8 @@ def skipped_text(skipped: dict | None) -> str:
 class TunePanel(QWidget):
     reward_tuned = Signal(str)  # the new reward's path
 
-    def __init__(self, engine, store, *, command_factory: Callable[..., list[str]] = tune_command) -> None:
+    def __init__(self, engine: ChatBackend, store: Store, *,
+                 command_factory: Callable[..., list[str]] = tune_command) -> None:
         super().__init__()
         self._engine, self._store, self._command_factory = engine, store, command_factory
         self._process = ProgressProcess(self, summary_key="path", what="tuning process")

@@ -10,6 +10,7 @@ from typing import Any, Callable, Sequence
 
 from PySide6.QtCore import QObject, QRunnable, QThreadPool, Signal
 
+from engine.app.backend import ChatBackend, ReplyStream
 from engine.runtime.base_model import ChatMessage
 from engine.runtime.decode import GenerationResult, TokenEvent
 from engine.runtime.errors import PrtError
@@ -79,7 +80,7 @@ class ReplyJob:
     locked buffer; the GUI takes them with ``drain``. ``cancel`` is safe from the GUI thread.
     """
 
-    def __init__(self, engine, messages: Sequence[ChatMessage], configs: Sequence[SamplingConfig]) -> None:
+    def __init__(self, engine: ChatBackend, messages: Sequence[ChatMessage], configs: Sequence[SamplingConfig]) -> None:
         self._engine = engine
         self._messages = list(messages)
         self._configs = list(configs)
@@ -88,7 +89,7 @@ class ReplyJob:
         self._pieces: list[tuple[int, TokenInfo]] = []
         self._lock = threading.Lock()
         self._cancelled = False
-        self._generation = None
+        self._generation: ReplyStream | None = None
 
     def cancel(self) -> None:
         with self._lock:
@@ -100,6 +101,7 @@ class ReplyJob:
         base = self._engine.base
 
         def token_text(token: int) -> str:
+            assert base is not None  # reply() below refuses to start without a model
             return base.token_bytes(token).decode("utf-8", errors="replace")
 
         for slot, config in enumerate(self._configs):

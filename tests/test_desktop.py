@@ -10,6 +10,7 @@ import json
 import sys
 import threading
 from pathlib import Path
+from typing import Callable, Iterator, Mapping, Sequence, TypeVar, get_args
 
 import numpy as np
 import pytest
@@ -17,14 +18,18 @@ from PySide6.QtCore import Qt
 from PySide6.QtGui import QTextCursor
 from PySide6.QtWidgets import QDialog, QMessageBox
 
-from engine.app.chat import RewardInfo
-from engine.runtime.decode import GenerationResult, StepTrace, TokenEvent
+from engine.app.backend import ChatBackend, ReplyStream
+from engine.app.chat import ChatEngine, ReplyRecorder, RewardInfo
+from engine.runtime.base_model import BaseModel, BaseModelConfig, ChatMessage
+from engine.runtime.decode import FinishReason, GenerationResult, StepTrace, TokenEvent
 from engine.runtime.errors import ModelFileError, RewardRuntimeError
 from engine.app.models import teacher_cache_path
 from engine.runtime.rewards import RewardCard
-from engine.app.store import Store
+from engine.runtime.steering import SamplingConfig
+from engine.app.store import MESSAGE_STATUSES, Store
 from desktop.app import main
 from desktop.chat_view import PairWidget
+from desktop.demo import DemoEngine
 from desktop.main_window import MainWindow
 from desktop.settings import AppSettings
 from desktop.settings_dialog import SettingsDialog
@@ -34,6 +39,7 @@ VOCABULARY = ["Hello", " there", "!", " How", " can", " I", " help", "?", " Sure
 REPLY = [1, 2, 3, 4, 5, 6, 7]  # " there! How can I help?"
 REPLY_TEXT = "".join(VOCABULARY[token] for token in REPLY)
 WAIT_MS = 10_000
+T = TypeVar("T")
 
 
 def step_trace(token: int, position: int) -> StepTrace:
@@ -55,7 +61,7 @@ class FakeGeneration:
     def cancel(self) -> None:
         self._cancelled.set()
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[TokenEvent]:
         for position, token in enumerate(self.tokens):
             if position == self.hold_after:
                 self._cancelled.wait(WAIT_MS / 1000)
@@ -83,29 +89,33 @@ class FakeBase:
 
 
 class FakeEngine:
-    """Duck-typed ChatEngine: records what the window asks; each reply plays the next queued generation."""
+    """A ChatBackend like ChatEngine: records what the window asks; each reply plays the next queued generation."""
 
     def __init__(self) -> None:
         self.base = FakeBase()
         self.alpha = 1.0
         self.generations: list[FakeGeneration] = []  # queued; default: REPLY
-        self.replies: list[tuple[list[dict], object]] = []  # (messages, sampling config) per reply
-        self.loads: list[tuple[Path, object]] = []
+        self.replies: list[tuple[list[ChatMessage], SamplingConfig]] = []  # per reply
+        self.loads: list[tuple[Path, BaseModelConfig]] = []
         self.load_error: Exception | None = None
         self.active_reward_calls: list[dict] = []
         self.alpha_calls: list[float] = []
         self._weights: dict = {}
 
-    def reply(self, messages, config) -> FakeGeneration:
+    def reply(self, messages: Sequence[ChatMessage], config: SamplingConfig) -> FakeGeneration:
         self.replies.append((list(messages), config))
         return self.generations.pop(0) if self.generations else FakeGeneration(REPLY)
 
-    def run_locked(self, generation, on_event) -> GenerationResult:
+    def run_locked(self, generation: ReplyStream, on_event: Callable[[TokenEvent], None]) -> GenerationResult:
         for event in generation:
             on_event(event)
         return generation.result
 
-    def describe_rewards(self, paths) -> list[RewardInfo]:
+    def run_exclusive(self, work: Callable[[BaseModel], T]) -> T:
+        raise NotImplementedError("no model to lend: the style survey is tested with the real engine "
+                                  "(tests/test_style_dialog.py)")
+
+    def describe_rewards(self, paths: Sequence[Path | str]) -> list[RewardInfo]:
         infos = []
         for path in map(Path, paths):
             card = RewardCard(name=path.stem, vocabulary_fingerprint="sha256:x", vocabulary_size=11,
@@ -115,7 +125,7 @@ class FakeEngine:
             infos.append(RewardInfo(path, card, compatible, "" if compatible else "Trained for another vocabulary."))
         return infos
 
-    def set_active_rewards(self, weights) -> None:
+    def set_active_rewards(self, weights: Mapping[Path | str, float]) -> None:
         self.active_reward_calls.append(dict(weights))
         self._weights = dict(weights)
 
@@ -127,7 +137,7 @@ class FakeEngine:
     def active_reward_names(self) -> list[str]:
         return [Path(path).stem for path in self._weights]
 
-    def load_model(self, path, config) -> FakeBase:
+    def load_model(self, path: Path, config: BaseModelConfig) -> FakeBase:
         self.loads.append((Path(path), config))
         if self.load_error is not None:
             raise self.load_error
@@ -184,6 +194,19 @@ def stored(store, window) -> list[tuple[str, str, str]]:
 
 def assistant_widget(window):
     return [widget for widget in window.chat_view.message_widgets() if widget.role == "assistant"][-1]
+
+
+# -- the seam between the window and the engine -------------------------------------------------------
+def test_the_engine_the_demo_and_the_fake_are_chat_backends() -> None:
+    backends: list[ChatBackend] = [ChatEngine(), DemoEngine(), FakeEngine()]  # mypy holds each to the protocol
+    members = [name for name in dir(ChatBackend) if not name.startswith("_")]
+    for backend in backends:
+        assert isinstance(backend, ChatBackend), [name for name in members if not hasattr(backend, name)]
+
+
+def test_every_finish_reason_ends_a_stored_reply_with_a_message_status() -> None:
+    assert set(ReplyRecorder.FINAL_STATUS) == set(get_args(FinishReason)) - {""}  # "": the reply never ran
+    assert set(ReplyRecorder.FINAL_STATUS.values()) <= set(MESSAGE_STATUSES)
 
 
 # -- chatting ---------------------------------------------------------------------------------------

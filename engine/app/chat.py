@@ -10,14 +10,18 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence, TypeVar
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence, TypeVar
 
 from engine.runtime.base_model import BaseModel, BaseModelConfig, ChatMessage
-from engine.runtime.decode import Generation, GenerationResult, RewardSlot, TokenEvent
+from engine.runtime.decode import FinishReason, Generation, GenerationResult, RewardSlot, TokenEvent
 from engine.runtime.errors import PrtError, RewardFileError, StoreError
 from engine.app.models import app_data_subdir
 from engine.runtime.rewards import RewardCard, RewardModel, card_path
 from engine.runtime.steering import SamplingConfig
+
+if TYPE_CHECKING:  # for annotations only: engine.app.backend imports this module
+    from engine.app.backend import ReplyStream
+    from engine.app.store import MessageStatus
 
 
 T = TypeVar("T")
@@ -130,7 +134,7 @@ class ChatEngine:
         return Generation(self.base, prompt, rewards=list(self._slots.values()),
                           config=replace(config, alpha=1.0))
 
-    def run_locked(self, generation: Generation, on_event) -> GenerationResult:
+    def run_locked(self, generation: ReplyStream, on_event: Callable[[TokenEvent], None]) -> GenerationResult:
         """Iterate ``generation`` while no model change can happen, calling ``on_event`` per event."""
         with self._lock:
             for event in generation:
@@ -154,8 +158,8 @@ class ReplyRecorder:
     more is written: the message keeps the text saved before, as after a crash.
     """
 
-    FINAL_STATUS = {"stop": "complete", "length": "complete", "context": "complete", "cancelled": "stopped",
-                    "error": "error"}
+    FINAL_STATUS: dict[FinishReason, MessageStatus] = {
+        "stop": "complete", "length": "complete", "context": "complete", "cancelled": "stopped", "error": "error"}
 
     def __init__(self, store, message_id: int, *, interval: float = 0.25) -> None:
         self._store = store
@@ -175,10 +179,12 @@ class ReplyRecorder:
             self._write(content=self._text, status="streaming")
             self._last_write = time.monotonic()
 
-    def finish(self, result: GenerationResult, reward_names: Sequence[str] = (), error: str | None = None) -> str:
-        status = "error" if error else self.FINAL_STATUS.get(result.finish_reason, "complete")
-        stats = {"tokens": len(result.token_ids), "tokens_per_second": round(result.tokens_per_second, 2),
-                 "finish_reason": result.finish_reason, "rewards": list(reward_names)}
+    def finish(self, result: GenerationResult, reward_names: Sequence[str] = (),
+               error: str | None = None) -> MessageStatus:
+        status: MessageStatus = "error" if error else self.FINAL_STATUS.get(result.finish_reason, "complete")
+        stats: dict[str, object] = {"tokens": len(result.token_ids),
+                                    "tokens_per_second": round(result.tokens_per_second, 2),
+                                    "finish_reason": result.finish_reason, "rewards": list(reward_names)}
         if error:
             stats["error"] = error
         self._write(content=self._text, status=status, stats=stats)
