@@ -127,3 +127,11 @@ def test_corrupt_gguf_header(tmp_path, tiny_gguf):
     path.write_bytes(bytes(data))
     with pytest.raises(ModelFileError, match="could not load"):
         BaseModel(path, config=TINY_CONFIG)
+
+
+def test_a_closed_model_says_so_instead_of_reaching_freed_memory(tiny_gguf):
+    base = BaseModel(tiny_gguf, config=TINY_CONFIG)
+    base.close()
+    base.close()  # closing twice is harmless
+    with pytest.raises(RuntimeError, match="is closed"):
+        base.tokenize("hello")
