@@ -83,6 +83,11 @@ def test_chat_template_is_the_ggufs_own(tiny_base):
     assert text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
 
 
+@pytest.mark.parametrize("text", ["    if ready:\n" + " " * 40 + "go()", "#" * 60 + "\n"])
+def test_detokenize_gives_back_text_whose_tokens_are_longer_than_32_bytes(tiny_base, text):
+    assert tiny_base.detokenize(tiny_base.tokenize(text)) == text
+
+
 def test_end_of_generation_tokens(tiny_base):
     im_end = tiny_base.tokenize("<|im_end|>", special=True)
     assert len(im_end) == 1 and tiny_base.is_end_of_generation(im_end[0])

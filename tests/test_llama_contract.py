@@ -24,7 +24,8 @@ SETTINGS = {"n_ctx": 256, "n_batch": 16, "n_threads": 2, "n_gpu_layers": 0}  # s
 TOLERANCE = {"rtol": 1e-4, "atol": 1e-4}
 SMOLLM2_FINGERPRINT = "sha256:26138422a23a00603102a66ecc9ba0a3a90bbef2072d8d183c700eaac5565e2e"  # in saved reward cards
 OPENING = "The tea garden sits high on the hill, and the pickers start at dawn when the leaves are wet."
-ROUND_TRIP_TEXTS = ["Hello, world!", "naïve café: 日本語, emoji 🙂", "  leading spaces and\ttabs\nnew lines\n\n"]
+ROUND_TRIP_TEXTS = ["Hello, world!", "naïve café: 日本語, emoji 🙂", "  leading spaces and\ttabs\nnew lines\n\n",
+                    "def f():\n" + " " * 40 + "return 1", "#" * 60]  # the last two hold pieces over 32 bytes
 
 
 @pytest.fixture
@@ -142,7 +143,8 @@ def test_n_past_counts_what_the_context_holds_in_the_record_llama_cpp_python_sha
 def test_tokens_round_trip_through_their_pieces(adapter, reference, text):
     tokens = adapter.tokenize(text, add_bos=False, special=False)
     assert b"".join(adapter.token_piece(token) for token in tokens) == text.encode("utf-8")
-    assert [adapter.token_piece(token) for token in tokens] == [reference.detokenize([token]) for token in tokens]
+    short = [token for token in tokens if len(adapter.token_piece(token)) <= 32]  # llama-cpp-python cuts longer ones
+    assert [adapter.token_piece(token) for token in short] == [reference.detokenize([token]) for token in short]
 
 
 def test_special_tokens_are_the_ggufs_and_end_generation(adapter, tokenizer):

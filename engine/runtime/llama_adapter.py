@@ -31,7 +31,7 @@ from engine.runtime.errors import ModelFileError
 
 __all__ = ["Llama", "LlamaAdapter", "RenderedChat", "broken_template_error", "gpu_offload_supported"]
 
-PIECE_BUFFER_BYTES = 32  # as llama-cpp-python's own token_to_piece
+PIECE_BUFFER_BYTES = 32  # enough for all but a few tokens of a vocabulary
 SEQUENCE = 0  # the context's one sequence
 
 
@@ -88,10 +88,14 @@ class LlamaAdapter:
         return self.llama.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
 
     def token_piece(self, token: int) -> bytes:
-        """The bytes ``token`` stands for in generated text (special tokens render as nothing)."""
-        buffer = ctypes.create_string_buffer(PIECE_BUFFER_BYTES)
-        llama_cpp.llama_token_to_piece(self._vocab, token, buffer, PIECE_BUFFER_BYTES, 0, False)
-        return buffer.raw.rstrip(b"\0")
+        """The bytes ``token`` stands for in generated text (special tokens and a NUL byte render as nothing)."""
+        size = PIECE_BUFFER_BYTES
+        while True:
+            buffer = ctypes.create_string_buffer(size)
+            length = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, size, 0, False)
+            if length >= 0:
+                return buffer.raw[:length].rstrip(b"\0")
+            size = -length  # too small (a run of spaces in code, a rule of '#'s): llama.cpp says what it needs
 
     def token_text(self, token: int) -> bytes:
         """The token's entry in the vocabulary, as the GGUF stores it (what the fingerprint hashes)."""
