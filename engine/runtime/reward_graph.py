@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import onnx
@@ -168,11 +168,19 @@ class _GraphBuilder:
         self.initializers.append(numpy_helper.from_array(np.asarray(value), name))
         return name
 
-    def op(self, op_type: str, inputs: list[str], *, hint: str | None = None, outputs: int = 1,
-           output_names: list[str] | None = None, **attributes) -> str | list[str]:
-        names = output_names or [self.fresh(hint or op_type.lower()) for _ in range(outputs)]
+    def op(self, op_type: str, inputs: Sequence[str], *, hint: str | None = None,
+           output_name: str | None = None, **attributes: Any) -> str:
+        """A node with one output, named ``output_name`` or a fresh name."""
+        name = output_name or self.fresh(hint or op_type.lower())
+        self.nodes.append(helper.make_node(op_type, inputs, [name], **attributes))
+        return name
+
+    def op_outputs(self, op_type: str, inputs: Sequence[str], outputs: int, *, hint: str | None = None,
+                   **attributes: Any) -> list[str]:
+        """A node with ``outputs`` outputs, each with a fresh name."""
+        names = [self.fresh(hint or op_type.lower()) for _ in range(outputs)]
         self.nodes.append(helper.make_node(op_type, inputs, names, **attributes))
-        return names[0] if len(names) == 1 else names
+        return names
 
 
 def build_reward_model(weights: RewardWeights, *, metadata: dict[str, str] | None = None) -> onnx.ModelProto:
@@ -213,7 +221,7 @@ def build_stacked_reward_model(stack: Sequence[RewardWeights], *,
     candidates = embed(CANDIDATE_IDS)  # [1, K, d]
     dots = g.op("MatMul", [candidates, g.op("Transpose", [query], perm=[0, 2, 1])])  # [N, K, 1]
     dots = g.op("Squeeze", [dots, g.const("axis_last", np.array([2]))])  # [N, K]
-    g.op("Add", [dots, _candidate_token_bias(g, [w.token_bias for w in stack])], output_names=[REWARDS])
+    g.op("Add", [dots, _candidate_token_bias(g, [w.token_bias for w in stack])], output_name=REWARDS)
 
     graph = helper.make_graph(g.nodes, "prt_reward", _graph_inputs(shape, len(stack)),
                               _graph_outputs(shape, len(stack)), g.initializers)
@@ -321,7 +329,7 @@ def _attention_block(g: _GraphBuilder, x: str, layer: list[LayerWeights], index:
     width = heads * head_dim
     normed = _layer_norm(g, x, [w.ln1_scale for w in layer], [w.ln1_bias for w in layer])
     qkv = _matmul(g, normed, "qkv", [w.qkv for w in layer])  # [N, T, 3d]
-    q, k, v = g.op("Split", [qkv, g.const("split3", np.array([width] * 3))], axis=2, outputs=3)  # [N, T, d] each
+    q, k, v = g.op_outputs("Split", [qkv, g.const("split3", np.array([width] * 3))], 3, axis=2)  # [N, T, d] each
     attended = g.fresh("attended")
     g.nodes.append(helper.make_node(
         "MultiHeadAttention", [q, k, v, "", "", bias, past_key(index), past_value(index)],
@@ -343,7 +351,7 @@ def _mlp_block(g: _GraphBuilder, x: str, layer: list[LayerWeights]) -> str:
 def _graph_inputs(shape: RewardNetworkShape, rewards: int) -> list[onnx.ValueInfoProto]:
     inputs = [helper.make_tensor_value_info(INPUT_IDS, TensorProto.INT64, [1, "new_tokens"]),
               helper.make_tensor_value_info(CANDIDATE_IDS, TensorProto.INT64, [1, "candidates"])]
-    state = [rewards, shape.heads, "past_tokens", shape.head_dim]
+    state: list[int | str] = [rewards, shape.heads, "past_tokens", shape.head_dim]
     for layer in range(shape.layers):
         inputs += [helper.make_tensor_value_info(past_key(layer), TensorProto.FLOAT, state),
                    helper.make_tensor_value_info(past_value(layer), TensorProto.FLOAT, state)]
@@ -352,7 +360,7 @@ def _graph_inputs(shape: RewardNetworkShape, rewards: int) -> list[onnx.ValueInf
 
 def _graph_outputs(shape: RewardNetworkShape, rewards: int) -> list[onnx.ValueInfoProto]:
     outputs = [helper.make_tensor_value_info(REWARDS, TensorProto.FLOAT, [rewards, "candidates"])]
-    state = [rewards, shape.heads, "total_tokens", shape.head_dim]
+    state: list[int | str] = [rewards, shape.heads, "total_tokens", shape.head_dim]
     for layer in range(shape.layers):
         outputs += [helper.make_tensor_value_info(present_key(layer), TensorProto.FLOAT, state),
                     helper.make_tensor_value_info(present_value(layer), TensorProto.FLOAT, state)]
