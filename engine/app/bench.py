@@ -229,7 +229,7 @@ def run_merge_bench(*, rewards: int = 4, vocab_size: int = 49152, top_k: int = 4
         merged_model = stacked_model([read_reward_weights(onnx.load(str(path))) for path in paths])
         separate = [RewardModel(path) for path in paths]
         merged = RewardSession(open_session(merged_model, threads=1), title="merged", source="merged")
-        ways = {"separate": separate, "merged": [merged]}
+        ways: dict[str, Sequence[RewardRuntime]] = {"separate": separate, "merged": [merged]}
         step_ms = {context: _interleaved_step_ms(ways, context, top_k, vocab_size)
                    for context in (SHORT_CONTEXT, long_context)}
         separate_bytes, merged_bytes = sum(path.stat().st_size for path in paths), len(merged_model)

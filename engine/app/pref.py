@@ -20,7 +20,7 @@ import math
 import tokenize
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Sequence, TypeAlias
 
 import numpy as np
 
@@ -33,6 +33,8 @@ ANSWER_LABELS = {"a": 1.0, "b": 0.0, "none": 0.5}
 STRATEGIES = ("adaptive", "random")
 PROFILE_FORMAT_VERSION = 1
 NPY_MAGIC = b"\x93NUMPY"
+# v = f(A) - f(B) of one question: d numbers, as a list (a stored profile) or an array (a question pool)
+FeatureDifference: TypeAlias = "Sequence[float] | np.ndarray"
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
@@ -76,16 +78,16 @@ class PreferencePosterior:
     def observations(self) -> list[tuple[np.ndarray, str]]:
         return [(v.copy(), answer) for v, answer in zip(self._questions, self._answers)]
 
-    def update(self, v: Sequence[float], answer: str) -> None:
+    def update(self, v: FeatureDifference, answer: str) -> None:
         """Add one answer to the question with feature difference v = f(A) - f(B), and refit."""
         self._set_answers([*self.observations, (v, answer)])
 
-    def fit(self, observations: Iterable[tuple[Sequence[float], str]]) -> "PreferencePosterior":
+    def fit(self, observations: Iterable[tuple[FeatureDifference, str]]) -> "PreferencePosterior":
         """Replace all answers by these (v, answer) pairs and refit once."""
         self._set_answers(list(observations))
         return self
 
-    def _set_answers(self, observations: list[tuple[Sequence[float], str]]) -> None:
+    def _set_answers(self, observations: Sequence[tuple[FeatureDifference, str]]) -> None:
         """Check every answer before changing anything, so a bad one leaves the posterior as it was."""
         questions = np.array([self._checked_question(v) for v, _ in observations]).reshape(-1, self.dim)
         answers = [checked_answer(answer) for _, answer in observations]
@@ -93,11 +95,11 @@ class PreferencePosterior:
         self._labels = np.array([ANSWER_LABELS[answer] for answer in answers])
         self._refit()
 
-    def _checked_question(self, v: Sequence[float]) -> np.ndarray:
-        v = np.asarray(v, dtype=float)
-        if v.shape != (self.dim,) or not np.all(np.isfinite(v)):
-            raise ValueError(f"each v must be {self.dim} finite numbers, got shape {v.shape}")
-        return v
+    def _checked_question(self, v: FeatureDifference) -> np.ndarray:
+        array = np.asarray(v, dtype=float)
+        if array.shape != (self.dim,) or not np.all(np.isfinite(array)):
+            raise ValueError(f"each v must be {self.dim} finite numbers, got shape {array.shape}")
+        return array
 
     def _refit(self) -> None:
         self._mean = newton_map(self._questions, self._labels, 1.0 / self.prior_var, start=self._mean)
