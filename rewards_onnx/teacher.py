@@ -62,7 +62,8 @@ class TeacherData:
 
 
 def messages_for(prompt: str, system: str | None) -> list[ChatMessage]:
-    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    messages: list[ChatMessage] = [{"role": "system", "content": system}] if system else []
+    return messages + [{"role": "user", "content": prompt}]
 
 
 def answer_prompts(base: BaseModel, prompts: Sequence[tuple[str, str | None]], *, rewards: Sequence[RewardSlot] = (),
@@ -172,8 +173,9 @@ def teacher_pass(base: BaseModel, examples: Sequence[Example], *, k: int = TRAIN
                 taught.append((example, sequence))
             advance(1)
         elif isinstance(example, PreferencePair):
-            data.pairs.append(tuple(reduce_to_support(base, *response_sequence(base, messages, reply), k)
-                                    for reply in (example.chosen, example.rejected)))
+            chosen, rejected = (reduce_to_support(base, *response_sequence(base, messages, reply), k)
+                                for reply in (example.chosen, example.rejected))
+            data.pairs.append((chosen, rejected))
             advance(2)
     for example, sequence in taught:
         teacher_context = response_sequence(base, messages_for(example.prompt, example.teacher_system),

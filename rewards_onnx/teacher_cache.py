@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from engine.runtime.base_model import BaseModel
-from rewards_onnx.data import Demonstration, Example
+from rewards_onnx.data import Demonstration, Example, PreferencePair
 from rewards_onnx.teacher import Progress, SequenceTargets, TeacherData, evaluations, teacher_pass
 
 ENTRY_FORMAT = 1  # part of every key: a change to what an entry holds makes old entries unreachable
@@ -63,9 +63,13 @@ class TeacherCache:
         """What ``rewards_onnx.teacher.teacher_pass`` returns, in the same order, passing only the examples
         this cache lacks; progress counts those passes only."""
         keys = [self._key(example) for example in examples]
-        passed = {key: self._get(key) for key in keys}
-        self._write("UPDATE passes SET used = ? WHERE key = ?", [(time.time(), key) for key in keys if passed[key]])
-        missing = [(key, example) for key, example in zip(keys, examples) if passed[key] is None]
+        passed: dict[str, Passed] = {}
+        for key, example in zip(keys, examples):
+            item = self._get(key, example)
+            if item is not None:
+                passed[key] = item
+        self._write("UPDATE passes SET used = ? WHERE key = ?", [(time.time(), key) for key in keys if key in passed])
+        missing = [(key, example) for key, example in zip(keys, examples) if key not in passed]
         total, done = sum(evaluations(example) for _, example in missing), 0
         for start in range(0, len(missing), WRITE_EVERY):
             chunk = missing[start: start + WRITE_EVERY]
@@ -73,23 +77,26 @@ class TeacherCache:
                                  progress=_counted_from(done, total, progress))
             demonstrations, pairs = iter(fresh.demonstrations), iter(fresh.pairs)
             for key, example in chunk:
-                passed[key] = next(demonstrations if isinstance(example, Demonstration) else pairs)
+                passed[key] = next(demonstrations) if isinstance(example, Demonstration) else next(pairs)
                 done += evaluations(example)
             self._put({key: passed[key] for key, _ in chunk})
-        return _in_order(examples, [passed[key] for key in keys])
+        return _in_order([passed[key] for key in keys])
 
     def _key(self, example: Example) -> str:
         fields = [ENTRY_FORMAT, self.model_sha256, self.k, type(example).__name__, dataclasses.asdict(example)]
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
-    def _get(self, key: str) -> Passed | None:
+    def _get(self, key: str, example: Example) -> Passed | None:
+        """The entry of ``example``, or None if there is none or it is damaged (then pass the example again)."""
         row = self._db.execute("SELECT data FROM passes WHERE key = ?", (key,)).fetchone()
         if row is None:
             return None
         try:
-            return _decode(row[0])
-        except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile):  # damaged: pass the example again
+            item = _decode(row[0])
+        except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile):
             return None
+        # a demonstration's entry is one sequence, a pair's two: anything else is damaged
+        return item if isinstance(item, tuple) == isinstance(example, PreferencePair) else None
 
     def _put(self, entries: dict[str, Passed]) -> None:
         now = time.time()
@@ -134,10 +141,14 @@ def _counted_from(before: int, total: int, progress: Progress | None) -> Progres
     return lambda done, _: progress(before + done, total)
 
 
-def _in_order(examples: Sequence[Example], passed: Sequence[Passed]) -> TeacherData:
+def _in_order(passed: Sequence[Passed]) -> TeacherData:
+    """The passes as ``teacher_pass`` returns them: a demonstration's (one sequence) or a pair's (two), in order."""
     data = TeacherData([], [])
-    for example, item in zip(examples, passed):
-        (data.demonstrations if isinstance(example, Demonstration) else data.pairs).append(item)
+    for item in passed:
+        if isinstance(item, tuple):
+            data.pairs.append(item)
+        else:
+            data.demonstrations.append(item)
     return data
 
 
@@ -147,7 +158,7 @@ def _encode(item: Passed) -> bytes:
               for index, sequence in enumerate(sequences) for field in dataclasses.fields(sequence)
               if getattr(sequence, field.name) is not None}
     buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
+    np.savez(buffer, allow_pickle=False, **arrays)  # numbers only, as _decode reads them
     return buffer.getvalue()
 
 
@@ -155,9 +166,13 @@ def _decode(blob: bytes) -> Passed:
     with np.load(io.BytesIO(blob), allow_pickle=False) as stored:
         arrays = {name: stored[name] for name in stored.files}
     count = 1 + max(int(name.split(".")[0]) for name in arrays)
-    sequences = tuple(_sequence({name.split(".", 1)[1]: value for name, value in arrays.items()
-                                 if name.startswith(f"{index}.")}) for index in range(count))
-    return sequences[0] if count == 1 else sequences
+    sequences = [_sequence({name.split(".", 1)[1]: value for name, value in arrays.items()
+                            if name.startswith(f"{index}.")}) for index in range(count)]
+    if count == 1:
+        return sequences[0]
+    if count == 2:
+        return sequences[0], sequences[1]
+    raise ValueError(f"an entry holds one sequence or two, not {count}")
 
 
 def _sequence(fields: dict[str, np.ndarray]) -> SequenceTargets:
