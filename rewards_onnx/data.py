@@ -192,7 +192,9 @@ def read_jsonl(path: Path) -> Source:
         with open(path, "rb") as handle:
             for number, line in enumerate(_lines(handle), start=1):
                 try:
-                    example = _parse_line(line.removeprefix(codecs.BOM_UTF8) if number == 1 else line)
+                    if number == 1 and line is not None:
+                        line = line.removeprefix(codecs.BOM_UTF8)
+                    example = _parse_line(line)
                 except _Unusable as unusable:
                     where = f"{path}:{number}" + (f", {unusable.position}" if unusable.position else "")
                     source.skipped.append(Skipped(where, unusable.reason))
@@ -424,11 +426,12 @@ def _feedback_examples(records: Sequence["Feedback"]) -> tuple[list[tuple[Exampl
     unused = []
     for record in records:
         system = record.system or None
-        if record.kind in ("thumbs_up", "edit"):
+        # the store keeps the texts each kind needs (engine/app/store.py, FEEDBACK_TEXTS): the checks only narrow
+        if record.kind in ("thumbs_up", "edit") and record.chosen is not None:
             used.append((Demonstration(record.prompt, record.chosen, system), record))
-        if record.kind in ("pick", "edit"):
+        if record.kind in ("pick", "edit") and record.chosen is not None and record.rejected is not None:
             used.append((PreferencePair(record.prompt, record.chosen, record.rejected, system), record))
-        if record.kind == "thumbs_down":
+        if record.kind == "thumbs_down" and record.rejected is not None:
             chosen = chosen_for_prompt.get(record.prompt)
             if chosen and chosen != record.rejected:
                 used.append((PreferencePair(record.prompt, chosen, record.rejected, system), record))
