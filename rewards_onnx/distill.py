@@ -72,7 +72,7 @@ def example_prompts(seed: int) -> list[str]:
 def distill(base: BaseModel, system: str, count: int, *, max_tokens: int = 96, temperature: float = 0.7,
             seed: int = 0, progress: Callable[[int, int], None] | None = None) -> list[Demonstration]:
     """Up to ``count`` teacher answers that ended on their own (cut-off answers would teach stopping mid-sentence)."""
-    examples = []
+    examples: list[Demonstration] = []
     for index, prompt in enumerate(example_prompts(seed)):
         if len(examples) == count:
             break

@@ -26,8 +26,9 @@ def onnx_rewards(reward: RewardModel) -> Callable[[SequenceTargets], np.ndarray]
     def rewards_for(sequence: SequenceTargets) -> np.ndarray:
         tokens, first = sequence.tokens, sequence.first_target
         reward.reset()
-        rows = [reward.advance(tokens[:first], sequence.candidate_ids[0])]
-        rows += [reward.advance([tokens[p]], sequence.candidate_ids[p - first + 1]) for p in range(first, len(tokens) - 1)]
+        rows = [reward.advance(tokens[:first].tolist(), sequence.candidate_ids[0])]
+        rows += [reward.advance([int(tokens[p])], sequence.candidate_ids[p - first + 1])
+                 for p in range(first, len(tokens) - 1)]
         return np.stack(rows)
     return rewards_for
 

@@ -67,7 +67,11 @@ class Metrics:
 
     def objective(self) -> float:
         """What early stopping minimizes: held-out NLL, or the pair loss when there are only pairs."""
-        return self.steered_nll if self.tokens else float(self.pair_loss)
+        if self.tokens:
+            return self.steered_nll
+        if self.pair_loss is None:
+            raise ValueError("no held-out tokens and no pairs: nothing to stop on")
+        return self.pair_loss
 
 
 def support_logprobs(scores: np.ndarray, target_index: np.ndarray) -> np.ndarray:
@@ -83,6 +87,9 @@ def target_logprobs(sequence: SequenceTargets, rewards: np.ndarray, alpha: float
 
 
 def teacher_target_logprobs(sequence: SequenceTargets) -> np.ndarray:
+    """The teacher's log-prob of each target on the support [N]; only distilled data has a teacher."""
+    if sequence.teacher_logprobs is None:
+        raise ValueError("the sequence has no teacher log-probs (it is not distilled data)")
     return support_logprobs(sequence.teacher_logprobs / sequence.teacher_temperature, sequence.target_index)
 
 

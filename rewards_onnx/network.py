@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -63,6 +64,8 @@ class Block(nn.Module):
 
 
 class RewardNet(nn.Module):
+    slopes: torch.Tensor  # a buffer [1, H, 1, 1]: the ALiBi slopes
+
     def __init__(self, shape: RewardNetworkShape, embedding: np.ndarray, *, train_embedding: bool = False,
                  dropout: float = 0.0) -> None:
         super().__init__()
@@ -98,7 +101,9 @@ class RewardNet(nn.Module):
         def array(t: torch.Tensor) -> np.ndarray:
             return t.detach().cpu().numpy().astype(np.float32)
 
-        return RewardWeights(shape=self.shape, embedding=array(self.embedding), layers=[b.export() for b in self.blocks],
+        # cast: nn.ModuleList is not generic, so to mypy its items are plain Modules; all of them are Blocks
+        layers = [cast(Block, b).export() for b in self.blocks]
+        return RewardWeights(shape=self.shape, embedding=array(self.embedding), layers=layers,
                              final_scale=array(self.final_ln.weight), final_bias=array(self.final_ln.bias),
                              head=array(self.head), token_bias=array(self.token_bias))
 

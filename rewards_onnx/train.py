@@ -235,7 +235,7 @@ def _fit(model: RewardNet, train: TeacherData, held: TeacherData, config: TuneCo
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
     rng = random.Random(config.seed)
-    items = [("demo", s) for s in train.demonstrations] + [("pair", p) for p in train.pairs]
+    items: list[SequenceTargets | tuple[SequenceTargets, SequenceTargets]] = [*train.demonstrations, *train.pairs]
     steps_per_epoch = max(1, -(-len(items) // config.batch_size))
     best = (evaluate_torch(model, held, config.pair_beta).objective(), copy.deepcopy(model.state_dict()), 0)
     started, stale, epoch = time.perf_counter(), 0, 0
@@ -244,8 +244,8 @@ def _fit(model: RewardNet, train: TeacherData, held: TeacherData, config: TuneCo
         model.train()
         for step in range(steps_per_epoch):
             batch = items[step * config.batch_size: (step + 1) * config.batch_size]
-            loss = _batch_loss(model, [s for kind, s in batch if kind == "demo"],
-                               [p for kind, p in batch if kind == "pair"], config.pair_beta)
+            loss = _batch_loss(model, [s for s in batch if isinstance(s, SequenceTargets)],
+                               [p for p in batch if isinstance(p, tuple)], config.pair_beta)
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -344,8 +344,8 @@ def check_export_parity(model: RewardNet, onnx_path: Path, *, seed: int, prefixe
         expected = model.rewards(model.queries(torch.from_numpy(tokens)[None])[0], torch.from_numpy(ids)).numpy()
         reward.reset()
         prefill = length // 2
-        actual = [reward.advance(tokens[:prefill], ids[prefill - 1])]
-        actual += [reward.advance([tokens[p]], ids[p]) for p in range(prefill, length)]
+        actual = [reward.advance(tokens[:prefill].tolist(), ids[prefill - 1])]
+        actual += [reward.advance([int(tokens[p])], ids[p]) for p in range(prefill, length)]
         worst = max(worst, float(np.abs(np.stack(actual) - expected[prefill - 1:]).max()))
     if worst > PARITY_TOLERANCE:
         raise ExportParityError(f"The exported reward differs from the trained model by {worst:.2e} "
