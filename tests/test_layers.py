@@ -53,6 +53,14 @@ def test_each_module_imports_only_the_layers_below_it(path):
     assert not {name for name in imported_modules(path) if breaks(name, forbidden)}
 
 
+def test_only_the_adapter_imports_llama_cpp():
+    """One seam: upgrading llama-cpp-python means reading engine/runtime/llama_adapter.py and its contract test."""
+    importers = {path.relative_to(ROOT).as_posix() for part in ("engine", "rewards_onnx", "desktop")
+                 for path in (ROOT / part).rglob("*.py")
+                 if any(breaks(name, ("llama_cpp",)) for name in imported_modules(path))}
+    assert importers == {"engine/runtime/llama_adapter.py"}
+
+
 def test_the_rules_catch_a_wrong_import(tmp_path):
     """The check itself: a lazy import of the trainer inside a runtime function is found."""
     module = tmp_path / "leaky.py"
