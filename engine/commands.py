@@ -20,6 +20,7 @@ from engine.cli import (UsageError, add_model_arguments, add_steering_arguments,
 from engine.runtime.base_model import BaseModel, ChatMessage
 from engine.runtime.decode import Generation, GenerationResult, RewardSlot, attach_rewards
 from engine.runtime.errors import PrtError
+from engine.runtime.mixing import MergedSessions
 from engine.runtime.steering import SamplingConfig
 
 
@@ -143,7 +144,7 @@ class _cancel_on_interrupt:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    with load_base(args) as base:
+    with load_base(args) as base, MergedSessions() as merged:  # merged rewards keep their state from turn to turn
         slots = attach_rewards(base, [parse_reward_spec(spec) for spec in args.reward])
         config = sampling_config(args)
         active = ", ".join(f"{slot.reward.name} x{slot.weight:g}" for slot in slots) or "none"
@@ -170,7 +171,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 history.pop()
                 print(f"prt: error: {error}", file=sys.stderr)
                 continue
-            generation = Generation(base, prompt, rewards=slots, config=config)
+            generation = Generation(base, prompt, rewards=slots, config=config, merged_sessions=merged)
             print("bot> ", end="", flush=True)
             with _cancel_on_interrupt(generation):
                 for event in generation:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import TINY_CONFIG
+from engine.app.chat import ChatEngine
 from engine.runtime.decode import Generation, attach_rewards
-from engine.runtime.errors import VocabularyMismatchError
-from engine.runtime.mixing import scoring_groups
+from engine.runtime.errors import RewardRuntimeError, VocabularyMismatchError
+from engine.runtime.mixing import MergedSessions, scoring_groups
 from engine.runtime.reward_graph import (RewardNetworkShape, build_reward_model, random_reward_weights,
                                  read_reward_weights)
 from engine.runtime.rewards import RewardModel
@@ -83,10 +85,11 @@ def test_only_rewards_of_one_shape_and_embedding_are_merged(tmp_path, tiny_base)
     other_shape = sharing_rewards(tmp_path, tiny_base, seeds=(4,),
                                   shape=RewardNetworkShape(vocab_size=VOCAB, width=32, layers=1, heads=4))
     rewards = [RewardModel(path) for path in [shared[0], *other_embedding, shared[1], *other_shape]]
-    groups = scoring_groups(rewards)
-    assert sorted(group.indices for group in groups) == [(0, 2), (1,), (3,)]
-    assert scoring_groups(rewards) == groups  # cached: merged sessions keep their KV state between replies
-    assert [len(group.indices) for group in scoring_groups(rewards, merge=False)] == [1, 1, 1, 1]
+    with MergedSessions() as cache:
+        groups = cache.groups(rewards)
+        assert sorted(group.indices for group in groups) == [(0, 2), (1,), (3,)]
+        assert cache.groups(rewards) == groups  # cached: merged sessions keep their KV state between replies
+        assert [len(group.indices) for group in cache.groups(rewards, merge=False)] == [1, 1, 1, 1]
 
 
 def test_a_generation_mixing_merged_and_single_rewards_keeps_the_slot_order(tmp_path, tiny_base, prompt):
@@ -99,12 +102,86 @@ def test_a_generation_mixing_merged_and_single_rewards_keeps_the_slot_order(tmp_
     np.testing.assert_allclose(merged.trace[3].reward_values, separate.trace[3].reward_values, atol=1e-5)
 
 
+def foreign_reward(tmp_path):
+    """A reward trained for another vocabulary."""
+    return write_reward(tmp_path / "foreign.onnx", random_reward_weights(small_reward_shape(VOCAB), seed=2),
+                        vocabulary_fingerprint="sha256:" + "1" * 64, base_name="another-family")
+
+
 def test_a_reward_for_another_vocabulary_is_still_refused(tmp_path, tiny_base):
     (good,) = sharing_rewards(tmp_path, tiny_base, seeds=(1,))
-    foreign = write_reward(tmp_path / "foreign.onnx", random_reward_weights(small_reward_shape(VOCAB), seed=2),
-                           vocabulary_fingerprint="sha256:" + "1" * 64, base_name="another-family")
+    foreign = foreign_reward(tmp_path)
     with pytest.raises(VocabularyMismatchError, match="'foreign' was trained for 'another-family'.*different vocabulary"):
         attach_rewards(tiny_base, [(good, 1.0), (foreign, 1.0)])
+
+
+def test_a_refused_reward_closes_the_rewards_loaded_with_it(tmp_path, tiny_base, monkeypatch):
+    (good,) = sharing_rewards(tmp_path, tiny_base, seeds=(1,))
+    opened = []
+
+    class Recorded(RewardModel):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            opened.append(self)
+
+    monkeypatch.setattr("engine.runtime.decode.RewardModel", Recorded)
+    with pytest.raises(VocabularyMismatchError):
+        attach_rewards(tiny_base, [(good, 1.0), (foreign_reward(tmp_path), 1.0)])
+    assert len(opened) == 2 and all(reward.closed for reward in opened)
+
+
+def test_a_plan_pushed_out_of_the_cache_is_closed_and_the_rewards_own_sessions_stay_open(tmp_path, tiny_base):
+    first, shared, last = (RewardModel(path) for path in sharing_rewards(tmp_path, tiny_base, seeds=(1, 2, 3)))
+    with MergedSessions(capacity=1) as cache:
+        (old,) = cache.groups([first, shared])
+        (new,) = cache.groups([shared, last])
+        assert old.session.closed and not new.session.closed and cache.cached_plans == 1
+        with pytest.raises(RewardRuntimeError, match="cannot score: it was closed"):
+            old.session.sync([1, 2, 3], np.array([5, 6]))
+    assert new.session.closed and cache.cached_plans == 0
+    assert not any(reward.closed for reward in (first, shared, last))
+
+
+@pytest.fixture
+def engine(tiny_gguf):
+    chat = ChatEngine()
+    chat.load_model(tiny_gguf, TINY_CONFIG)
+    yield chat
+    chat.close()
+
+
+def merged_reply(engine: ChatEngine, paths) -> list[RewardModel]:
+    """Reply with ``paths`` switched on; the rewards it used."""
+    engine.set_active_rewards({path: 1.0 for path in paths})
+    generation = engine.reply([{"role": "user", "content": "Tell me something."}], GREEDY)
+    engine.run_locked(generation, lambda _event: None)
+    return [slot.reward for slot in generation.rewards]
+
+
+def test_a_model_switch_closes_the_rewards_and_their_merged_sessions(tmp_path, engine, tiny_gguf_other_seed):
+    rewards = merged_reply(engine, sharing_rewards(tmp_path, engine.base, seeds=(1, 2)))
+    (group,) = engine.merged_sessions.groups(rewards)  # the plan the reply used, from the engine's cache
+    assert group.merged and engine.merged_sessions.cached_plans == 1
+    engine.load_model(tiny_gguf_other_seed, TINY_CONFIG)
+    assert engine.merged_sessions.cached_plans == 0 and group.session.closed
+    assert all(reward.closed for reward in rewards) and engine.active_reward_names == []
+
+
+def test_a_reward_switched_off_is_closed_when_the_reply_ends(tmp_path, engine):
+    paths = sharing_rewards(tmp_path, engine.base, seeds=(1, 2, 3))
+    first, dropped, third = merged_reply(engine, paths)
+    (merged_before,) = engine.merged_sessions.groups([first, dropped, third])
+    still_on = merged_reply(engine, [paths[0], paths[2]])  # the reply runs; at its end the switched-off one closes
+    assert dropped.closed and merged_before.session.closed and not any(reward.closed for reward in still_on)
+    assert still_on == [first, third] and engine.merged_sessions.cached_plans == 1
+
+
+def test_closing_the_engine_twice_is_safe(tmp_path, engine):
+    rewards = merged_reply(engine, sharing_rewards(tmp_path, engine.base, seeds=(1, 2)))
+    engine.close()
+    engine.close()
+    assert engine.base is None and engine.merged_sessions.cached_plans == 0
+    assert all(reward.closed for reward in rewards)
 
 
 def test_reading_a_reward_graph_gives_back_its_weights():

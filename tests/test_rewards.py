@@ -11,7 +11,7 @@ from onnx import TensorProto, helper
 
 from engine.runtime.base_model import BaseModel
 from engine.runtime.decode import Generation, attach_rewards
-from engine.runtime.errors import RewardFileError, VocabularyMismatchError
+from engine.runtime.errors import RewardFileError, RewardRuntimeError, VocabularyMismatchError
 from engine.runtime.reward_graph import random_reward_weights, token_preference_weights
 from engine.runtime.rewards import RewardCard, RewardModel, card_path, save_reward
 from engine.runtime.steering import SamplingConfig
@@ -62,6 +62,17 @@ def test_rewards_depend_on_context_and_candidates(random_reward):
     second = reward.sync([4, 2, 3], candidates)
     assert first.shape == (4,) and np.abs(first - second).max() > 1e-3
     assert np.abs(first - first.mean()).max() > 1e-3
+
+
+def test_a_closed_reward_refuses_to_score_and_closing_twice_is_safe(random_reward):
+    candidates = np.array([5, 6, 7, 8])
+    with RewardModel(random_reward) as reward:
+        assert reward.sync([1, 2, 3], candidates).shape == (4,) and not reward.closed
+    assert reward.closed
+    reward.close()
+    for score in (reward.sync, reward.advance):
+        with pytest.raises(RewardRuntimeError, match="The reward 'random' cannot score: it was closed"):
+            score([1, 2, 3], candidates)
 
 
 def test_a_reward_for_the_same_vocabulary_is_portable_across_models(tmp_path, tiny_base, tiny_gguf_other_seed):

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence, TypeVar
 
 from engine.runtime.base_model import BaseModel, BaseModelConfig, ChatMessage
-from engine.runtime.decode import FinishReason, Generation, GenerationResult, RewardSlot, TokenEvent
+from engine.runtime.decode import FinishReason, Generation, GenerationResult, RewardSlot, TokenEvent, attach_rewards
 from engine.runtime.errors import PrtError, RewardFileError, StoreError
 from engine.app.models import app_data_subdir
+from engine.runtime.mixing import MergedSessions
 from engine.runtime.rewards import RewardCard, RewardModel, card_path
 from engine.runtime.steering import SamplingConfig
 
@@ -55,6 +56,8 @@ class ChatEngine:
         self._reward_threads = reward_threads
         self._slots: dict[Path, RewardSlot] = {}
         self._weights: dict[Path, float] = {}
+        self._switched_off: list[RewardModel] = []  # closed once no reply can be using them
+        self.merged_sessions = MergedSessions()  # the active rewards' merged sessions, kept between replies
         self._lock = threading.Lock()  # one generation or model change at a time
 
     # -- model ------------------------------------------------------------------
@@ -64,14 +67,27 @@ class ChatEngine:
             if self.base is not None:
                 self.base.close()
             self.base = new
-            self._slots = {}  # rewards keep their dial but are re-checked against the new vocabulary
+            self._close_rewards()  # rewards keep their dial but are loaded again for the new vocabulary
         return new
 
     def close(self) -> None:
+        """Close the model, the rewards and their merged sessions; safe to call twice."""
         if self.base is not None:
             self.base.close()
             self.base = None
+        self._close_rewards()
+
+    def _close_rewards(self) -> None:
+        self._switched_off += [slot.reward for slot in self._slots.values()]
         self._slots = {}
+        self._close_switched_off()
+
+    def _close_switched_off(self) -> None:
+        """Close the rewards switched off since the last reply, and the merged sessions that score them."""
+        self.merged_sessions.forget(self._switched_off)
+        for reward in self._switched_off:
+            reward.close()
+        self._switched_off = []
 
     # -- rewards ----------------------------------------------------------------
     def describe_rewards(self, paths: Iterable[Path | str]) -> list[RewardInfo]:
@@ -98,9 +114,10 @@ class ChatEngine:
         own error (missing file, other vocabulary) and changes nothing in that case.
         """
         wanted = {Path(path): float(weight) for path, weight in weights.items()}
-        loaded = {path: self._slots.get(path) or self._load_slot(path) for path in wanted}
+        current = self._slots | self._load_slots([path for path in wanted if path not in self._slots])
+        self._switched_off += [slot.reward for path, slot in current.items() if path not in wanted]
         self._weights = wanted
-        self._slots = loaded
+        self._slots = {path: current[path] for path in wanted}
         self._apply_weights()
 
     def set_alpha(self, alpha: float) -> None:
@@ -111,12 +128,14 @@ class ChatEngine:
         for path, slot in self._slots.items():
             slot.weight = self._weights[path] * self.alpha
 
-    def _load_slot(self, path: Path) -> RewardSlot:
+    def _load_slots(self, paths: Sequence[Path]) -> dict[Path, RewardSlot]:
+        """The rewards at ``paths``, checked against the model; on an error none of them stays open."""
+        if not paths:
+            return {}
         if self.base is None:
             raise PrtError("Load a model before switching rewards on.")
-        reward = RewardModel(path, threads=self._reward_threads)
-        reward.check_compatible(base_name=self.base.name, base_fingerprint=self.base.vocabulary_fingerprint)
-        return RewardSlot(reward)
+        slots = attach_rewards(self.base, [(path, 1.0) for path in paths], threads=self._reward_threads)
+        return dict(zip(paths, slots, strict=True))
 
     @property
     def active_reward_names(self) -> list[str]:
@@ -132,13 +151,16 @@ class ChatEngine:
             raise PrtError("No model is loaded yet; pick one in the model list.")
         prompt = self.base.chat_prompt_tokens(messages)
         return Generation(self.base, prompt, rewards=list(self._slots.values()),
-                          config=replace(config, alpha=1.0))
+                          config=replace(config, alpha=1.0), merged_sessions=self.merged_sessions)
 
     def run_locked(self, generation: ReplyStream, on_event: Callable[[TokenEvent], None]) -> GenerationResult:
         """Iterate ``generation`` while no model change can happen, calling ``on_event`` per event."""
         with self._lock:
-            for event in generation:
-                on_event(event)
+            try:
+                for event in generation:
+                    on_event(event)
+            finally:  # the reply that may have used the rewards switched off meanwhile has ended
+                self._close_switched_off()
         return generation.result
 
     def run_exclusive(self, work: Callable[[BaseModel], T]) -> T:

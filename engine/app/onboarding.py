@@ -24,6 +24,7 @@ from engine.runtime.base_model import BaseModel
 from engine.app.chat import rewards_dir
 from engine.runtime.decode import Generation, GenerationResult, attach_rewards
 from engine.runtime.errors import PrtError
+from engine.runtime.mixing import MergedSessions
 from engine.app.pref import PreferencePosterior, Profile, checked_answer, choose_question
 from engine.runtime.steering import SamplingConfig
 
@@ -98,6 +99,7 @@ class StyleSurvey:
             raise ValueError("a style survey needs at least one base reward")
         self.base = base
         self.slots = attach_rewards(base, [(path, 0.0) for path in reward_paths])
+        self.merged_sessions = MergedSessions()  # one merged session for the base rewards, kept from reply to reply
         self.reward_names = [slot.reward.name for slot in self.slots]
         self.questions = questions
         self.reply_tokens = reply_tokens
@@ -176,7 +178,8 @@ class StyleSurvey:
             slot.weight = float(weight)
         config = SamplingConfig(temperature=REPLY_TEMPERATURE, seed=seed, max_tokens=self.reply_tokens)
         prompt_tokens = self.base.chat_prompt_tokens([{"role": "user", "content": prompt}])
-        self._generation = Generation(self.base, prompt_tokens, rewards=self.slots, config=config)
+        self._generation = Generation(self.base, prompt_tokens, rewards=self.slots, config=config,
+                                      merged_sessions=self.merged_sessions)
         if self._cancelled.is_set():  # checked after publishing the generation, so a cancel in between still stops it
             raise SurveyCancelled("The style questions were cancelled.")
         result = self._generation.run()

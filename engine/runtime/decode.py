@@ -9,6 +9,7 @@ Reward weights are read at every step, so a change applies to the next token.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import threading
 import time
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import Callable, Iterator, Literal, Sequence
 import numpy as np
 
 from engine.runtime.base_model import BaseModel
-from engine.runtime.mixing import ScoringGroup, scoring_groups
+from engine.runtime.mixing import MergedSessions, ScoringGroup, close_plan, scoring_groups
 from engine.runtime.rewards import RewardModel
 from engine.runtime.steering import Candidates, CandidateSelector, Sampler, SamplingConfig, log_softmax, steered_scores
 
@@ -32,12 +33,17 @@ class RewardSlot:
 
 
 def attach_rewards(base: BaseModel, specs: Sequence[tuple[Path | str, float]], *, threads: int = 1) -> list[RewardSlot]:
-    """Load rewards and refuse any whose vocabulary differs from the base model's."""
+    """Load rewards and refuse any whose vocabulary differs from the base model's; the caller closes them.
+
+    On a refusal, the rewards loaded so far are closed before the error is raised.
+    """
     slots = []
-    for path, weight in specs:
-        reward = RewardModel(path, threads=threads)
-        reward.check_compatible(base_name=base.name, base_fingerprint=base.vocabulary_fingerprint)
-        slots.append(RewardSlot(reward, weight))
+    with contextlib.ExitStack() as opened:
+        for path, weight in specs:
+            reward = opened.enter_context(RewardModel(path, threads=threads))
+            reward.check_compatible(base_name=base.name, base_fingerprint=base.vocabulary_fingerprint)
+            slots.append(RewardSlot(reward, weight))
+        opened.pop_all()  # all of them loaded: they are the caller's now
     return slots
 
 
@@ -150,12 +156,14 @@ class Generation:
     """A steered generation from prompt tokens; iterate it to run it."""
 
     def __init__(self, base: BaseModel, prompt_tokens: Sequence[int], *, rewards: Sequence[RewardSlot] = (),
-                 config: SamplingConfig = SamplingConfig(), merge_rewards: bool = True) -> None:
+                 config: SamplingConfig = SamplingConfig(), merge_rewards: bool = True,
+                 merged_sessions: MergedSessions | None = None) -> None:
         self.base = base
         self.prompt_tokens = list(prompt_tokens)
         self.rewards = list(rewards)
         self.config = config
         self.merge_rewards = merge_rewards  # score mergeable rewards with one session per step (engine/runtime/mixing.py)
+        self.merged_sessions = merged_sessions  # the caller's, kept between replies; None: its own, closed at the end
         self._groups: list[ScoringGroup] = []
         self.result = GenerationResult(prompt_tokens=len(self.prompt_tokens))
         self._cancelled = threading.Event()
@@ -188,7 +196,7 @@ class Generation:
         result.finish_reason = "error"  # until the loop ends normally
         try:
             base.check_fits(len(self.prompt_tokens) + 1)
-            self._groups = scoring_groups([slot.reward for slot in self.rewards], merge=self.merge_rewards)
+            self._groups = self._scoring_groups()
             base.sync(self.prompt_tokens)
             candidates, reward_values = self._score(self.prompt_tokens, prefill=True)
             decoding_from = time.perf_counter()
@@ -232,6 +240,14 @@ class Generation:
             raise
         finally:
             result.decode_seconds = time.perf_counter() - started - result.prompt_seconds
+            if self.merged_sessions is None:
+                close_plan(self._groups)
+
+    def _scoring_groups(self) -> list[ScoringGroup]:
+        rewards = [slot.reward for slot in self.rewards]
+        if self.merged_sessions is None:
+            return scoring_groups(rewards, merge=self.merge_rewards)
+        return self.merged_sessions.groups(rewards, merge=self.merge_rewards)
 
     def _score(self, new_tokens: Sequence[int], *, prefill: bool) -> tuple[Candidates, np.ndarray]:
         candidates = self._select(self.base.last_logits())

@@ -31,27 +31,75 @@ class ScoringGroup:
     indices: tuple[int, ...]
     session: RewardSession
 
+    @property
+    def merged(self) -> bool:
+        """Whether the session was built for this group (and is closed with its plan), not a reward's own."""
+        return len(self.indices) > 1
+
 
 def scoring_groups(rewards: Sequence[RewardModel], *, merge: bool = True) -> list[ScoringGroup]:
     """How to score ``rewards`` at each step: mergeable rewards share one session, the rest use their own.
 
-    The plan for a set of rewards is built once and cached, so the merged sessions keep their KV state
-    from one reply to the next, like the rewards' own sessions do.
+    The merged sessions are new and the caller's to close (``close_plan``); MergedSessions keeps plans for reuse.
     """
     if not merge or len(rewards) < 2:
         return _separate(rewards)
-    key = tuple(rewards)
-    with _plans_lock:
-        if key not in _plans:
-            _plans[key] = _plan(rewards)
-            if len(_plans) > CACHED_PLANS:
-                _plans.popitem(last=False)
-        _plans.move_to_end(key)
-        return _plans[key]
+    return _plan(rewards)
 
 
-_plans: OrderedDict[tuple[RewardModel, ...], list[ScoringGroup]] = OrderedDict()
-_plans_lock = threading.Lock()
+def close_plan(groups: Sequence[ScoringGroup]) -> None:
+    """Close the merged sessions of a plan; the rewards' own sessions stay open (their RewardModel owns them)."""
+    for group in groups:
+        if group.merged:
+            group.session.close()
+
+
+class MergedSessions:
+    """The plans of the last ``capacity`` sets of rewards, so that merged sessions keep their KV state from one
+    reply to the next, as the rewards' own sessions do. Owned by its user (the ChatEngine), who closes it; a plan
+    pushed out by a newer one is closed at once. One generation at a time may use it.
+    """
+
+    def __init__(self, *, capacity: int = CACHED_PLANS) -> None:
+        self._capacity = capacity
+        self._plans: OrderedDict[tuple[RewardModel, ...], list[ScoringGroup]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def cached_plans(self) -> int:
+        return len(self._plans)
+
+    def groups(self, rewards: Sequence[RewardModel], *, merge: bool = True) -> list[ScoringGroup]:
+        """``scoring_groups(rewards)``, the same plan (and merged sessions) as last time for the same rewards."""
+        if not merge or len(rewards) < 2:
+            return _separate(rewards)  # no merged session: nothing to keep
+        key = tuple(rewards)
+        with self._lock:
+            if key not in self._plans:
+                self._plans[key] = _plan(rewards)
+                if len(self._plans) > self._capacity:
+                    close_plan(self._plans.popitem(last=False)[1])
+            self._plans.move_to_end(key)
+            return self._plans[key]
+
+    def forget(self, rewards: Sequence[RewardModel]) -> None:
+        """Close the plans that score any of ``rewards`` (before those are closed themselves)."""
+        gone = set(rewards)
+        with self._lock:
+            for key in [key for key in self._plans if not gone.isdisjoint(key)]:
+                close_plan(self._plans.pop(key))
+
+    def close(self) -> None:
+        """Close every merged session held here. Safe twice; the cache may be used again afterwards (empty)."""
+        with self._lock:
+            while self._plans:
+                close_plan(self._plans.popitem()[1])
+
+    def __enter__(self) -> MergedSessions:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 def _separate(rewards: Sequence[RewardModel]) -> list[ScoringGroup]:
@@ -59,21 +107,26 @@ def _separate(rewards: Sequence[RewardModel]) -> list[ScoringGroup]:
 
 
 def _plan(rewards: Sequence[RewardModel]) -> list[ScoringGroup]:
-    groups: dict[object, list[tuple[int, RewardWeights | None]]] = {}
+    groups: dict[object, list[int]] = {}  # stack key (or a key of its own) -> indices, in the order first seen
+    stackable: dict[int, RewardWeights] = {}
     for index, reward in enumerate(rewards):
         weights = _readable_weights(reward)
-        key = ("alone", index) if weights is None else stack_key(weights)
-        if key in groups:  # hold one copy of the shared embedding
-            weights = replace(weights, embedding=groups[key][0][1].embedding)
-        groups.setdefault(key, []).append((index, weights))
-    return [_scoring_group(rewards, members) for members in groups.values()]
+        if weights is None:
+            groups[("alone", index)] = [index]
+            continue
+        members = groups.setdefault(stack_key(weights), [])
+        if members:  # hold one copy of the shared embedding
+            weights = replace(weights, embedding=stackable[members[0]].embedding)
+        members.append(index)
+        stackable[index] = weights
+    return [_scoring_group(rewards, indices, stackable) for indices in groups.values()]
 
 
-def _scoring_group(rewards: Sequence[RewardModel], members: list[tuple[int, RewardWeights | None]]) -> ScoringGroup:
-    indices = tuple(index for index, _ in members)
+def _scoring_group(rewards: Sequence[RewardModel], indices: list[int],
+                   stackable: dict[int, RewardWeights]) -> ScoringGroup:
     if len(indices) == 1:
-        return ScoringGroup(indices, rewards[indices[0]].session)
-    return ScoringGroup(indices, merged_session([rewards[i] for i in indices], [weights for _, weights in members]))
+        return ScoringGroup((indices[0],), rewards[indices[0]].session)
+    return ScoringGroup(tuple(indices), merged_session([rewards[i] for i in indices], [stackable[i] for i in indices]))
 
 
 def _readable_weights(reward: RewardModel) -> RewardWeights | None:

@@ -141,7 +141,7 @@ class RewardSession:
 
     def __init__(self, session: ort.InferenceSession, *, title: str, source: Path | str) -> None:
         self.title = title  # names the reward(s) in errors: "The reward 'x'"
-        self._session = session
+        self._session: ort.InferenceSession | None = session  # None once closed
         self.rows, self.layers, self.heads, self.head_dim = _check_contract(session, source)
         self._output_names = [contract.REWARDS] + [name for layer in range(self.layers)
                                                    for name in (contract.present_key(layer), contract.present_value(layer))]
@@ -149,14 +149,14 @@ class RewardSession:
                              for name in (contract.past_key(layer), contract.past_value(layer))]
         self._tokens: list[int] = []
         self._state: list[np.ndarray] = []
-        self._check_first_step(source)
+        self._check_first_step(session, source)
 
-    def _check_first_step(self, source: Path | str) -> None:
+    def _check_first_step(self, session: ort.InferenceSession, source: Path | str) -> None:
         """Score two candidates after one token: a graph can have the contract's names and still return other
         shapes, types or non-finite rewards, which would fail far from their cause, in the middle of a reply."""
         self.reset()
         try:
-            outputs = self._session.run(self._output_names, self._feeds([0], np.zeros(2, dtype=np.int64)))
+            outputs = session.run(self._output_names, self._feeds([0], np.zeros(2, dtype=np.int64)))
         except Exception as error:  # onnxruntime raises its own exception types
             raise RewardFileError(f"The reward {source} fails on its first token ({_first_line(error)}); "
                                   "it may be corrupt. Re-export it.") from error
@@ -172,6 +172,15 @@ class RewardSession:
     def n_past(self) -> int:
         return len(self._tokens)
 
+    @property
+    def closed(self) -> bool:
+        return self._session is None
+
+    def close(self) -> None:
+        """Let go of the onnxruntime session and the state (their memory); scoring afterwards is refused. Safe twice."""
+        self._session = None
+        self.reset()
+
     def reset(self) -> None:
         empty = np.zeros((self.rows, self.heads, 0, self.head_dim), dtype=np.float32)
         self._state = [empty] * len(self._state_names)
@@ -185,6 +194,9 @@ class RewardSession:
 
     def advance(self, new_tokens: Sequence[int], candidates: np.ndarray) -> np.ndarray:
         """Append ``new_tokens`` to the state and return the rewards [rows, K] of the candidates for the next token."""
+        if self._session is None:
+            raise RewardRuntimeError(f"{self.title} cannot score: it was closed (switched off, or its model was "
+                                     "unloaded); load it again to score with it.")
         try:
             rewards, *state = self._session.run(self._output_names, self._feeds(new_tokens, candidates))
         except Exception as error:  # onnxruntime raises its own exception types
@@ -209,7 +221,10 @@ class RewardSession:
 
 
 class RewardModel:
-    """One reward file: its card and a session with KV state for the current sequence."""
+    """One reward file: its card and a session with KV state for the current sequence.
+
+    Whoever opens one closes it: ``close()``, or ``with RewardModel(path) as reward:``.
+    """
 
     def __init__(self, path: Path | str, *, threads: int = 1) -> None:
         self.path = Path(path).expanduser()
@@ -226,6 +241,20 @@ class RewardModel:
                                      source=self.path)
         if self.session.rows != 1:
             raise RewardFileError(f"The reward {self.path} holds {self.session.rows} rewards; a reward file holds one.")
+
+    def close(self) -> None:
+        """Free the session; scoring afterwards raises RewardRuntimeError. Safe to call twice."""
+        self.session.close()
+
+    @property
+    def closed(self) -> bool:
+        return self.session.closed
+
+    def __enter__(self) -> RewardModel:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def check_compatible(self, *, base_name: str, base_fingerprint: str) -> None:
         if self.card.vocabulary_fingerprint != base_fingerprint:
