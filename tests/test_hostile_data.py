@@ -162,12 +162,16 @@ def test_one_hostile_line_among_good_ones_is_skipped_with_where_and_why(tmp_path
     assert len(str(skipped)) < len(str(path)) + 120  # a huge line never makes a huge message
 
 
-def test_a_line_longer_than_the_limit_is_skipped_without_being_held(tmp_path):
+@pytest.mark.parametrize("huge_line", [1, 2], ids=["first line", "second line"])
+def test_a_line_longer_than_the_limit_is_skipped_without_being_held(tmp_path, huge_line):
     huge = b'{"prompt": "a", "response": "' + b"x" * (MAX_LINE_BYTES + 10) + b'"}'
-    source = read_jsonl(jsonl_file(tmp_path, [GOOD, huge, GOOD]))
+    lines = [GOOD, GOOD]
+    lines.insert(huge_line - 1, huge)
+    source = read_jsonl(jsonl_file(tmp_path, lines))
     assert len(source.examples) == 2
-    assert [skipped.reason for skipped in source.skipped] == ["longer than 4 MiB"]
-    assert source.places[1].endswith(":3")  # the line count goes on after the huge line
+    assert [(skipped.where, skipped.reason) for skipped in source.skipped] == [
+        (f"{tmp_path / 'data.jsonl'}:{huge_line}", "longer than 4 MiB")]
+    assert source.places[-1].endswith(":3")  # the line count goes on after the huge line
 
 
 def test_a_utf8_bom_and_windows_line_ends_are_read(tmp_path):
