@@ -14,9 +14,10 @@ from PySide6.QtWidgets import QApplication, QMessageBox
 from engine.app.chat import ChatEngine
 from engine.runtime.errors import PrtError
 from engine.app.models import default_model_path
-from engine.app.store import Store, default_store_path
+from engine.app.paths import AppPaths
+from engine.app.store import Store
 from desktop.main_window import APP_TITLE, MainWindow
-from desktop.settings import AppSettings, apply_data_folder
+from desktop.settings import AppSettings, startup_paths
 from desktop.workers import error_text
 
 WINDOW_SIZE = (1280, 800)
@@ -30,18 +31,21 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
                                                        "else the default model)")
     parser.add_argument("--screenshot", metavar="FILE.png", help="render the window to a PNG and exit")
     parser.add_argument("--demo", action="store_true", help="a canned conversation and rewards, no model")
+    parser.add_argument("--data-folder", type=Path, default=None, metavar="DIR",
+                        help="the app's data folder (default: PRT_HOME, else the one set in Settings, else the OS's)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(sys.argv[1:] if argv is None else argv)
-    if args.screenshot:
-        os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
-    app = QApplication.instance() or QApplication([sys.argv[0]])
+    # a screenshot needs no display: offscreen, unless QT_QPA_PLATFORM names a platform (as an option, which
+    # would override it, not by changing the environment)
+    platform = ["-platform", "offscreen"] if args.screenshot and "QT_QPA_PLATFORM" not in os.environ else []
+    app = QApplication.instance() or QApplication([sys.argv[0], *platform])
     app.setApplicationName(APP_TITLE)
     with contextlib.ExitStack() as cleanup:
         try:
-            window = _demo_window(cleanup) if args.demo else _real_window(cleanup, args.model)
+            window = _demo_window(cleanup) if args.demo else _real_window(cleanup, args.model, args.data_folder)
         except PrtError as error:
             return _fatal(str(error), interactive=not args.screenshot)
         cleanup.callback(window.close)
@@ -53,14 +57,14 @@ def main(argv: list[str] | None = None) -> int:
         return app.exec()
 
 
-def _real_window(cleanup: contextlib.ExitStack, model: str | None) -> MainWindow:
-    apply_data_folder()
-    store = cleanup.enter_context(Store(default_store_path()))
+def _real_window(cleanup: contextlib.ExitStack, model: str | None, data_folder: Path | None) -> MainWindow:
+    paths = startup_paths(data_folder)
+    store = cleanup.enter_context(Store(paths.store))
     engine = ChatEngine()
     cleanup.callback(engine.close)
     settings = AppSettings.load(store)
-    window = MainWindow(engine, store, settings=settings, offer_style_survey=True)
-    path = _model_to_load(model, settings)
+    window = MainWindow(engine, store, paths=paths, settings=settings, offer_style_survey=True)
+    path = _model_to_load(model, settings, paths)
     if path is None:
         window.statusBar().showMessage(NO_MODEL)
     else:
@@ -68,11 +72,11 @@ def _real_window(cleanup: contextlib.ExitStack, model: str | None) -> MainWindow
     return window
 
 
-def _model_to_load(model: str | None, settings: AppSettings) -> Path | None:
+def _model_to_load(model: str | None, settings: AppSettings, paths: AppPaths) -> Path | None:
     """--model, else the model used last (if it is still there), else the default model (if installed)."""
     if model:
         return Path(model)
-    for candidate in (settings.last_model, default_model_path()):
+    for candidate in (settings.last_model, default_model_path(paths)):
         if candidate and Path(candidate).is_file():
             return Path(candidate)
     return None
@@ -81,8 +85,8 @@ def _model_to_load(model: str | None, settings: AppSettings) -> Path | None:
 def _demo_window(cleanup: contextlib.ExitStack) -> MainWindow:
     from desktop.demo import demo_data
 
-    engine, store, reply_id, tokens = cleanup.enter_context(demo_data())
-    window = MainWindow(engine, store, settings=AppSettings())
+    engine, store, paths, reply_id, tokens = cleanup.enter_context(demo_data())
+    window = MainWindow(engine, store, paths=paths, settings=AppSettings())
     window.session.remember_tokens(reply_id, tokens)
     window.conversations.refresh()
     window.conversations.list.setCurrentRow(0)  # the demo conversation, the most recent

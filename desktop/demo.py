@@ -7,7 +7,6 @@ so the token view shows tints and tooltips; the screenshot is the same on every 
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import shutil
 import tempfile
@@ -22,6 +21,7 @@ from engine.runtime.decode import StepTrace, TokenEvent
 from engine.runtime.errors import PrtError
 from engine.runtime.rewards import RewardCard
 from engine.runtime.steering import steered_scores
+from engine.app.paths import AppPaths
 from engine.app.store import Store
 from desktop.token_view import TokenInfo, token_info
 
@@ -155,19 +155,14 @@ def fill_store(store: Store) -> tuple[int, list[TokenInfo]]:
 
 
 @contextlib.contextmanager
-def demo_data() -> Iterator[tuple[DemoEngine, Store, int, list[TokenInfo]]]:
-    """A throw-away app folder and store holding the demo, removed afterwards."""
+def demo_data() -> Iterator[tuple[DemoEngine, Store, AppPaths, int, list[TokenInfo]]]:
+    """A throw-away app folder (the model list and rewards folder are the demo's too) and store holding the demo,
+    removed afterwards."""
     folder = Path(tempfile.mkdtemp(prefix="prt-demo-"))
-    saved_home = os.environ.get("PRT_HOME")
-    os.environ["PRT_HOME"] = str(folder)  # the model list and rewards folder are the demo's too
     store = Store(folder / "demo.db")
     try:
         reply_id, tokens = fill_store(store)
-        yield DemoEngine(), store, reply_id, tokens
+        yield DemoEngine(), store, AppPaths(folder), reply_id, tokens
     finally:
         store.close()
-        if saved_home is None:
-            os.environ.pop("PRT_HOME", None)
-        else:
-            os.environ["PRT_HOME"] = saved_home
         shutil.rmtree(folder, ignore_errors=True)

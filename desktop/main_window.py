@@ -13,8 +13,7 @@ from PySide6.QtWidgets import (QDialog, QDockWidget, QFileDialog, QLabel, QMainW
                                QSplitter)
 
 from engine.app.backend import ChatBackend
-from engine.app.chat import tune_command
-from engine.app.models import app_data_dir, teacher_cache_path
+from engine.app.paths import AppPaths
 from engine.app.store import Store
 from desktop.chat_session import ChatSession
 from desktop.chat_view import ChatView
@@ -32,19 +31,22 @@ APP_TITLE = "PRT Chat"
 
 
 class MainWindow(QMainWindow):
-    def __init__(self, engine: ChatBackend, store: Store, *, settings: AppSettings | None = None,
-                 tune_command_factory: Callable[..., list[str]] = tune_command, offer_style_survey: bool = False) -> None:
-        """``offer_style_survey``: open "Find your style" after the first model loads, until answered or skipped."""
+    def __init__(self, engine: ChatBackend, store: Store, *, paths: AppPaths | None = None,
+                 settings: AppSettings | None = None, tune_command_factory: Callable[..., list[str]] | None = None,
+                 offer_style_survey: bool = False) -> None:
+        """``paths``: the app's, built at start-up (None: resolved here, from PRT_HOME or the OS's folder).
+        ``offer_style_survey``: open "Find your style" after the first model loads, until answered or skipped."""
         super().__init__()
         self.setWindowTitle(APP_TITLE)
         self.engine, self.store = engine, store
+        self.paths = paths or AppPaths.resolve()
         self.settings = AppSettings.load(store) if settings is None else settings
         self.conversations = ConversationList(store)
         self.chat_view = ChatView()
         self.session = ChatSession(engine, store, self.chat_view, lambda seed: self.settings.sampling(seed))
         self.rewards_panel = RewardsPanel(engine, store, strength=self.settings.alpha)
-        self.tune_panel = TunePanel(engine, store, command_factory=tune_command_factory)
-        self.model_picker = ModelPicker()
+        self.tune_panel = TunePanel(engine, store, paths=self.paths, command_factory=tune_command_factory)
+        self.model_picker = ModelPicker(self.paths)
         self.style_dialog: StyleDialog | None = None
         self._offer_style_survey = offer_style_survey
         self.error_box = QMessageBox(QMessageBox.Icon.Warning, APP_TITLE, "", QMessageBox.StandardButton.Ok, self)
@@ -202,7 +204,7 @@ class MainWindow(QMainWindow):
         if self.style_dialog is not None and self.style_dialog.isVisible():
             self.style_dialog.raise_()
             return
-        self.style_dialog = StyleDialog(self.engine, self.store, self)
+        self.style_dialog = StyleDialog(self.engine, self.store, self, paths=self.paths)
         self.style_dialog.profile_saved.connect(self.rewards_panel.refresh)
         self.style_dialog.open()
 
@@ -212,12 +214,12 @@ class MainWindow(QMainWindow):
         self.settings.save(self.store)
 
     def open_settings(self) -> None:
-        dialog = SettingsDialog(self.settings, app_data_dir(), self)
+        dialog = SettingsDialog(self.settings, self.paths.data, self)
         if dialog.exec() != QDialog.DialogCode.Accepted:
             return
         old, self.settings = self.settings, dialog.settings()
         self.settings.save(self.store)
-        if dialog.chosen_data_folder() != app_data_dir():
+        if dialog.chosen_data_folder() != self.paths.data:
             save_data_folder(dialog.chosen_data_folder())
             self.statusBar().showMessage("The new data folder is used from the next start.", 10000)
         if self.settings.model_config() != old.model_config() and self.engine.base is not None:
@@ -251,7 +253,7 @@ class MainWindow(QMainWindow):
         if answer != QMessageBox.StandardButton.Yes:
             return
         self.store.delete_all()
-        teacher_cache_path().unlink(missing_ok=True)  # it holds the tokens of every text tuned on
+        self.paths.teacher_cache.unlink(missing_ok=True)  # it holds the tokens of every text tuned on
         self.new_chat()
         self.conversations.refresh()
         self.rewards_panel.refresh()

@@ -9,6 +9,7 @@ from PySide6.QtWidgets import QComboBox, QFileDialog
 
 from engine.runtime.errors import PrtError
 from engine.app.models import add_model, installed_models
+from engine.app.paths import AppPaths
 
 ADD_FILE = "Add a file…"
 
@@ -17,8 +18,9 @@ class ModelPicker(QComboBox):
     model_chosen = Signal(object)  # Path
     error = Signal(str)
 
-    def __init__(self) -> None:
+    def __init__(self, paths: AppPaths) -> None:
         super().__init__()
+        self._paths = paths  # where the installed models are
         self.setMinimumContentsLength(24)
         self.setToolTip("The model that writes the replies")
         self._current: Path | None = None
@@ -27,7 +29,7 @@ class ModelPicker(QComboBox):
     def refresh(self) -> None:
         """List the installed models (and the current one, if it was loaded by path)."""
         try:
-            models = [(model.name, model.path) for model in installed_models()]
+            models = [(model.name, model.path) for model in installed_models(self._paths)]
         except PrtError as error:
             models = []
             self.error.emit(str(error))
@@ -60,7 +62,7 @@ class ModelPicker(QComboBox):
         if not path:
             return
         try:
-            added = add_model(Path(path))
+            added = add_model(self._paths, Path(path))
         except PrtError as error:
             self.error.emit(str(error))
             return

@@ -7,13 +7,14 @@ import json
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import TypeGuard
 
 import platformdirs
 
 from engine.runtime.base_model import BaseModelConfig
 from engine.runtime.errors import StoreError
 from engine.runtime.files import write_atomically
-from engine.app.models import APP_NAME
+from engine.app.paths import APP_NAME, AppPaths
 from engine.runtime.steering import SamplingConfig
 from engine.runtime.user_json import parse_user_json
 
@@ -77,7 +78,7 @@ def _usable(key: str, value: object) -> bool:
     return isinstance(value, number_types) and not isinstance(value, bool) and low <= value <= high
 
 
-# -- the data folder: read at start-up, before anything asks engine.app.models.app_data_dir() ---------------
+# -- the data folder: read once at start-up, into the AppPaths the window passes down --------------------------
 def data_folder_file() -> Path:
     return Path(platformdirs.user_config_dir(APP_NAME, appauthor=False)) / "desktop.json"
 
@@ -92,8 +93,8 @@ def configured_data_folder() -> Path | None:
     return Path(folder) if _usable_folder(folder) else None
 
 
-def _usable_folder(folder: object) -> bool:
-    """An absolute path the OS can take: it goes into PRT_HOME, and the engine creates it."""
+def _usable_folder(folder: object) -> TypeGuard[str]:
+    """An absolute path the OS can take: it becomes the data folder, and the engine creates it."""
     if not isinstance(folder, str) or "\0" in folder or not os.path.isabs(folder):
         return False
     try:
@@ -108,8 +109,6 @@ def save_data_folder(folder: Path) -> None:
     write_atomically(data_folder_file(), json.dumps({"data_folder": str(folder)}))
 
 
-def apply_data_folder() -> None:
-    """Point the engine at the configured data folder, unless PRT_HOME already names one."""
-    folder = configured_data_folder()
-    if folder is not None and "PRT_HOME" not in os.environ:
-        os.environ["PRT_HOME"] = str(folder)
+def startup_paths(data_folder: Path | None = None) -> AppPaths:
+    """The window's paths: ``data_folder`` (--data-folder), else PRT_HOME, else the configured folder, else the OS's."""
+    return AppPaths.resolve(data_folder, configured=configured_data_folder())

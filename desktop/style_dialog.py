@@ -6,6 +6,7 @@ and any time from "Retune my style…". A model without base rewards gets them b
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -15,8 +16,9 @@ from PySide6.QtWidgets import (QDialog, QGridLayout, QHBoxLayout, QLabel, QProgr
 
 from engine.app.backend import ChatBackend
 from engine.app.chat import library_build_command
-from engine.app.onboarding import (DEFAULT_QUESTIONS, StyleQuestion, StyleSurvey, dial_weights, library_dir,
-                               library_reward_paths, save_profile)
+from engine.app.onboarding import (DEFAULT_QUESTIONS, StyleQuestion, StyleSurvey, dial_weights, library_reward_paths,
+                                   save_profile)
+from engine.app.paths import AppPaths
 from engine.app.pref import Profile
 from engine.app.store import Store
 from desktop.child_process import ProgressProcess, show_progress
@@ -49,14 +51,17 @@ class StyleDialog(QDialog):
     profile_saved = Signal()
 
     def __init__(self, engine: ChatBackend, store: Store, parent: QWidget | None = None, *,
-                 questions: int = DEFAULT_QUESTIONS,
-                 build_command: Callable[..., list[str]] = library_build_command,
+                 questions: int = DEFAULT_QUESTIONS, paths: AppPaths | None = None,
+                 build_command: Callable[..., list[str]] | None = None,
                  survey_factory: Callable[..., StyleSurvey] = StyleSurvey) -> None:
+        """``paths``: the app's (None: resolved here); ``build_command``: library_build_command for its data folder."""
         super().__init__(parent)
         self.setWindowTitle("Find your style")
         self.resize(900, 600)
         self._engine, self._store = engine, store
-        self._questions, self._build_command, self._survey_factory = questions, build_command, survey_factory
+        self._paths = paths or AppPaths.resolve()
+        self._build_command = build_command or partial(library_build_command, data_folder=self._paths.data)
+        self._questions, self._survey_factory = questions, survey_factory
         self._survey: StyleSurvey | None = None
         self._question: StyleQuestion | None = None
         self._round_running = False  # a round of replies is being written on a worker
@@ -126,7 +131,8 @@ class StyleDialog(QDialog):
 
     # -- intro and building ---------------------------------------------------------
     def _library_paths(self) -> list[Path]:
-        return library_reward_paths(library_dir(self._engine.base.path)) if self._engine.base is not None else []
+        base = self._engine.base
+        return library_reward_paths(self._paths.library(base.path)) if base is not None else []
 
     def show_intro(self) -> None:
         self.pages.setCurrentIndex(0)
@@ -149,12 +155,13 @@ class StyleDialog(QDialog):
     def build_library(self) -> None:
         base = self._engine.base
         assert base is not None  # the build button shows only with a model loaded
-        argv = self._build_command(model_path=base.path, out_dir=library_dir(base.path))
-        library_dir(base.path).mkdir(parents=True, exist_ok=True)
+        folder = self._paths.library(base.path)
+        argv = self._build_command(model_path=base.path, out_dir=folder)
+        folder.mkdir(parents=True, exist_ok=True)
         self.build_bar.setRange(0, 0)
         self.build_bar.show()
         self.build_label.setText("Starting…")
-        self._build.start(argv, library_dir(base.path))
+        self._build.start(argv, folder)
         self.show_intro()
 
     def _build_ended(self, message: str) -> None:

@@ -7,6 +7,7 @@ ProgressProcess (desktop/child_process.py).
 from __future__ import annotations
 
 import re
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -15,8 +16,9 @@ from PySide6.QtWidgets import (QCheckBox, QFileDialog, QFormLayout, QHBoxLayout,
                                QProgressBar, QPushButton, QVBoxLayout, QWidget)
 
 from engine.app.backend import ChatBackend
-from engine.app.chat import rewards_dir, tune_command
+from engine.app.chat import tune_command
 from engine.app.jobs import JobProgress
+from engine.app.paths import AppPaths
 from engine.app.store import Store
 from desktop.child_process import ProgressProcess, show_progress
 from desktop.formatting import duration_text, held_out_text, sentence
@@ -50,10 +52,13 @@ def skipped_text(skipped: dict | None) -> str:
 class TunePanel(QWidget):
     reward_tuned = Signal(str)  # the new reward's path
 
-    def __init__(self, engine: ChatBackend, store: Store, *,
-                 command_factory: Callable[..., list[str]] = tune_command) -> None:
+    def __init__(self, engine: ChatBackend, store: Store, *, paths: AppPaths | None = None,
+                 command_factory: Callable[..., list[str]] | None = None) -> None:
+        """``paths``: the app's (None: resolved here); ``command_factory``: tune_command for its data folder."""
         super().__init__()
-        self._engine, self._store, self._command_factory = engine, store, command_factory
+        self._engine, self._store = engine, store
+        self._paths = paths or AppPaths.resolve()
+        self._command_factory = command_factory or partial(tune_command, data_folder=self._paths.data)
         self._process = ProgressProcess(self, summary_key="path", what="tuning process")
         self._process.progress.connect(self._show_progress)
         self._process.succeeded.connect(self._succeeded)
@@ -160,13 +165,13 @@ class TunePanel(QWidget):
         self._run_id = self._store.start_tuning_run({**self._sources(), "name": self._name})
         self._show_running(True)
         self._show_result("")
-        self._process.start(argv, rewards_dir())
+        self._process.start(argv, self._paths.rewards)
 
     def _command(self) -> tuple[str, list[str]]:
         """(what is missing, []) or ('', the tuning argv)."""
         name = safe_file_name(self.name_edit.text())
         sources = self._sources()
-        out_path = rewards_dir() / f"{name}.onnx"
+        out_path = self._paths.rewards / f"{name}.onnx"
         if self._engine.base is None:
             return "Load a model first: the reward is trained against it.", []
         if not name:

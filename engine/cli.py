@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 
 from engine.app.jobs import ERROR_PREFIX, EXIT_INTERRUPTED, EXIT_USER_ERROR
 from engine.app.models import DEFAULT_MODEL_SPEC, resolve_model
-from engine.app.onboarding import library_dir
+from engine.app.paths import AppPaths
 from engine.runtime.base_model import BaseModel, BaseModelConfig
 from engine.runtime.errors import PrtError
 from engine.runtime.steering import SamplingConfig
@@ -36,6 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.passed_through = passed_through
     elif passed_through:
         parser.error(f"unrecognized arguments: {' '.join(passed_through)}")
+    args.paths = AppPaths.resolve(args.data_folder)  # once: the commands find every file of the app through it
     try:
         return args.handler(args)
     except PrtError as error:
@@ -49,7 +50,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser with ``command``'s package's commands, or with every package's (for help and mistakes)."""
     parser = argparse.ArgumentParser(prog="prt", description="Private chat steered by portable rewards.")
-    parser.set_defaults(pass_through=False)  # a command whose options belong to another program sets it
+    # pass_through: a command whose options belong to another program sets it; data_folder: --data-folder's
+    parser.set_defaults(pass_through=False, data_folder=None)
     commands = parser.add_subparsers(dest="command", required=True)
     for register in _registrars(command):
         register(commands)
@@ -83,7 +85,13 @@ def parse_reward_spec(spec: str) -> tuple[Path, float]:
 
 
 # -- argument groups shared by several commands -------------------------------------------------
+def add_data_folder_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-folder", type=Path, default=None, metavar="DIR",
+                        help="the app's data folder: models, rewards, chats (default: PRT_HOME, else the OS's)")
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    add_data_folder_argument(parser)
     parser.add_argument("--model", default=DEFAULT_MODEL_SPEC,
                         help="a .gguf path, an installed model's name, or 'default' (default: %(default)s)")
     parser.add_argument("--ctx", type=int, default=4096, help="context size in tokens (default: %(default)s)")
@@ -113,7 +121,7 @@ def load_base(args: argparse.Namespace) -> BaseModel:
         config = BaseModelConfig(n_ctx=args.ctx, n_threads=args.threads, n_gpu_layers=args.gpu_layers)
     except ValueError as error:
         raise UsageError(str(error)) from error
-    return BaseModel(resolve_model(args.model), config=config)
+    return BaseModel(resolve_model(args.paths, args.model), config=config)
 
 
 def sampling_config(args: argparse.Namespace) -> SamplingConfig:
@@ -126,7 +134,7 @@ def sampling_config(args: argparse.Namespace) -> SamplingConfig:
 
 def library_folder(args: argparse.Namespace, base: BaseModel) -> Path:
     """--library, else the loaded model's library folder."""
-    return Path(args.library) if args.library else library_dir(base.path)
+    return Path(args.library) if args.library else args.paths.library(base.path)
 
 
 if __name__ == "__main__":

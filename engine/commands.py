@@ -15,8 +15,8 @@ from typing import Sequence
 from engine.app.jobs import EXIT_INTERRUPTED
 from engine.app.models import add_model, ensure_default_model, installed_models
 from engine.app.onboarding import library_reward_paths
-from engine.cli import (UsageError, add_model_arguments, add_steering_arguments, library_folder, load_base,
-                        parse_reward_spec, sampling_config)
+from engine.cli import (UsageError, add_data_folder_argument, add_model_arguments, add_steering_arguments,
+                        library_folder, load_base, parse_reward_spec, sampling_config)
 from engine.runtime.base_model import BaseModel, ChatMessage
 from engine.runtime.decode import Generation, GenerationResult, RewardSlot, attach_rewards
 from engine.runtime.errors import PrtError
@@ -44,6 +44,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     models.add_argument("action", nargs="?", choices=["list", "add", "fetch"], default="list")
     models.add_argument("path", nargs="?", help="for 'add': a .gguf file")
     models.add_argument("--json", action="store_true")
+    add_data_folder_argument(models)
     models.set_defaults(handler=cmd_models)
 
     bench = commands.add_parser("bench", help="plain vs steered decoding speed, reward step cost, peak memory")
@@ -185,12 +186,12 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.action == "add":
         if not args.path:
             raise UsageError("'prt models add' needs the path of a .gguf file.")
-        added = add_model(Path(args.path))
+        added = add_model(args.paths, Path(args.path))
         print(json.dumps({"added": added.name, "path": str(added.path)}) if args.json else f"Added {added.name}: {added.path}")
         return 0
     if args.action == "fetch":
-        ensure_default_model()
-    models = installed_models()
+        ensure_default_model(args.paths)
+    models = installed_models(args.paths)
     if args.json:
         print(json.dumps([{"name": m.name, "path": str(m.path), "size": m.size, "default": m.is_default}
                           for m in models]))

@@ -17,8 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from engine.app.jobs import ProgressBar, progress_report
-from engine.app.models import teacher_cache_path
-from engine.app.onboarding import REPLY_TOKENS, library_dir, library_reward_paths
+from engine.app.onboarding import REPLY_TOKENS, library_reward_paths
 from engine.cli import UsageError, add_model_arguments, library_folder, load_base
 from engine.runtime.files import write_atomically
 
@@ -124,7 +123,7 @@ def _load_examples(args: argparse.Namespace) -> Dataset:
     sources = [read_jsonl(Path(path)) for path in args.data]
     sources += [source for folder in getattr(args, "documents", []) for source in read_documents(Path(folder))]
     if getattr(args, "feedback", None) is not None:
-        sources.append(_feedback_examples(Path(args.feedback) if args.feedback else None))
+        sources.append(_feedback_examples(Path(args.feedback) if args.feedback else args.paths.store))
     if not sources:
         raise DatasetError("No training data given; add --data FILE.jsonl, --documents FOLDER or --feedback.")
     data = Dataset(sources)
@@ -132,11 +131,10 @@ def _load_examples(args: argparse.Namespace) -> Dataset:
     return data
 
 
-def _feedback_examples(database: Path | None) -> Source:
-    from engine.app.store import Store, default_store_path
+def _feedback_examples(database: Path) -> Source:
+    from engine.app.store import Store
     from rewards_onnx.data import read_feedback
 
-    database = database or default_store_path()
     if not database.is_file():
         raise UsageError(f"No chat database at {database}; chat in the app first, or leave out --feedback.")
     with Store(database) as store:
@@ -160,7 +158,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     with load_base(args) as base, bar:
         report = train.tune(base, data, Path(args.out), config=config, name=args.name,
                             on_progress=lambda p: bar(p.phase, p.done, p.total, p.eta_seconds, p.message),
-                            cache_path=None if args.no_cache else teacher_cache_path())
+                            cache_path=None if args.no_cache else args.paths.teacher_cache)
     summary = {"path": str(report.path), "held_out": report.held_out.to_json(), "epochs_run": report.epochs_run,
                "best_epoch": report.best_epoch, "parity_max_abs_diff": report.parity_max_abs_diff,
                "seconds": round(report.seconds, 1), "teacher_seconds": round(report.teacher_seconds, 1),
@@ -260,7 +258,7 @@ def cmd_library_build(args: argparse.Namespace) -> int:
     styles = styles_named(args.style) if args.style else STYLES
     bar = progress_report(args.progress_json)
     with load_base(args) as base:
-        out_dir = Path(args.out) if args.out else library_dir(base.path)
+        out_dir = Path(args.out) if args.out else args.paths.library(base.path)
         with bar:
             built = build_library(base, out_dir, count=args.count, config=train.TuneConfig(seed=args.seed),
                                   styles=styles,

@@ -10,6 +10,7 @@ import pytest
 from engine.runtime.base_model import BaseModel, BaseModelConfig
 from engine.runtime.errors import ModelFetchError
 from engine.app.models import ensure_default_model
+from engine.app.paths import AppPaths
 from tiny_models import read_tokenizer, write_tiny_llama
 
 TINY_CONFIG = BaseModelConfig(n_ctx=512, n_threads=2, n_gpu_layers=0)
@@ -23,7 +24,7 @@ def default_model_path() -> Path:
     never passes with a hundred tests quietly skipped.
     """
     try:
-        return ensure_default_model(progress=lambda message: None)
+        return ensure_default_model(AppPaths.resolve(), progress=lambda message: None)
     except ModelFetchError as error:
         problem = f"the default model could not be fetched: {error}"
     if os.environ.get("CI", "").lower() == "true":

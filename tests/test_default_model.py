@@ -10,6 +10,7 @@ import pytest
 from engine.runtime.base_model import BaseModel, BaseModelConfig
 from engine.runtime.decode import Generation, attach_rewards
 from engine.app.models import DefaultModelManifest, installed_models, resolve_model
+from engine.app.paths import AppPaths
 from engine.runtime.reward_graph import RewardNetworkShape, token_preference_weights
 from engine.runtime.steering import SamplingConfig
 from test_base_model import reference_greedy
@@ -28,8 +29,9 @@ def smollm(default_model_path):
 def test_default_model_is_installed_and_verified(default_model_path):
     manifest = DefaultModelManifest.load()
     assert default_model_path.name == manifest.file and default_model_path.stat().st_size == manifest.size
-    assert resolve_model("default").resolve() == default_model_path.resolve()
-    assert any(model.is_default for model in installed_models())
+    paths = AppPaths.resolve()  # the test's own folder (PRT_HOME), the default model linked in
+    assert resolve_model(paths, "default").resolve() == default_model_path.resolve()
+    assert any(model.is_default for model in installed_models(paths))
 
 
 def top_candidates(base: BaseModel, tokens: list[int], count: int) -> list[int]:

@@ -34,12 +34,13 @@ from onnx import TensorProto, helper
 from engine.runtime.base_model import BaseModel, BaseModelConfig
 from engine.runtime.errors import ModelFileError, PrtError, RewardFileError, RewardRuntimeError, StoreError
 from engine.app.models import app_data_dir
+from engine.app.paths import AppPaths
 from engine.runtime.gguf_metadata import check_gguf_file
 from engine.app.pref import PreferencePosterior, Profile, ProfileError, load_features
 from engine.runtime.reward_graph import random_reward_weights
 from engine.runtime.rewards import RewardCard, RewardModel, card_path, save_reward
 from engine.app.store import SCHEMA_VERSION, Store
-from desktop.settings import SETTING_RANGES, AppSettings, apply_data_folder, configured_data_folder
+from desktop.settings import SETTING_RANGES, AppSettings, configured_data_folder, startup_paths
 from desktop.settings_dialog import SettingsDialog
 from helpers import assert_one_line_error, prt_process
 from tiny_models import small_reward_shape, write_reward
@@ -541,35 +542,34 @@ def desktop_json(tmp_path, monkeypatch) -> Path:
     return path
 
 
-def folder_applied(monkeypatch) -> Path | None:
-    """The configured folder (absolute, or None) after checking that apply_data_folder puts it in PRT_HOME."""
+def folder_applied() -> Path | None:
+    """The configured folder (absolute, or None) after checking that the window's paths at start-up use it."""
     folder = configured_data_folder()
     assert folder is None or folder.is_absolute()
-    apply_data_folder()
-    assert os.environ.get("PRT_HOME") == (None if folder is None else str(folder))
-    monkeypatch.delenv("PRT_HOME", raising=False)
+    assert startup_paths().data == (AppPaths.resolve().data if folder is None else folder)
+    assert "PRT_HOME" not in os.environ  # read, never written
     return folder
 
 
 @settings(FUZZ, max_examples=200)
 @given(st.one_of(st.binary(max_size=512), json_values.map(lambda value: json.dumps({"data_folder": value}).encode()),
                  json_values.map(lambda value: json.dumps(value).encode())))
-def test_a_desktop_json_of_any_content_names_an_absolute_folder_or_none(desktop_json, monkeypatch, data):
+def test_a_desktop_json_of_any_content_names_an_absolute_folder_or_none(desktop_json, data):
     desktop_json.write_bytes(data)
-    folder_applied(monkeypatch)
+    folder_applied()
 
 
 @pytest.mark.parametrize("data_folder", ["", "relative/folder", "/with\u0000nul", "/lone \ud800 surrogate", 5, None])
-def test_a_desktop_json_naming_no_usable_folder_means_the_default_folder(desktop_json, monkeypatch, data_folder):
+def test_a_desktop_json_naming_no_usable_folder_means_the_default_folder(desktop_json, data_folder):
     desktop_json.write_text(json.dumps({"data_folder": data_folder}))
-    assert folder_applied(monkeypatch) is None
+    assert folder_applied() is None
 
 
-def test_a_desktop_json_cut_anywhere_or_nested_deep_means_the_default_folder(desktop_json, monkeypatch, tmp_path):
+def test_a_desktop_json_cut_anywhere_or_nested_deep_means_the_default_folder(desktop_json, tmp_path):
     text = json.dumps({"data_folder": str(tmp_path / "chats")}).encode()
     for data in [text[:offset] for offset in range(len(text))] + [deeply_nested(100_000).encode()]:
         desktop_json.write_bytes(data)
-        assert folder_applied(monkeypatch) is None
+        assert folder_applied() is None
     desktop_json.write_bytes(text)
     assert configured_data_folder() == tmp_path / "chats"
 

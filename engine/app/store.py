@@ -32,10 +32,9 @@ from sqlite_utils.db import NotFoundError
 
 from engine.runtime.errors import StoreError
 from engine.runtime.files import write_atomically
-from engine.app.models import app_data_dir
+from engine.app.paths import AppPaths
 from engine.runtime.user_json import parse_user_json
 
-STORE_FILE = "chats.db"
 BUSY_TIMEOUT_S = 10.0
 ROLES = ("user", "assistant")
 MessageStatus = Literal["complete", "streaming", "stopped", "error"]
@@ -205,7 +204,8 @@ _LOCATE_SQL = """
 
 
 def default_store_path() -> Path:
-    return app_data_dir() / STORE_FILE
+    """The default data folder's store (AppPaths.store); the app passes its own AppPaths instead."""
+    return AppPaths.resolve().store
 
 
 def _synchronized(method):
