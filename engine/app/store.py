@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Mapping, Sequence, get_args
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence, cast, get_args
 
 import sqlite_utils
 from sqlite_utils.db import NotFoundError
@@ -169,8 +169,8 @@ def create_first_schema(db: sqlite_utils.Database) -> None:
 
 def add_search_and_settings(db: sqlite_utils.Database) -> None:
     """Schema 2: full-text search over titles and message texts (FTS5, kept current by triggers); settings."""
-    db["conversations"].enable_fts(["title"], create_triggers=True)
-    db["messages"].enable_fts(["content"], create_triggers=True)
+    db.table("conversations").enable_fts(["title"], create_triggers=True)
+    db.table("messages").enable_fts(["content"], create_triggers=True)
     db.execute("CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
 
 
@@ -326,9 +326,9 @@ class Store:
     def create_conversation(self, title: str = "New chat", system_prompt: str = "", model_name: str = "") -> int:
         now = self._now()
         with self._transaction():
-            return self._db["conversations"].insert({
+            return _new_row_id(self._db.table("conversations").insert({
                 "uid": uuid.uuid4().hex, "title": title, "system_prompt": system_prompt,
-                "model_name": model_name, "created": now, "updated": now}).last_pk
+                "model_name": model_name, "created": now, "updated": now}))
 
     @_synchronized
     def conversation(self, conversation_id: int) -> Conversation:
@@ -337,8 +337,9 @@ class Store:
     @_synchronized
     def conversations(self, search: str = "") -> list[Conversation]:
         """All, or those whose title or one of whose messages holds every word of search (as word prefixes)."""
+        rows: Iterable[dict[str, Any]]
         if not search.strip():
-            rows = self._db["conversations"].rows_where(order_by="updated DESC, id DESC")
+            rows = self._db.table("conversations").rows_where(order_by="updated DESC, id DESC")
         else:
             query = _fts_query(search)
             rows = self._db.query(_SEARCH_SQL, {"query": query}) if query else []
@@ -382,8 +383,9 @@ class Store:
 
     def _insert_message(self, conversation_id: int, message: dict) -> int:
         columns = ("position", "role", "content", "status", "created", "updated")
-        return self._db["messages"].insert({"conversation_id": conversation_id, **{k: message[k] for k in columns},
-                                            "stats": _json(message["stats"], "stats")}).last_pk
+        return _new_row_id(self._db.table("messages").insert({"conversation_id": conversation_id,
+                                                               **{k: message[k] for k in columns},
+                                                               "stats": _json(message["stats"], "stats")}))
 
     def _touch(self, conversation_id: int, now: str) -> None:
         self._db.execute("UPDATE conversations SET updated = ? WHERE id = ?", [now, conversation_id])
@@ -401,7 +403,7 @@ class Store:
 
     @_synchronized
     def messages(self, conversation_id: int) -> list[Message]:
-        rows = self._db["messages"].rows_where("conversation_id = ?", [conversation_id], order_by="position")
+        rows = self._db.table("messages").rows_where("conversation_id = ?", [conversation_id], order_by="position")
         return [_message(row) for row in rows]
 
     @_synchronized
@@ -427,9 +429,9 @@ class Store:
             raise StoreError(problem)
         now = self._now()
         with self._transaction():
-            return self._db["feedback"].insert({
+            return _new_row_id(self._db.table("feedback").insert({
                 "conversation_id": conversation_id, "message_id": message_id, "kind": kind, "prompt": prompt,
-                "system": system, "chosen": chosen, "rejected": rejected, "created": now}).last_pk
+                "system": system, "chosen": chosen, "rejected": rejected, "created": now}))
 
     @_synchronized
     def save_style_profile(self, profile: dict, *, picks: Sequence[tuple[str, str, str]],
@@ -444,8 +446,8 @@ class Store:
             raise ValueError(f"dial weights must be finite numbers, got {dict(dials)!r}")
         now = self._now()
         with self._transaction():
-            self._db["settings"].upsert({"key": "style_profile", "value": _json(profile, "style_profile")}, pk="key")
-            self._db["feedback"].insert_all({"kind": "pick", "prompt": prompt, "chosen": chosen, "rejected": rejected,
+            self._db.table("settings").upsert({"key": "style_profile", "value": _json(profile, "style_profile")}, pk="key")
+            self._db.table("feedback").insert_all({"kind": "pick", "prompt": prompt, "chosen": chosen, "rejected": rejected,
                                              "created": now} for prompt, chosen, rejected in picks)
             for path, (name, weight) in dials.items():
                 self._db.execute("INSERT INTO rewards (path, name, enabled, weight, added) VALUES (?, ?, ?, ?, ?) "
@@ -461,7 +463,7 @@ class Store:
     def feedback(self, *, message_id: int | None = None) -> list[Feedback]:
         """Oldest first; all of it, or what was given on one message."""
         where, args = ("message_id = ?", [message_id]) if message_id is not None else (None, None)
-        return [_record(Feedback, row) for row in self._db["feedback"].rows_where(where, args, order_by="id")]
+        return [_record(Feedback, row) for row in self._db.table("feedback").rows_where(where, args, order_by="id")]
 
     @_synchronized
     def feedback_counts(self) -> dict[str, int]:
@@ -481,7 +483,7 @@ class Store:
 
     @_synchronized
     def rewards(self) -> list[RewardEntry]:
-        rows = self._db["rewards"].rows_where(order_by="added, path")
+        rows = self._db.table("rewards").rows_where(order_by="added, path")
         return [_record(RewardEntry, row, enabled=bool(row["enabled"])) for row in rows]
 
     @_synchronized
@@ -501,8 +503,8 @@ class Store:
     @_synchronized
     def start_tuning_run(self, sources: dict) -> int:
         with self._transaction():
-            return self._db["tuning_runs"].insert({"started": self._now(), "status": "running",
-                                                   "sources": _json(sources, "sources")}).last_pk
+            return _new_row_id(self._db.table("tuning_runs").insert({"started": self._now(), "status": "running",
+                                                                     "sources": _json(sources, "sources")}))
 
     @_synchronized
     def finish_tuning_run(self, run_id: int, *, status: str, reward_path: Path | str | None = None,
@@ -514,7 +516,7 @@ class Store:
 
     @_synchronized
     def tuning_runs(self) -> list[TuningRun]:
-        rows = self._db["tuning_runs"].rows_where(order_by="id DESC")
+        rows = self._db.table("tuning_runs").rows_where(order_by="id DESC")
         return [_record(TuningRun, row, sources=_stored_json(row["sources"]), metrics=_stored_json(row["metrics"]))
                 for row in rows]
 
@@ -528,7 +530,7 @@ class Store:
     @_synchronized
     def set_setting(self, key: str, value: Any) -> None:
         with self._transaction():
-            self._db["settings"].upsert({"key": key, "value": _json(value, key)}, pk="key")
+            self._db.table("settings").upsert({"key": key, "value": _json(value, key)}, pk="key")
 
     # the whole store
 
@@ -536,7 +538,7 @@ class Store:
     def export_json(self, path: Path | str) -> dict[str, int]:
         """Write every conversation with its messages, and all feedback, to one JSON file (atomically)."""
         with self._transaction("BEGIN"):  # one snapshot, even if another process writes meanwhile
-            data = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "exported": self._now(),
+            data: dict[str, Any] = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "exported": self._now(),
                     "conversations": self._exported_conversations(),
                     "feedback": list(self._db.query(_EXPORT_FEEDBACK_SQL))}
         try:
@@ -550,8 +552,8 @@ class Store:
     def _exported_conversations(self) -> list[dict]:
         columns = ("uid", "title", "system_prompt", "model_name", "created", "updated")
         conversations = {row["id"]: {**{k: row[k] for k in columns}, "messages": []}
-                         for row in self._db["conversations"].rows_where(order_by="id")}
-        for row in self._db["messages"].rows_where(order_by="conversation_id, position"):
+                         for row in self._db.table("conversations").rows_where(order_by="id")}
+        for row in self._db.table("messages").rows_where(order_by="conversation_id, position"):
             message = {k: row[k] for k in ("position", "role", "content", "status", "created", "updated")}
             conversations[row["conversation_id"]]["messages"].append({**message, "stats": _stored_json(row["stats"])})
         return list(conversations.values())
@@ -580,7 +582,7 @@ class Store:
             added["skipped"] += 1
             return
         columns = ("uid", "title", "system_prompt", "model_name", "created", "updated")
-        conversation_id = self._db["conversations"].insert({k: record[k] for k in columns}).last_pk
+        conversation_id = _new_row_id(self._db.table("conversations").insert({k: record[k] for k in columns}))
         for message in record["messages"]:
             self._insert_message(conversation_id, message)
         added["conversations"] += 1
@@ -592,7 +594,7 @@ class Store:
             return
         located = self._db.execute(_LOCATE_SQL, [record["message_position"], record["conversation_uid"]]).fetchone()
         conversation_id, message_id = located or (None, None)
-        self._db["feedback"].insert({**texts, "conversation_id": conversation_id, "message_id": message_id})
+        self._db.table("feedback").insert({**texts, "conversation_id": conversation_id, "message_id": message_id})
         added["feedback"] += 1
 
     @_synchronized
@@ -610,14 +612,14 @@ class Store:
 
     def _get(self, table: str, key: Any) -> dict:
         try:
-            return self._db[table].get(key)
+            return self._db.table(table).get(key)
         except NotFoundError:
             raise _missing(table, key) from None
 
     def _update(self, table: str, key: Any, values: dict) -> None:
         with self._transaction():
             try:
-                self._db[table].update(key, values)
+                self._db.table(table).update(key, values)
             except NotFoundError:
                 raise _missing(table, key) from None
 
@@ -657,6 +659,11 @@ def _feedback_problem(kind: Any, prompt: Any, chosen: Any, rejected: Any) -> str
     if extra:
         return f"'{kind}' feedback takes no {' or '.join(extra)} text."
     return None
+
+
+def _new_row_id(table: sqlite_utils.db.Table) -> int:
+    """The id of the row ``table.insert`` just wrote (sqlite-utils types it as optional; after an insert it is set)."""
+    return cast(int, table.last_pk)
 
 
 def _fts_query(text: str) -> str:
