@@ -7,11 +7,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping
 
-from PySide6.QtCore import QObject, QProcess, QProcessEnvironment, Signal
+from PySide6.QtCore import QByteArray, QObject, QProcess, QProcessEnvironment, Signal
 from PySide6.QtWidgets import QLabel, QProgressBar
 
 from engine.app.jobs import ERROR_PREFIX, JobProgress, summary_from
 from desktop.formatting import duration_text
+
+
+def _bytes(array: QByteArray) -> bytes:
+    """A QByteArray's contents (QByteArray.data() gives bytes; the stub also allows bytearray and memoryview)."""
+    return bytes(array.data())
+
 
 def show_progress(bar: QProgressBar, label: QLabel, progress: JobProgress, phases: Mapping[str, str]) -> None:
     """Fill the bar and say the phase in words, with the count, the time left and the process's message."""
@@ -50,7 +56,7 @@ class ProgressProcess(QObject):
         environment.insert("PYTHONUNBUFFERED", "1")
         process.setProcessEnvironment(environment)
         process.setWorkingDirectory(str(working_directory))
-        process.readyReadStandardError.connect(lambda: self._take_stderr(bytes(process.readAllStandardError())))
+        process.readyReadStandardError.connect(lambda: self._take_stderr(_bytes(process.readAllStandardError())))
         process.finished.connect(self._finished)
         process.errorOccurred.connect(self._failed_to_start)
         self._process = process
@@ -77,14 +83,17 @@ class ProgressProcess(QObject):
                 self._other_lines.append(line.strip())
 
     def _detach(self) -> QProcess:
+        """The running process, forgotten here (Qt deletes it back in the event loop)."""
         process, self._process = self._process, None
+        if process is None:
+            raise RuntimeError(f"no {self._what} is running")
         process.deleteLater()
         return process
 
-    def _finished(self, exit_code: int, _exit_status=None) -> None:
+    def _finished(self, exit_code: int, _exit_status: QProcess.ExitStatus | None = None) -> None:
         process = self._detach()
-        self._take_stderr(bytes(process.readAllStandardError()), final=True)
-        summary = summary_from(bytes(process.readAllStandardOutput()).decode("utf-8", errors="replace"),
+        self._take_stderr(_bytes(process.readAllStandardError()), final=True)
+        summary = summary_from(_bytes(process.readAllStandardOutput()).decode("utf-8", errors="replace"),
                                self._summary_key)
         if self._cancelled:
             self.cancelled.emit()
