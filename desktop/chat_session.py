@@ -16,11 +16,11 @@ from PySide6.QtCore import QObject, QTimer, Signal
 
 from engine.app.backend import ChatBackend
 from engine.app.chat import ReplyRecorder
-from engine.app.store import Store
+from engine.app.store import Message, Store
 from engine.runtime.decode import GenerationResult, TokenEvent
 from engine.runtime.errors import StoreError
 from engine.runtime.steering import SamplingConfig
-from desktop.chat_view import ChatView, MessageWidget, PairWidget, ask_for_edit
+from desktop.chat_view import ChatView, MessageBody, MessageWidget, PairWidget, ask_for_edit
 from desktop.token_view import TokenInfo
 from desktop.workers import ReplyJob, run_in_background
 
@@ -59,7 +59,7 @@ class ChatSession(QObject):
         self._tokens: dict[int, list[TokenInfo]] = {}  # per-token traces of this session's replies
         self._job: ReplyJob | None = None
         self._streamed: list[list[TokenInfo]] = []  # per slot, what the running job produced
-        self._targets: list = []  # per slot, the MessageBody showing it (empty once the view moved on)
+        self._targets: list[MessageBody] = []  # per slot, the MessageBody showing it (empty once the view moved on)
         self._reply: _StreamingReply | None = None  # a single reply while it streams
         self._pair: PairWidget | None = None  # "Show me two" on screen, until one is picked
         self._pair_results: list[GenerationResult] = []
@@ -103,18 +103,18 @@ class ChatSession(QObject):
     def _refresh_view(self) -> None:
         messages = self._store.messages(self.conversation_id) if self.conversation_id is not None else []
         self._pair, self._pair_results = None, []  # an unpicked pair is dropped
-        tokens = {message.id: self._tokens_of(message) for message in messages}
+        tokens = {message.id: traced for message in messages if (traced := self._tokens_of(message)) is not None}
         self._view.show_messages(messages, tokens=tokens, ratings=self._ratings(messages))
 
-    def _tokens_of(self, message) -> list[TokenInfo] | None:
+    def _tokens_of(self, message: Message) -> list[TokenInfo] | None:
         """The message's per-token trace, if this session made it and the text is still what it made."""
         tokens = self._tokens.get(message.id)
         if tokens and "".join(token.text for token in tokens) == message.content:
             return tokens
         return None  # none, edited since, or an id reused after a deletion
 
-    def _ratings(self, messages) -> dict[int, str]:
-        ratings = {}
+    def _ratings(self, messages: list[Message]) -> dict[int, str]:
+        ratings: dict[int, str] = {}
         for message in messages:
             if message.role == "assistant":
                 kinds = [item.kind for item in self._store.feedback(message_id=message.id) if item.kind in RATINGS]
@@ -200,7 +200,7 @@ class ChatSession(QObject):
                 continue
             self._streamed[slot].extend(new)
             if slot < len(self._targets):
-                self._targets[slot].append(new)
+                self._targets[slot].append_tokens(new)
             if self._reply is not None:
                 self._save(self._reply.recorder.feed, TokenEvent("".join(piece.text for piece in new)))
         self._report_speed(sum(piece.shift is not None for _slot, piece in pieces))
@@ -228,8 +228,9 @@ class ChatSession(QObject):
         self._drain()
         self._timer.stop()
         self._job = None
-        if self._reply is not None:
-            self._finish_single(job, results, error)
+        reply, self._reply = self._reply, None
+        if reply is not None:
+            self._finish_single(reply, job, results, error)
         else:
             self._finish_pair(job, results)
         if results:
@@ -239,8 +240,8 @@ class ChatSession(QObject):
         if error:
             self.error.emit(error)
 
-    def _finish_single(self, job: ReplyJob, results: list[GenerationResult], error: str | None) -> None:
-        reply, self._reply = self._reply, None
+    def _finish_single(self, reply: _StreamingReply, job: ReplyJob, results: list[GenerationResult],
+                       error: str | None) -> None:
         result = results[0] if results else GenerationResult(finish_reason="cancelled")
         self._save(reply.recorder.finish, result, job.reward_names, error=error)
         self._tokens[reply.message_id] = self._streamed[0]

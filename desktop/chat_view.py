@@ -6,10 +6,10 @@ Widgets only: they show what they are given and emit what the user asked for; Ch
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from PySide6.QtCore import QEvent, QPoint, Qt, Signal
-from PySide6.QtGui import QGuiApplication, QKeyEvent, QPalette, QTextCursor
+from PySide6.QtGui import QGuiApplication, QHelpEvent, QKeyEvent, QPalette, QTextCursor
 from PySide6.QtWidgets import (QDialog, QDialogButtonBox, QFrame, QHBoxLayout, QLabel, QLineEdit, QPlainTextEdit,
                                QPushButton, QScrollArea, QSizePolicy, QTextBrowser, QToolButton, QToolTip,
                                QVBoxLayout, QWidget)
@@ -50,7 +50,8 @@ class MessageBody(QTextBrowser):
     def shows_tokens(self) -> bool:
         return self._token_view and bool(self._tokens)
 
-    def append(self, pieces: Sequence[TokenInfo]) -> None:
+    def append_tokens(self, pieces: Sequence[TokenInfo]) -> None:
+        """Add streamed pieces to the text (and to the tokens, when it has them)."""
         self._text += "".join(piece.text for piece in pieces)
         if self._tokens is not None:
             self._tokens.extend(pieces)
@@ -71,7 +72,7 @@ class MessageBody(QTextBrowser):
         return cursor.charFormat().toolTip()
 
     def event(self, event: QEvent) -> bool:
-        if event.type() == QEvent.Type.ToolTip:
+        if event.type() == QEvent.Type.ToolTip and isinstance(event, QHelpEvent):  # Qt sends it as one
             tip = self.token_tooltip_at(self.viewport().mapFrom(self, event.pos()))
             if tip:
                 QToolTip.showText(event.globalPos(), tip, self)
@@ -86,7 +87,7 @@ class MessageBody(QTextBrowser):
             self._render()  # tints have a light and a dark shade
 
     def _render(self) -> None:
-        if self.shows_tokens:
+        if self._token_view and self._tokens:  # shows_tokens, spelled out so that mypy sees the tokens
             write_tokens(self.document(), self._tokens)
         elif self._markdown:
             self.setMarkdown(self._text)
@@ -280,18 +281,21 @@ class ChatView(QWidget):
             self.scroll_area.verticalScrollBar().setValue(maximum)
 
     # -- what the session shows --------------------------------------------
-    def show_messages(self, messages: Sequence, *, tokens: dict[int, list[TokenInfo]],
-                      ratings: dict[int, str]) -> None:
+    def show_messages(self, messages: Sequence[Message], *, tokens: Mapping[int, Sequence[TokenInfo]],
+                      ratings: Mapping[int, str]) -> None:
+        """Replace the messages on screen; ``tokens``: the per-token traces there are, by message id."""
         while self._messages.count() > 1:  # everything but the trailing stretch
-            widget = self._messages.takeAt(0).widget()
-            widget.hide()
-            widget.deleteLater()
+            item = self._messages.takeAt(0)
+            widget = item.widget() if item is not None else None
+            if widget is not None:
+                widget.hide()
+                widget.deleteLater()
         self._bodies = []
         self._follow = True
         for message in messages:
             self.add_message(message, tokens=tokens.get(message.id), rating=ratings.get(message.id))
 
-    def add_message(self, message, *, tokens: Sequence[TokenInfo] | None = None,
+    def add_message(self, message: Message, *, tokens: Sequence[TokenInfo] | None = None,
                     rating: str | None = None) -> MessageWidget:
         widget = MessageWidget(message, tokens=tokens, rating=rating, token_view=self._token_view)
         widget.edit_requested.connect(self.edit_requested)
@@ -310,7 +314,8 @@ class ChatView(QWidget):
         self._bodies += bodies
 
     def message_widgets(self) -> list[MessageWidget]:
-        widgets = (self._messages.itemAt(index).widget() for index in range(self._messages.count() - 1))
+        items = (self._messages.itemAt(index) for index in range(self._messages.count() - 1))
+        widgets = (item.widget() for item in items if item is not None)
         return [widget for widget in widgets if isinstance(widget, MessageWidget)]
 
     def set_token_view(self, on: bool) -> None:
