@@ -6,25 +6,31 @@ from dataclasses import replace
 from pathlib import Path
 
 from PySide6.QtWidgets import (QDialog, QDialogButtonBox, QDoubleSpinBox, QFileDialog, QFormLayout, QGroupBox,
-                               QHBoxLayout, QLabel, QLineEdit, QPushButton, QSpinBox, QVBoxLayout, QWidget)
+                               QHBoxLayout, QLabel, QLayout, QLineEdit, QPushButton, QSpinBox, QVBoxLayout, QWidget)
 
 from desktop.settings import AUTOMATIC, SETTING_RANGES, AppSettings
 
 AUTO = "Auto"
 
 
-def _box(key: str, value: float | None, *, step: float = 1) -> QSpinBox | QDoubleSpinBox:
-    """A box over the setting's range; an automatic setting gets one more value below it, which reads 'Auto'
-    and stands for None."""
+def _int_box(key: str, value: int | None, *, step: int = 1) -> QSpinBox:
+    """A box over a whole-number setting's range; an automatic setting gets one more value below it, which reads
+    'Auto' and stands for None."""
     low, high = SETTING_RANGES[key]
-    if isinstance(low, float):
-        return QDoubleSpinBox(minimum=low, maximum=high, singleStep=step, decimals=2, value=value)
+    if not isinstance(low, int) or not isinstance(high, int):
+        raise ValueError(f"{key} is not a whole-number setting")
     auto = key in AUTOMATIC
-    box = QSpinBox(minimum=low - 1 if auto else low, maximum=high, singleStep=int(step))
+    box = QSpinBox(minimum=low - 1 if auto else low, maximum=high, singleStep=step)
     if auto:
         box.setSpecialValueText(AUTO)
-    box.setValue(box.minimum() if value is None else int(value))
+    box.setValue(box.minimum() if value is None else value)
     return box
+
+
+def _float_box(key: str, value: float, *, step: float) -> QDoubleSpinBox:
+    """A box over a decimal setting's range."""
+    low, high = SETTING_RANGES[key]
+    return QDoubleSpinBox(minimum=low, maximum=high, singleStep=step, decimals=2, value=value)
 
 
 def _auto_value(box: QSpinBox) -> int | None:
@@ -36,17 +42,17 @@ class SettingsDialog(QDialog):
         super().__init__(parent)
         self.setWindowTitle("Settings")
         self._settings = settings
-        self.threads = _box("n_threads", settings.n_threads)
-        self.gpu_layers = _box("n_gpu_layers", settings.n_gpu_layers)
+        self.threads = _int_box("n_threads", settings.n_threads)
+        self.gpu_layers = _int_box("n_gpu_layers", settings.n_gpu_layers)
         self.gpu_layers.setToolTip("Auto: all layers when llama.cpp has a GPU backend. 0: CPU only.")
-        self.context = _box("n_ctx", settings.n_ctx, step=256)
-        self.temperature = _box("temperature", settings.temperature, step=0.05)
+        self.context = _int_box("n_ctx", settings.n_ctx, step=256)
+        self.temperature = _float_box("temperature", settings.temperature, step=0.05)
         self.temperature.setToolTip("0 picks the most likely token every time")
-        self.top_k = _box("top_k", settings.top_k)
+        self.top_k = _int_box("top_k", settings.top_k)
         self.top_k.setToolTip("Candidates per token; the rewards score these")
-        self.top_p = _box("top_p", settings.top_p, step=0.01)
-        self.min_p = _box("min_p", settings.min_p, step=0.01)
-        self.max_tokens = _box("max_tokens", settings.max_tokens)
+        self.top_p = _float_box("top_p", settings.top_p, step=0.01)
+        self.min_p = _float_box("min_p", settings.min_p, step=0.01)
+        self.max_tokens = _int_box("max_tokens", settings.max_tokens)
         self.data_folder = QLineEdit(str(data_folder))
         model = QFormLayout()
         model.addRow("CPU threads", self.threads)
@@ -68,7 +74,7 @@ class SettingsDialog(QDialog):
         layout.addWidget(buttons)
 
     @staticmethod
-    def _group(title: str, content) -> QGroupBox:
+    def _group(title: str, content: QLayout) -> QGroupBox:
         group = QGroupBox(title)
         group.setLayout(content)
         return group
