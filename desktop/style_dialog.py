@@ -119,8 +119,10 @@ class StyleDialog(QDialog):
         writing.addWidget(self.writing_bar)
         writing.addWidget(self.writing_label, 1)
         page = _page(self.counter_label, self.prompt_label, buttons=[self.finish_button, *self.answer_buttons.values()])
-        page.layout().insertLayout(2, replies, 1)
-        page.layout().insertLayout(3, writing)
+        layout = page.layout()
+        assert isinstance(layout, QVBoxLayout)  # _page lays the page out in a column
+        layout.insertLayout(2, replies, 1)
+        layout.insertLayout(3, writing)
         return page
 
     def _done_page(self) -> QWidget:
@@ -170,6 +172,13 @@ class StyleDialog(QDialog):
         self.show_intro()
 
     # -- the questions --------------------------------------------------------------
+    @property
+    def _ready_survey(self) -> StyleSurvey:
+        """The survey, for the steps that come after it loaded (a question, a round of replies, an answer)."""
+        if self._survey is None:
+            raise RuntimeError("the style survey has not loaded yet")
+        return self._survey
+
     def start(self) -> None:
         paths = self._library_paths()
         self._labels = {info.name: (info.card.label or info.name) for info in self._engine.describe_rewards(paths)
@@ -186,44 +195,47 @@ class StyleDialog(QDialog):
 
     def _next_question(self) -> None:
         """Ask the best unasked pair at once if a round is written, else wait for the round being written."""
-        if self._round_running or not self._survey.unasked:
+        survey = self._ready_survey
+        if self._round_running or not survey.unasked:
             self._show_when_written = True
             self._set_waiting("Writing replies…")
             if not self._round_running:
                 self._write_round()
         else:
-            self._show_question(self._survey.pick_question())
+            self._show_question(survey.pick_question())
 
     def _write_round(self) -> None:
-        survey = self._survey
+        survey = self._ready_survey
         self._round_running = True
         run_in_background(lambda: self._engine.run_exclusive(
             lambda _base: survey.write_round(progress=self._relay.progress.emit)), self._round_written, self._failed)
 
-    def _round_written(self, _result=None) -> None:
+    def _round_written(self, _result: object = None) -> None:
         self._round_running = False
         if self._show_when_written and self.pages.currentIndex() == 1:
             self._show_when_written = False
-            self._show_question(self._survey.pick_question())
+            self._show_question(self._ready_survey.pick_question())
 
     def _show_question(self, question: StyleQuestion) -> None:
         """Show it, then write the next round while the user reads (the pair is picked after the answer)."""
+        survey = self._ready_survey
         self._question = question
-        number = len(self._survey.answered) + 1
-        self.counter_label.setText(f"<b>Question {number} of {self._survey.questions}</b>")
+        number = len(survey.answered) + 1
+        self.counter_label.setText(f"<b>Question {number} of {survey.questions}</b>")
         self.prompt_label.setText(f"Prompt: {question.prompt}")
         for view, reply in zip(self.reply_views, (question.first, question.second)):
             view.setPlainText(reply.text or "(an empty reply)")
         self._set_waiting("")
-        if number < self._survey.questions:
+        if number < survey.questions:
             self._write_round()
 
     def answer(self, answer: str) -> None:
         if self._question is None:
             return
-        self._survey.answer(self._question, answer)
+        survey = self._ready_survey  # a question is shown only once the survey loaded
+        survey.answer(self._question, answer)
         self._question = None
-        if self._survey.finished:
+        if survey.finished:
             self.finish()
         else:
             self._next_question()
@@ -285,6 +297,7 @@ class StyleDialog(QDialog):
 
 
 def _page(*widgets: QWidget, buttons: list[QPushButton], stretch: bool = False) -> QWidget:
+    """The widgets in a column (a QVBoxLayout), then the buttons in a row on the right."""
     page = QWidget()
     layout = QVBoxLayout(page)
     for widget in widgets:
