@@ -49,7 +49,7 @@ class ConversationList(QWidget):
         return [self.list.item(row).text() for row in range(self.list.count())]
 
     def clear_selection(self) -> None:
-        self.list.setCurrentItem(None)
+        self.list.setCurrentRow(-1)  # Qt's setCurrentItem(None) does this; the stub takes no None
 
     def focus_search(self) -> None:
         self.search.setFocus()

@@ -92,7 +92,8 @@ class RewardRow(QFrame):
         weight.addWidget(QLabel("Weight"))
         weight.addWidget(self.weight_slider, 1)
         weight.addWidget(self.weight_label)
-        details = QLabel(card_text(info), wordWrap=True, toolTip=str(info.path))
+        details = QLabel(card_text(info), wordWrap=True)
+        details.setToolTip(str(info.path))
         layout = QVBoxLayout(self)
         layout.addLayout(top)
         layout.addLayout(weight)
@@ -101,7 +102,8 @@ class RewardRow(QFrame):
     @staticmethod
     def _badge_label(info: RewardInfo) -> QLabel:
         text, color = badge(info)
-        label = QLabel(text, toolTip=info.problem or "Same vocabulary as the loaded model: usable.")
+        label = QLabel(text)
+        label.setToolTip(info.problem or "Same vocabulary as the loaded model: usable.")
         if color is not None:
             label.setStyleSheet(f"color: {color.name()}; font-weight: bold")
         return label

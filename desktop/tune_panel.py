@@ -67,8 +67,10 @@ class TunePanel(QWidget):
         self._run_id: int | None = None
         self._name = ""  # the reward's name, as given when the run started
         self.name_edit = QLineEdit("my-style")
-        self.feedback_box = QCheckBox(enabled=False)
-        self.documents_box = QCheckBox("Documents folder: none", enabled=False)
+        self.feedback_box = QCheckBox()
+        self.documents_box = QCheckBox("Documents folder: none")
+        for box in (self.feedback_box, self.documents_box):
+            box.setEnabled(False)  # until there is feedback, or a folder
         self._documents: Path | None = None
         self.data_list = QListWidget()
         self.data_list.setMaximumHeight(90)
