@@ -65,11 +65,12 @@ class ChatEngine:
         return new
 
     def close(self) -> None:
-        """Close the model, the rewards and their merged sessions; safe to call twice."""
-        if self.base is not None:
-            self.base.close()
-            self.base = None
-        self._close_rewards()
+        """Close the model, the rewards and their merged sessions, once no reply uses them; safe to call twice."""
+        with self._lock:  # a reply or the style survey may still be running on a worker
+            if self.base is not None:
+                self.base.close()
+                self.base = None
+            self._close_rewards()
 
     def _close_rewards(self) -> None:
         self._switched_off += [slot.reward for slot in self._slots.values()]
