@@ -45,11 +45,12 @@ def ensure_environment(extras: str) -> Path:
         venv.EnvBuilder(with_pip=True).create(VENV)
     stamp = VENV / f".installed-{extras or 'base'}"
     flags = llama_build_flags()
-    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + flags.encode()).hexdigest()
+    inputs = (ROOT / "pyproject.toml").read_bytes() + (ROOT / "constraints.txt").read_bytes() + flags.encode()
+    wanted = hashlib.sha256(inputs).hexdigest()
     if not stamp.exists() or stamp.read_text() != wanted:
         print("Installing the app (the first time builds llama.cpp, about 5 minutes) ...", flush=True)
         wheel = ensure_llama_wheel(python, flags)
-        pip = [python, "-m", "pip", "install", "--disable-pip-version-check"]
+        pip = [python, "-m", "pip", "install", "--disable-pip-version-check", "-c", ROOT / "constraints.txt"]
         subprocess.run([*pip, "--no-deps", "--force-reinstall", wheel], cwd=ROOT, check=True)
         target = f".[{extras}]" if extras else "."
         subprocess.run([*pip, "--find-links", wheel.parent, "-e", target], cwd=ROOT, check=True)
@@ -71,9 +72,25 @@ def ensure_llama_wheel(python: Path, flags: str) -> Path:
     built = sorted(folder.glob("llama_cpp_python-*.whl"))
     if not built:
         print(f"Building {requirement} with {flags or 'its default flags'} (about 5 minutes) ...", flush=True)
-        subprocess.run([python, "-m", "pip", "wheel", "--disable-pip-version-check", "--no-deps", "--no-cache-dir",
-                        "--no-binary", "llama-cpp-python", "-w", folder, requirement],
-                       cwd=ROOT, check=True, env=os.environ | {"CMAKE_ARGS": flags})
+        subprocess.run(
+            [
+                python,
+                "-m",
+                "pip",
+                "wheel",
+                "--disable-pip-version-check",
+                "--no-deps",
+                "--no-cache-dir",
+                "--no-binary",
+                "llama-cpp-python",
+                "-w",
+                folder,
+                requirement,
+            ],
+            cwd=ROOT,
+            check=True,
+            env=os.environ | {"CMAKE_ARGS": flags},
+        )
         built = sorted(folder.glob("llama_cpp_python-*.whl"))
     return built[-1]
 
@@ -96,17 +113,28 @@ def run(args: list[str]) -> int:
     return subprocess.call([python, "-m", "engine.cli", "app", *args], cwd=ROOT)
 
 
+# Run before the tests; each must pass.
+CHECKS = (["ruff", "check", "."], ["ruff", "format", "--check", "."], ["mypy"])
+
+
 def test(args: list[str]) -> int:
     python = ensure_environment("dev,train")
     ensure_test_tools()
+    for check in CHECKS:
+        print(f"dev.py: {' '.join(check)}", flush=True)
+        if code := subprocess.call([python, "-m", *check], cwd=ROOT):
+            return code
     return subprocess.call([python, "-m", "pytest", *args], cwd=ROOT)
 
 
 def screenshots(args: list[str]) -> int:
     python = ensure_environment("train")
     target = ROOT / "docs" / "screenshot-main.png"
-    return subprocess.call([python, "-m", "engine.cli", "app", "--demo", "--screenshot", str(target), *args],
-                           cwd=ROOT, env=os.environ | {"QT_QPA_PLATFORM": "offscreen"})
+    return subprocess.call(
+        [python, "-m", "engine.cli", "app", "--demo", "--screenshot", str(target), *args],
+        cwd=ROOT,
+        env=os.environ | {"QT_QPA_PLATFORM": "offscreen"},
+    )
 
 
 def main() -> int:

@@ -11,28 +11,36 @@ from pathlib import Path
 
 from PySide6.QtWidgets import QApplication, QMessageBox
 
-from engine.app.chat import ChatEngine
-from engine.runtime.errors import PrtError
-from engine.app.models import default_model_path
-from engine.app.paths import AppPaths
-from engine.app.store import Store
 from desktop.main_window import APP_TITLE, MainWindow
 from desktop.settings import AppSettings, startup_paths
 from desktop.workers import error_text
+from engine.app.chat import ChatEngine
+from engine.app.models import default_model_path
+from engine.app.paths import AppPaths
+from engine.app.store import Store
+from engine.runtime.errors import PrtError
 
 WINDOW_SIZE = (1280, 800)
-NO_MODEL = ("No model installed yet: choose “Add a file…” in the model list, or run 'prt models fetch' "
-            "to install the default one.")
+NO_MODEL = (
+    "No model installed yet: choose “Add a file…” in the model list, or run 'prt models fetch' "
+    "to install the default one."
+)
 
 
 def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="prt app", description="The PRT Chat desktop app.")
-    parser.add_argument("--model", metavar="PATH", help="the GGUF to load (default: the last one used, "
-                                                       "else the default model)")
+    parser.add_argument(
+        "--model", metavar="PATH", help="the GGUF to load (default: the last one used, else the default model)"
+    )
     parser.add_argument("--screenshot", metavar="FILE.png", help="render the window to a PNG and exit")
     parser.add_argument("--demo", action="store_true", help="a canned conversation and rewards, no model")
-    parser.add_argument("--data-folder", type=Path, default=None, metavar="DIR",
-                        help="the app's data folder (default: PRT_HOME, else the one set in Settings, else the OS's)")
+    parser.add_argument(
+        "--data-folder",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="the app's data folder (default: PRT_HOME, else the one set in Settings, else the OS's)",
+    )
     return parser.parse_args(argv)
 
 

@@ -9,20 +9,20 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from PySide6.QtCore import QObject, QTimer, Signal
 
+from desktop.chat_view import ChatView, MessageBody, MessageWidget, PairWidget, ask_for_edit
+from desktop.token_view import TokenInfo
+from desktop.workers import ReplyJob, run_in_background
 from engine.app.backend import ChatBackend
 from engine.app.chat import ReplyRecorder
 from engine.app.store import Message, Store
 from engine.runtime.decode import GenerationResult, TokenEvent
 from engine.runtime.errors import StoreError
 from engine.runtime.steering import SamplingConfig
-from desktop.chat_view import ChatView, MessageBody, MessageWidget, PairWidget, ask_for_edit
-from desktop.token_view import TokenInfo
-from desktop.workers import ReplyJob, run_in_background
 
 REPAINT_INTERVAL_MS = 50
 RATINGS = ("thumbs_up", "thumbs_down")
@@ -50,8 +50,9 @@ class ChatSession(QObject):
     speed_changed = Signal(float)  # tokens per second of the reply streaming or just finished
     error = Signal(str)
 
-    def __init__(self, engine: ChatBackend, store: Store, view: ChatView,
-                 sampling: Callable[[int | None], SamplingConfig]) -> None:
+    def __init__(
+        self, engine: ChatBackend, store: Store, view: ChatView, sampling: Callable[[int | None], SamplingConfig]
+    ) -> None:
         super().__init__(view)
         self._engine, self._store, self._view, self._sampling = engine, store, view, sampling
         self.conversation_id: int | None = None
@@ -125,8 +126,10 @@ class ChatSession(QObject):
     def _ensure_conversation(self, first_message: str) -> int:
         if self.conversation_id is None:
             self.conversation_id = self._store.create_conversation(
-                title=title_from(first_message), system_prompt=self._view.system_prompt.text(),
-                model_name=self._model_name())
+                title=title_from(first_message),
+                system_prompt=self._view.system_prompt.text(),
+                model_name=self._model_name(),
+            )
         return self.conversation_id
 
     def _model_name(self) -> str:
@@ -135,8 +138,11 @@ class ChatSession(QObject):
     def _model_messages(self) -> list[dict[str, str]]:
         """[system] + the stored turns, as the engine takes them."""
         system = self._store.conversation(self.conversation_id).system_prompt.strip()
-        turns = [{"role": message.role, "content": message.content}
-                 for message in self._store.messages(self.conversation_id) if message.content.strip()]
+        turns = [
+            {"role": message.role, "content": message.content}
+            for message in self._store.messages(self.conversation_id)
+            if message.content.strip()
+        ]
         return ([{"role": "system", "content": system}] if system else []) + turns
 
     # -- replies ----------------------------------------------------------------
@@ -188,8 +194,11 @@ class ChatSession(QObject):
         self._token_count, self._first_token_at = 0, None
         self._set_busy(True)
         self._timer.start()
-        run_in_background(job.run, lambda results: self._finished(job, results),
-                          lambda message: self._finished(job, job.results, error=message))
+        run_in_background(
+            job.run,
+            lambda results: self._finished(job, results),
+            lambda message: self._finished(job, job.results, error=message),
+        )
 
     def _drain(self) -> None:
         """Move what the worker produced since the last tick into the view and the store."""
@@ -240,8 +249,9 @@ class ChatSession(QObject):
         if error:
             self.error.emit(error)
 
-    def _finish_single(self, reply: _StreamingReply, job: ReplyJob, results: list[GenerationResult],
-                       error: str | None) -> None:
+    def _finish_single(
+        self, reply: _StreamingReply, job: ReplyJob, results: list[GenerationResult], error: str | None
+    ) -> None:
         result = results[0] if results else GenerationResult(finish_reason="cancelled")
         self._save(reply.recorder.finish, result, job.reward_names, error=error)
         self._tokens[reply.message_id] = self._streamed[0]
@@ -310,12 +320,21 @@ class ChatSession(QObject):
 
     def _add_feedback(self, kind: str, message, **sides: str) -> None:
         conversation = self._store.conversation(message.conversation_id)
-        self._store.add_feedback(kind, prompt=self._prompt_before(message), system=conversation.system_prompt,
-                                 conversation_id=message.conversation_id, message_id=message.id, **sides)
+        self._store.add_feedback(
+            kind,
+            prompt=self._prompt_before(message),
+            system=conversation.system_prompt,
+            conversation_id=message.conversation_id,
+            message_id=message.id,
+            **sides,
+        )
         self.feedback_changed.emit()
 
     def _prompt_before(self, message) -> str:
         """The user message the reply answers."""
-        earlier = [item for item in self._store.messages(message.conversation_id)
-                   if item.role == "user" and item.position < message.position]
+        earlier = [
+            item
+            for item in self._store.messages(message.conversation_id)
+            if item.role == "user" and item.position < message.position
+        ]
         return earlier[-1].content if earlier else ""

@@ -6,17 +6,31 @@ Widgets only: they show what they are given and emit what the user asked for; Ch
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from PySide6.QtCore import QEvent, QPoint, Qt, Signal
 from PySide6.QtGui import QGuiApplication, QHelpEvent, QKeyEvent, QPalette, QTextCursor
-from PySide6.QtWidgets import (QDialog, QDialogButtonBox, QFrame, QHBoxLayout, QLabel, QLineEdit, QPlainTextEdit,
-                               QPushButton, QScrollArea, QSizePolicy, QTextBrowser, QToolButton, QToolTip,
-                               QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (
+    QDialog,
+    QDialogButtonBox,
+    QFrame,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPlainTextEdit,
+    QPushButton,
+    QScrollArea,
+    QSizePolicy,
+    QTextBrowser,
+    QToolButton,
+    QToolTip,
+    QVBoxLayout,
+    QWidget,
+)
 
-from engine.app.store import Message, MessageStatus
 from desktop.formatting import speed_text
 from desktop.token_view import TokenInfo, write_tokens
+from engine.app.store import Message, MessageStatus
 
 
 class MessageBody(QTextBrowser):
@@ -25,8 +39,14 @@ class MessageBody(QTextBrowser):
     Tokens exist for replies generated in this session; the token view shows them when switched on.
     """
 
-    def __init__(self, text: str = "", *, markdown: bool = True, tokens: Sequence[TokenInfo] | None = None,
-                 token_view: bool = False) -> None:
+    def __init__(
+        self,
+        text: str = "",
+        *,
+        markdown: bool = True,
+        tokens: Sequence[TokenInfo] | None = None,
+        token_view: bool = False,
+    ) -> None:
         super().__init__()
         self._text = text
         self._tokens = list(tokens) if tokens is not None else None
@@ -128,8 +148,14 @@ class MessageWidget(QFrame):
     edit_requested = Signal(int)
     rating_changed = Signal(int, object)  # message id, "thumbs_up" | "thumbs_down" | None
 
-    def __init__(self, message: Message, *, tokens: Sequence[TokenInfo] | None = None, rating: str | None = None,
-                 token_view: bool = False) -> None:
+    def __init__(
+        self,
+        message: Message,
+        *,
+        tokens: Sequence[TokenInfo] | None = None,
+        rating: str | None = None,
+        token_view: bool = False,
+    ) -> None:
         super().__init__()
         self.message_id = message.id
         self.role = message.role
@@ -168,8 +194,10 @@ class MessageWidget(QFrame):
         return button
 
     def _rating_buttons(self, rating: str | None) -> dict[str, QToolButton]:
-        buttons = {"thumbs_up": _tool_button("▲ Good", "A good reply (thumbs up)", checkable=True),
-                   "thumbs_down": _tool_button("▼ Bad", "A bad reply (thumbs down)", checkable=True)}
+        buttons = {
+            "thumbs_up": _tool_button("▲ Good", "A good reply (thumbs up)", checkable=True),
+            "thumbs_down": _tool_button("▼ Bad", "A bad reply (thumbs down)", checkable=True),
+        }
         for kind, button in buttons.items():
             button.setChecked(kind == rating)
             button.clicked.connect(lambda checked, kind=kind: self._rate(kind, checked))
@@ -281,8 +309,9 @@ class ChatView(QWidget):
             self.scroll_area.verticalScrollBar().setValue(maximum)
 
     # -- what the session shows --------------------------------------------
-    def show_messages(self, messages: Sequence[Message], *, tokens: Mapping[int, Sequence[TokenInfo]],
-                      ratings: Mapping[int, str]) -> None:
+    def show_messages(
+        self, messages: Sequence[Message], *, tokens: Mapping[int, Sequence[TokenInfo]], ratings: Mapping[int, str]
+    ) -> None:
         """Replace the messages on screen; ``tokens``: the per-token traces there are, by message id."""
         while self._messages.count() > 1:  # everything but the trailing stretch
             item = self._messages.takeAt(0)
@@ -295,8 +324,9 @@ class ChatView(QWidget):
         for message in messages:
             self.add_message(message, tokens=tokens.get(message.id), rating=ratings.get(message.id))
 
-    def add_message(self, message: Message, *, tokens: Sequence[TokenInfo] | None = None,
-                    rating: str | None = None) -> MessageWidget:
+    def add_message(
+        self, message: Message, *, tokens: Sequence[TokenInfo] | None = None, rating: str | None = None
+    ) -> MessageWidget:
         widget = MessageWidget(message, tokens=tokens, rating=rating, token_view=self._token_view)
         widget.edit_requested.connect(self.edit_requested)
         widget.rating_changed.connect(self.rating_changed)
@@ -346,8 +376,11 @@ def ask_for_edit(parent: QWidget, text: str, *, role: str) -> str | None:
     buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel)
     buttons.accepted.connect(dialog.accept)
     buttons.rejected.connect(dialog.reject)
-    note = QLabel("The conversation continues from the edited message." if role == "user"
-                  else "Your edit is kept as preferred over the original, for tuning.")
+    note = QLabel(
+        "The conversation continues from the edited message."
+        if role == "user"
+        else "Your edit is kept as preferred over the original, for tuning."
+    )
     layout = QVBoxLayout(dialog)
     layout.addWidget(note)
     layout.addWidget(editor)

@@ -4,14 +4,14 @@ atomically, so nothing half-written stays). Tuning and building the style reward
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 from PySide6.QtCore import QByteArray, QObject, QProcess, QProcessEnvironment, Signal
 from PySide6.QtWidgets import QLabel, QProgressBar
 
-from engine.app.jobs import ERROR_PREFIX, JobProgress, summary_from
 from desktop.formatting import duration_text
+from engine.app.jobs import ERROR_PREFIX, JobProgress, summary_from
 
 
 def _bytes(array: QByteArray) -> bytes:
@@ -93,8 +93,9 @@ class ProgressProcess(QObject):
     def _finished(self, exit_code: int, _exit_status: QProcess.ExitStatus | None = None) -> None:
         process = self._detach()
         self._take_stderr(_bytes(process.readAllStandardError()), final=True)
-        summary = summary_from(_bytes(process.readAllStandardOutput()).decode("utf-8", errors="replace"),
-                               self._summary_key)
+        summary = summary_from(
+            _bytes(process.readAllStandardOutput()).decode("utf-8", errors="replace"), self._summary_key
+        )
         if self._cancelled:
             self.cancelled.emit()
         elif exit_code == 0 and summary is not None:

@@ -17,7 +17,7 @@ def cmd_app(args: argparse.Namespace) -> int:
     try:
         from desktop.app import main as app_main
     except ImportError as error:
-        raise UsageError(f"The desktop app needs PySide6 ({error.name} is missing): pip install pyside6-essentials.") \
-            from error
+        raise UsageError(
+            f"The desktop app needs PySide6 ({error.name} is missing): pip install pyside6-essentials."
+        ) from error
     return app_main(list(args.passed_through))
-

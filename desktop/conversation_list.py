@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 from PySide6.QtCore import Qt, Signal
-from PySide6.QtWidgets import QInputDialog, QLineEdit, QListWidget, QListWidgetItem, QMenu, QMessageBox, QVBoxLayout, QWidget
+from PySide6.QtWidgets import (
+    QInputDialog,
+    QLineEdit,
+    QListWidget,
+    QListWidgetItem,
+    QMenu,
+    QMessageBox,
+    QVBoxLayout,
+    QWidget,
+)
 
 from engine.app.store import Store
 
@@ -76,8 +85,9 @@ class ConversationList(QWidget):
             self.refresh()
 
     def _delete(self, conversation_id: int, title: str) -> None:
-        answer = QMessageBox.question(self, "Delete chat", f"Delete “{title}” and its messages? Feedback you gave "
-                                      "in it stays, as training data.")
+        answer = QMessageBox.question(
+            self, "Delete chat", f"Delete “{title}” and its messages? Feedback you gave in it stays, as training data."
+        )
         if answer == QMessageBox.StandardButton.Yes:
             self._store.delete_conversation(conversation_id)
             self.conversation_deleted.emit(conversation_id)

@@ -10,20 +10,21 @@ import contextlib
 import re
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, NoReturn
+from typing import NoReturn
 
 import numpy as np
 
+from desktop.token_view import TokenInfo, token_info
 from engine.app.chat import RewardInfo
+from engine.app.paths import AppPaths
+from engine.app.store import Store
 from engine.runtime.decode import StepTrace, TokenEvent
 from engine.runtime.errors import PrtError
 from engine.runtime.rewards import RewardCard
 from engine.runtime.steering import steered_scores
-from engine.app.paths import AppPaths
-from engine.app.store import Store
-from desktop.token_view import TokenInfo, token_info
 
 DEMO_MODEL = "SmolLM2-135M-Instruct.Q4_1"
 NOT_HERE = "This is the demo: no model is loaded. Start the app without --demo to chat."
@@ -39,30 +40,52 @@ class DemoReward:
     weight: float
 
     def card(self, name: str) -> RewardCard:
-        return RewardCard(name=name, vocabulary_fingerprint=f"sha256:{self.trained_on}", vocabulary_size=49152,
-                          base_model_name=self.trained_on, training_data=self.training_data,
-                          metrics={"held_out": self.held_out})
+        return RewardCard(
+            name=name,
+            vocabulary_fingerprint=f"sha256:{self.trained_on}",
+            vocabulary_size=49152,
+            base_model_name=self.trained_on,
+            training_data=self.training_data,
+            metrics={"held_out": self.held_out},
+        )
 
 
 REWARDS = {
-    "concise": DemoReward(DEMO_MODEL, {"demonstrations": 180, "preference_pairs": 42},
-                          {"tokens": 5210, "base_nll": 2.412, "steered_nll": 2.035, "teacher_nll": 1.87,
-                           "gap_closed": 0.7, "pairs": 12, "pair_accuracy": 0.83}, True, 1.0),
-    "friendly-tone": DemoReward(DEMO_MODEL, {"demonstrations": 64},
-                                {"tokens": 1930, "base_nll": 2.61, "steered_nll": 2.44}, True, 0.5),
-    "legal-style": DemoReward(OTHER_MODEL, {"preference_pairs": 300}, {"pairs": 30, "pair_accuracy": 0.77},
-                              False, 1.0),
+    "concise": DemoReward(
+        DEMO_MODEL,
+        {"demonstrations": 180, "preference_pairs": 42},
+        {
+            "tokens": 5210,
+            "base_nll": 2.412,
+            "steered_nll": 2.035,
+            "teacher_nll": 1.87,
+            "gap_closed": 0.7,
+            "pairs": 12,
+            "pair_accuracy": 0.83,
+        },
+        True,
+        1.0,
+    ),
+    "friendly-tone": DemoReward(
+        DEMO_MODEL, {"demonstrations": 64}, {"tokens": 1930, "base_nll": 2.61, "steered_nll": 2.44}, True, 0.5
+    ),
+    "legal-style": DemoReward(OTHER_MODEL, {"preference_pairs": 300}, {"pairs": 30, "pair_accuracy": 0.77}, False, 1.0),
 }
 SYSTEM_PROMPT = "You are a helpful assistant. Answer briefly."
 CONVERSATION = [
     ("user", "What should I pack for a day hike in autumn?"),
-    ("assistant", "For a day hike in autumn, pack:\n\n- **Layers**: a warm fleece and a rain jacket\n"
-                  "- **Water** (1–2 litres) and snacks\n- A map, a charged phone and a headlamp\n\n"
-                  "Days are shorter, so start early."),
+    (
+        "assistant",
+        "For a day hike in autumn, pack:\n\n- **Layers**: a warm fleece and a rain jacket\n"
+        "- **Water** (1–2 litres) and snacks\n- A map, a charged phone and a headlamp\n\n"
+        "Days are shorter, so start early.",
+    ),
     ("user", "And if it rains?"),
 ]
-TRACED_REPLY = ("Then add waterproof trousers and a dry bag for your phone. Wet leaves are slippery, "
-                "so wear boots with a good grip and take it slowly on descents.")
+TRACED_REPLY = (
+    "Then add waterproof trousers and a dry bag for your phone. Wet leaves are slippery, "
+    "so wear boots with a good grip and take it slowly on descents."
+)
 
 
 def _not_here(*_args: object, **_kwargs: object) -> NoReturn:
@@ -93,8 +116,12 @@ class DemoEngine:
         reward = REWARDS[path.stem]
         if reward.trained_on == DEMO_MODEL:
             return RewardInfo(path, reward.card(path.stem), True)
-        return RewardInfo(path, reward.card(path.stem), False,
-                          f"Trained for '{reward.trained_on}', whose vocabulary differs from '{DEMO_MODEL}'.")
+        return RewardInfo(
+            path,
+            reward.card(path.stem),
+            False,
+            f"Trained for '{reward.trained_on}', whose vocabulary differs from '{DEMO_MODEL}'.",
+        )
 
     def set_active_rewards(self, weights: Mapping[Path | str, float]) -> None:
         self._weights = {Path(path): weight for path, weight in weights.items()}
@@ -141,16 +168,26 @@ def fill_store(store: Store) -> tuple[int, list[TokenInfo]]:
         store.add_reward(path, name)
         store.set_reward_state(path, enabled=reward.enabled, weight=reward.weight)
     store.create_conversation("Bread without yeast")
-    conversation_id = store.create_conversation(title="Packing for a day hike", system_prompt=SYSTEM_PROMPT,
-                                                model_name=DEMO_MODEL)
+    conversation_id = store.create_conversation(
+        title="Packing for a day hike", system_prompt=SYSTEM_PROMPT, model_name=DEMO_MODEL
+    )
     ids = [store.add_message(conversation_id, role, text) for role, text in CONVERSATION]
-    store.add_feedback("thumbs_up", prompt=CONVERSATION[0][1], system=SYSTEM_PROMPT, chosen=CONVERSATION[1][1],
-                       conversation_id=conversation_id, message_id=ids[1])
+    store.add_feedback(
+        "thumbs_up",
+        prompt=CONVERSATION[0][1],
+        system=SYSTEM_PROMPT,
+        chosen=CONVERSATION[1][1],
+        conversation_id=conversation_id,
+        message_id=ids[1],
+    )
     pieces = split_into_tokens(TRACED_REPLY)
     vocabulary = sorted(set(pieces) | {" Sure", " Also", " However", " rain", " shoes", " jacket", "!"})
-    reply_id = store.add_message(conversation_id, "assistant", TRACED_REPLY,
-                                 stats={"tokens": len(pieces), "tokens_per_second": 41.7,
-                                        "rewards": ["concise", "friendly-tone"]})
+    reply_id = store.add_message(
+        conversation_id,
+        "assistant",
+        TRACED_REPLY,
+        stats={"tokens": len(pieces), "tokens_per_second": 41.7, "rewards": ["concise", "friendly-tone"]},
+    )
     return reply_id, traced_tokens(pieces, vocabulary)
 
 

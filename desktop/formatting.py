@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 
 def held_out_text(held: Mapping[str, Any]) -> str:
     """'NLL/token 2.31 -> 2.05 (base -> steered) over 812 tokens, 45% of the gap closed; pair accuracy 80%'."""
     parts = []
     if held.get("tokens"):
-        parts.append(f"held-out NLL/token {held['base_nll']:.3f} → {held['steered_nll']:.3f} "
-                     f"(base → steered) over {held['tokens']:,} tokens")
+        parts.append(
+            f"held-out NLL/token {held['base_nll']:.3f} → {held['steered_nll']:.3f} "
+            f"(base → steered) over {held['tokens']:,} tokens"
+        )
     if held.get("gap_closed") is not None:
         parts.append(f"{held['gap_closed']:.0%} of the gap to the teacher closed")
     if held.get("pair_accuracy") is not None:

@@ -3,18 +3,23 @@ right, the model picker in the toolbar, speed and active rewards in the status b
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 from PySide6.QtCore import QCoreApplication, Qt
 from PySide6.QtGui import QAction, QCloseEvent, QGuiApplication, QKeySequence
-from PySide6.QtWidgets import (QDialog, QDockWidget, QFileDialog, QLabel, QMainWindow, QMessageBox, QProgressBar,
-                               QSplitter)
+from PySide6.QtWidgets import (
+    QDialog,
+    QDockWidget,
+    QFileDialog,
+    QLabel,
+    QMainWindow,
+    QMessageBox,
+    QProgressBar,
+    QSplitter,
+)
 
-from engine.app.backend import ChatBackend
-from engine.app.paths import AppPaths
-from engine.app.store import Store
 from desktop.chat_session import ChatSession
 from desktop.chat_view import ChatView
 from desktop.conversation_list import ConversationList
@@ -26,14 +31,24 @@ from desktop.settings_dialog import SettingsDialog
 from desktop.style_dialog import StyleDialog, first_run_pending
 from desktop.tune_panel import TunePanel
 from desktop.workers import run_in_background, wait_for_background_work
+from engine.app.backend import ChatBackend
+from engine.app.paths import AppPaths
+from engine.app.store import Store
 
 APP_TITLE = "PRT Chat"
 
 
 class MainWindow(QMainWindow):
-    def __init__(self, engine: ChatBackend, store: Store, *, paths: AppPaths | None = None,
-                 settings: AppSettings | None = None, tune_command_factory: Callable[..., list[str]] | None = None,
-                 offer_style_survey: bool = False) -> None:
+    def __init__(
+        self,
+        engine: ChatBackend,
+        store: Store,
+        *,
+        paths: AppPaths | None = None,
+        settings: AppSettings | None = None,
+        tune_command_factory: Callable[..., list[str]] | None = None,
+        offer_style_survey: bool = False,
+    ) -> None:
         """``paths``: the app's, built at start-up (None: resolved here, from PRT_HOME or the OS's folder).
         ``offer_style_survey``: open "Find your style" after the first model loads, until answered or skipped."""
         super().__init__()
@@ -113,10 +128,13 @@ class MainWindow(QMainWindow):
         chat_menu.addSeparator()
         self._action(chat_menu, "Find or retune my st&yle…", self.open_style_dialog)
         view_menu = bar.addMenu("&View")
-        self.token_view_action = self._action(view_menu, "&Token view", self.chat_view.set_token_view, "Ctrl+T",
-                                              checkable=True)
-        self.token_view_action.setToolTip("Tint each token by how much the rewards raised (green) or lowered (red) "
-                                          "it; hover a token for the candidates before and after (Ctrl+T)")
+        self.token_view_action = self._action(
+            view_menu, "&Token view", self.chat_view.set_token_view, "Ctrl+T", checkable=True
+        )
+        self.token_view_action.setToolTip(
+            "Tint each token by how much the rewards raised (green) or lowered (red) "
+            "it; hover a token for the candidates before and after (Ctrl+T)"
+        )
         view_menu.addAction(self.rewards_dock.toggleViewAction())
         view_menu.addAction(self.tune_dock.toggleViewAction())
         settings_menu = bar.addMenu("&Settings")
@@ -156,8 +174,9 @@ class MainWindow(QMainWindow):
         """Load a GGUF on the thread pool; the chat waits (with a busy bar) until it is in."""
         path, config = Path(path), self.settings.model_config()
         self._show_loading(f"Loading {path.stem}…")
-        run_in_background(lambda: self.engine.load_model(path, config), lambda _base: self._model_loaded(path),
-                          self._model_failed)
+        run_in_background(
+            lambda: self.engine.load_model(path, config), lambda _base: self._model_loaded(path), self._model_failed
+        )
 
     def _model_loaded(self, path: Path) -> None:
         self._show_loading("")
@@ -200,7 +219,7 @@ class MainWindow(QMainWindow):
 
     # -- style -----------------------------------------------------------------------------
     def open_style_dialog(self) -> None:
-        """"Find your style": window-modal, so the chat waits while the questions use the model."""
+        """ "Find your style": window-modal, so the chat waits while the questions use the model."""
         if self.style_dialog is not None and self.style_dialog.isVisible():
             self.style_dialog.raise_()
             return
@@ -229,15 +248,21 @@ class MainWindow(QMainWindow):
         path, _filter = QFileDialog.getSaveFileName(self, "Export all conversations", "chats.json", "JSON (*.json)")
         if path:
             counts = self.store.export_json(path)
-            self.statusBar().showMessage(f"Exported {counts['conversations']} conversations, {counts['messages']} "
-                                         f"messages and {counts['feedback']} feedback items to {path}", 10000)
+            self.statusBar().showMessage(
+                f"Exported {counts['conversations']} conversations, {counts['messages']} "
+                f"messages and {counts['feedback']} feedback items to {path}",
+                10000,
+            )
 
     def import_conversations(self) -> None:
         path, _filter = QFileDialog.getOpenFileName(self, "Import conversations", "", "JSON (*.json)")
         if path:
             counts = self.store.import_json(path)
-            self.statusBar().showMessage(f"Imported {counts['conversations']} conversations ({counts['skipped']} "
-                                         f"already here) and {counts['feedback']} feedback items", 10000)
+            self.statusBar().showMessage(
+                f"Imported {counts['conversations']} conversations ({counts['skipped']} "
+                f"already here) and {counts['feedback']} feedback items",
+                10000,
+            )
             self.conversations.refresh()
             self.tune_panel.refresh_counts()
 
@@ -246,10 +271,14 @@ class MainWindow(QMainWindow):
             self.show_error("Stop the reply before deleting data.")
             return
         answer = QMessageBox.warning(
-            self, "Delete all data", "Delete every conversation, all feedback, the list of installed rewards, the "
+            self,
+            "Delete all data",
+            "Delete every conversation, all feedback, the list of installed rewards, the "
             "tuning history, the saved teacher passes and the settings? Model and reward files stay on disk. "
             "This cannot be undone.",
-            QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.Cancel, QMessageBox.StandardButton.Cancel)
+            QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.Cancel,
+            QMessageBox.StandardButton.Cancel,
+        )
         if answer != QMessageBox.StandardButton.Yes:
             return
         self.store.delete_all()

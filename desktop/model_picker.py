@@ -7,9 +7,9 @@ from pathlib import Path
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import QComboBox, QFileDialog
 
-from engine.runtime.errors import PrtError
 from engine.app.models import add_model, installed_models
 from engine.app.paths import AppPaths
+from engine.runtime.errors import PrtError
 
 ADD_FILE = "Add a file…"
 

@@ -8,18 +8,29 @@ from pathlib import Path
 
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QColor
-from PySide6.QtWidgets import (QCheckBox, QFileDialog, QFrame, QHBoxLayout, QLabel, QPushButton, QScrollArea,
-                               QSlider, QToolButton, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (
+    QCheckBox,
+    QFileDialog,
+    QFrame,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QScrollArea,
+    QSlider,
+    QToolButton,
+    QVBoxLayout,
+    QWidget,
+)
 
-from engine.app.backend import ChatBackend
-from engine.app.chat import RewardInfo
-from engine.runtime.errors import PrtError
-from engine.app.onboarding import saved_profile
-from engine.app.pref import Profile, ProfileError
-from engine.app.store import RewardEntry, Store
 from desktop.formatting import held_out_text, sentence, training_data_text
 from desktop.settings import SETTING_RANGES
 from desktop.theme import lowered_color, raised_color
+from engine.app.backend import ChatBackend
+from engine.app.chat import RewardInfo
+from engine.app.onboarding import saved_profile
+from engine.app.pref import Profile, ProfileError
+from engine.app.store import RewardEntry, Store
+from engine.runtime.errors import PrtError
 
 WEIGHT_STEPS = 100  # slider steps per 1.0 of weight or strength
 MAX_WEIGHT = 2.0
@@ -51,8 +62,10 @@ def card_text(info: RewardInfo) -> str:
     if info.card is None:
         return info.problem
     card = info.card
-    return (f"Trained on {card.base_model_name} with {training_data_text(card.training_data)}. "
-            f"{sentence(held_out_text(card.metrics.get('held_out', {})))}.")
+    return (
+        f"Trained on {card.base_model_name} with {training_data_text(card.training_data)}. "
+        f"{sentence(held_out_text(card.metrics.get('held_out', {})))}."
+    )
 
 
 def badge(info: RewardInfo) -> tuple[str, QColor | None]:
@@ -157,8 +170,10 @@ class RewardsPanel(QWidget):
         profile_row = QHBoxLayout()
         profile_row.addWidget(self.profile_label, 1)
         profile_row.addWidget(self.style_button)
-        self.empty_note = QLabel("No rewards installed yet. Tune one from your feedback, or add a reward file "
-                                 "(.onnx with its .json card).", wordWrap=True)
+        self.empty_note = QLabel(
+            "No rewards installed yet. Tune one from your feedback, or add a reward file (.onnx with its .json card).",
+            wordWrap=True,
+        )
         layout = QVBoxLayout(self)
         layout.addLayout(profile_row)
         layout.addLayout(strength_row)

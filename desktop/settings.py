@@ -11,10 +11,10 @@ from typing import TypeGuard
 
 import platformdirs
 
+from engine.app.paths import APP_NAME, AppPaths
 from engine.runtime.base_model import BaseModelConfig
 from engine.runtime.errors import StoreError
 from engine.runtime.files import write_atomically
-from engine.app.paths import APP_NAME, AppPaths
 from engine.runtime.steering import SamplingConfig
 from engine.runtime.user_json import parse_user_json
 
@@ -37,7 +37,7 @@ class AppSettings:
     last_model: str = ""
 
     @classmethod
-    def load(cls, store) -> "AppSettings":
+    def load(cls, store) -> AppSettings:
         """The saved settings; unknown keys are ignored, missing or unusable values fall back to the defaults."""
         try:
             saved = store.setting(STORE_KEY, {})
@@ -55,15 +55,29 @@ class AppSettings:
         return BaseModelConfig(n_ctx=self.n_ctx, n_threads=self.n_threads, n_gpu_layers=self.n_gpu_layers)
 
     def sampling(self, seed: int | None = None) -> SamplingConfig:
-        return SamplingConfig(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
-                              max_tokens=self.max_tokens, seed=seed)
+        return SamplingConfig(
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            min_p=self.min_p,
+            max_tokens=self.max_tokens,
+            seed=seed,
+        )
 
 
 # the ranges of the numbers (the settings dialog's, and the strength slider's for alpha)
 # What the settings dialog and the strength slider can set; a saved value outside is not one the app wrote.
-SETTING_RANGES = {"n_threads": (1, 256), "n_gpu_layers": (0, 999), "n_ctx": (256, 131072), "temperature": (0.0, 2.0),
-                  "top_k": (1, 1000), "top_p": (0.01, 1.0), "min_p": (0.0, 0.99), "max_tokens": (1, 32768),
-                  "alpha": (0.0, 3.0)}
+SETTING_RANGES = {
+    "n_threads": (1, 256),
+    "n_gpu_layers": (0, 999),
+    "n_ctx": (256, 131072),
+    "temperature": (0.0, 2.0),
+    "top_k": (1, 1000),
+    "top_p": (0.01, 1.0),
+    "min_p": (0.0, 0.99),
+    "max_tokens": (1, 32768),
+    "alpha": (0.0, 3.0),
+}
 AUTOMATIC = ("n_threads", "n_gpu_layers")  # these may also be None: automatic
 
 

@@ -5,8 +5,22 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from PySide6.QtWidgets import (QDialog, QDialogButtonBox, QDoubleSpinBox, QFileDialog, QFormLayout, QGroupBox,
-                               QHBoxLayout, QLabel, QLayout, QLineEdit, QPushButton, QSpinBox, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (
+    QDialog,
+    QDialogButtonBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLayout,
+    QLineEdit,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
 
 from desktop.settings import AUTOMATIC, SETTING_RANGES, AppSettings
 
@@ -97,9 +111,16 @@ class SettingsDialog(QDialog):
 
     def settings(self) -> AppSettings:
         return replace(
-            self._settings, n_threads=_auto_value(self.threads), n_gpu_layers=_auto_value(self.gpu_layers),
-            n_ctx=self.context.value(), temperature=self.temperature.value(), top_k=self.top_k.value(),
-            top_p=self.top_p.value(), min_p=self.min_p.value(), max_tokens=self.max_tokens.value())
+            self._settings,
+            n_threads=_auto_value(self.threads),
+            n_gpu_layers=_auto_value(self.gpu_layers),
+            n_ctx=self.context.value(),
+            temperature=self.temperature.value(),
+            top_k=self.top_k.value(),
+            top_p=self.top_p.value(),
+            min_p=self.min_p.value(),
+            max_tokens=self.max_tokens.value(),
+        )
 
     def chosen_data_folder(self) -> Path:
         return Path(self.data_folder.text()).expanduser()

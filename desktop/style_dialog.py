@@ -6,29 +6,49 @@ and any time from "Retune my style…". A model without base rewards gets them b
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 from PySide6.QtCore import QObject, Qt, Signal
-from PySide6.QtWidgets import (QDialog, QGridLayout, QHBoxLayout, QLabel, QProgressBar, QPushButton, QStackedWidget,
-                               QTextBrowser, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (
+    QDialog,
+    QGridLayout,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QStackedWidget,
+    QTextBrowser,
+    QVBoxLayout,
+    QWidget,
+)
 
+from desktop.child_process import ProgressProcess, show_progress
+from desktop.workers import run_in_background
 from engine.app.backend import ChatBackend
 from engine.app.chat import library_build_command
-from engine.app.onboarding import (DEFAULT_QUESTIONS, StyleQuestion, StyleSurvey, dial_weights, library_reward_paths,
-                                   save_profile)
+from engine.app.onboarding import (
+    DEFAULT_QUESTIONS,
+    StyleQuestion,
+    StyleSurvey,
+    dial_weights,
+    library_reward_paths,
+    save_profile,
+)
 from engine.app.paths import AppPaths
 from engine.app.pref import Profile
 from engine.app.store import Store
-from desktop.child_process import ProgressProcess, show_progress
-from desktop.workers import run_in_background
 
 SURVEY_SETTING = "style_survey"  # "done" or "skipped" once the first-run offer was answered
 PROFILE_NAME = "My style"
 BUILD_MINUTES = 30  # `prt library build` with its default count, measured on the 2-core VM
-BUILD_PHASES = {"distill": "Writing example answers", "teacher": "Scoring them with the model", "train": "Training",
-                "export": "Exporting and checking"}
+BUILD_PHASES = {
+    "distill": "Writing example answers",
+    "teacher": "Scoring them with the model",
+    "train": "Training",
+    "export": "Exporting and checking",
+}
 
 
 def first_run_pending(store: Store) -> bool:
@@ -50,10 +70,17 @@ class _ProgressRelay(QObject):
 class StyleDialog(QDialog):
     profile_saved = Signal()
 
-    def __init__(self, engine: ChatBackend, store: Store, parent: QWidget | None = None, *,
-                 questions: int = DEFAULT_QUESTIONS, paths: AppPaths | None = None,
-                 build_command: Callable[..., list[str]] | None = None,
-                 survey_factory: Callable[..., StyleSurvey] = StyleSurvey) -> None:
+    def __init__(
+        self,
+        engine: ChatBackend,
+        store: Store,
+        parent: QWidget | None = None,
+        *,
+        questions: int = DEFAULT_QUESTIONS,
+        paths: AppPaths | None = None,
+        build_command: Callable[..., list[str]] | None = None,
+        survey_factory: Callable[..., StyleSurvey] = StyleSurvey,
+    ) -> None:
         """``paths``: the app's (None: resolved here); ``build_command``: library_build_command for its data folder."""
         super().__init__(parent)
         self.setWindowTitle("Find your style")
@@ -71,8 +98,9 @@ class StyleDialog(QDialog):
         self._relay = _ProgressRelay(self)
         self._relay.progress.connect(self._show_writing)
         self._build = ProgressProcess(self, summary_key="folder", what="style reward build")
-        self._build.progress.connect(lambda progress: show_progress(self.build_bar, self.build_label, progress,
-                                                                    BUILD_PHASES))
+        self._build.progress.connect(
+            lambda progress: show_progress(self.build_bar, self.build_label, progress, BUILD_PHASES)
+        )
         self._build.succeeded.connect(lambda _summary: self._build_ended("The style rewards are ready."))
         self._build.failed.connect(self._build_ended)
         self._build.cancelled.connect(lambda: self._build_ended("Cancelled."))
@@ -95,8 +123,14 @@ class StyleDialog(QDialog):
         self.start_button.clicked.connect(self.start)
         self.skip_button = QPushButton("Skip")
         self.skip_button.clicked.connect(self.reject)
-        return _page(self.intro_label, self.build_button, self.build_bar, self.build_label, stretch=True,
-                     buttons=[self.skip_button, self.start_button])
+        return _page(
+            self.intro_label,
+            self.build_button,
+            self.build_bar,
+            self.build_label,
+            stretch=True,
+            buttons=[self.skip_button, self.start_button],
+        )
 
     def _question_page(self) -> QWidget:
         self.counter_label = QLabel()
@@ -108,8 +142,11 @@ class StyleDialog(QDialog):
             replies.addWidget(view, 1, column)
         self.writing_bar = QProgressBar()
         self.writing_label = QLabel()
-        self.answer_buttons = {"a": QPushButton("A is better"), "none": QPushButton("No preference"),
-                               "b": QPushButton("B is better")}
+        self.answer_buttons = {
+            "a": QPushButton("A is better"),
+            "none": QPushButton("No preference"),
+            "b": QPushButton("B is better"),
+        }
         for answer, button in self.answer_buttons.items():
             button.clicked.connect(lambda _checked=False, answer=answer: self.answer(answer))
         self.finish_button = QPushButton("Finish now")
@@ -142,17 +179,21 @@ class StyleDialog(QDialog):
         self.start_button.setEnabled(bool(paths) and not self._build.running)
         self.build_button.setVisible(not paths and self._engine.base is not None)
         self.build_button.setEnabled(not self._build.running)
-        about = (f"Answer up to {self._questions} questions. Each shows two replies to one prompt; pick the one you "
-                 "prefer, or say you have no preference. Your answers set the style dials in the Rewards panel; "
-                 "move them any time, or answer again with “Retune my style…”.")
+        about = (
+            f"Answer up to {self._questions} questions. Each shows two replies to one prompt; pick the one you "
+            "prefer, or say you have no preference. Your answers set the style dials in the Rewards panel; "
+            "move them any time, or answer again with “Retune my style…”."
+        )
         if self._engine.base is None:
             self.intro_label.setText(f"{about}\n\nLoad a model first.")
         elif paths:
             self.intro_label.setText(f"{about}\n\n{len(paths)} style rewards for {self._engine.base.name}.")
         else:
-            self.intro_label.setText(f"{about}\n\n{self._engine.base.name} has no style rewards yet. Building them "
-                                     f"takes about {BUILD_MINUTES} minutes on a laptop CPU, once per model; closing "
-                                     "this window cancels the build.")
+            self.intro_label.setText(
+                f"{about}\n\n{self._engine.base.name} has no style rewards yet. Building them "
+                f"takes about {BUILD_MINUTES} minutes on a laptop CPU, once per model; closing "
+                "this window cancels the build."
+            )
 
     def build_library(self) -> None:
         base = self._engine.base
@@ -181,12 +222,20 @@ class StyleDialog(QDialog):
 
     def start(self) -> None:
         paths = self._library_paths()
-        self._labels = {info.name: (info.card.label or info.name) for info in self._engine.describe_rewards(paths)
-                        if info.card is not None}
+        self._labels = {
+            info.name: (info.card.label or info.name)
+            for info in self._engine.describe_rewards(paths)
+            if info.card is not None
+        }
         self.pages.setCurrentIndex(1)
         self._set_waiting("Loading the style rewards…")
-        run_in_background(lambda: self._engine.run_exclusive(
-            lambda base: self._survey_factory(base, paths, questions=self._questions)), self._survey_ready, self._failed)
+        run_in_background(
+            lambda: self._engine.run_exclusive(
+                lambda base: self._survey_factory(base, paths, questions=self._questions)
+            ),
+            self._survey_ready,
+            self._failed,
+        )
 
     def _survey_ready(self, survey: StyleSurvey) -> None:
         self._survey = survey
@@ -207,8 +256,11 @@ class StyleDialog(QDialog):
     def _write_round(self) -> None:
         survey = self._ready_survey
         self._round_running = True
-        run_in_background(lambda: self._engine.run_exclusive(
-            lambda _base: survey.write_round(progress=self._relay.progress.emit)), self._round_written, self._failed)
+        run_in_background(
+            lambda: self._engine.run_exclusive(lambda _base: survey.write_round(progress=self._relay.progress.emit)),
+            self._round_written,
+            self._failed,
+        )
 
     def _round_written(self, _result: object = None) -> None:
         self._round_running = False
@@ -252,8 +304,9 @@ class StyleDialog(QDialog):
             f"<b>Your style, from {answered} answer{'s' if answered != 1 else ''}</b><br><br>"
             + dials_text(profile, self._labels).replace("\n", "<br>")
             + "<br><br>The style dials in the Rewards panel are set to these weights (below 0: away from that "
-              "style). Move them any time, or answer again with “Retune my style…”. Your picks are also kept as "
-              "feedback for tuning.")
+            "style). Move them any time, or answer again with “Retune my style…”. Your picks are also kept as "
+            "feedback for tuning."
+        )
         self.pages.setCurrentIndex(2)
         self.profile_saved.emit()
 

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import html
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 from PySide6.QtGui import QTextCharFormat, QTextCursor, QTextDocument
 
+from desktop.theme import lowered_color, raised_color
 from engine.runtime.decode import StepTrace, TokenEvent
 from engine.runtime.steering import log_softmax
-from desktop.theme import lowered_color, raised_color
 
 FULL_TINT_SHIFT = 2.0  # a shift of this many nats (or more) gets the strongest tint
 MIN_VISIBLE_SHIFT = 0.02
@@ -45,12 +45,15 @@ def candidates_tooltip(trace: StepTrace, token_text: Callable[[int], str], top_n
         f"<tr><td>{_shown(before['text'])}</td><td align=right>{math.exp(before['base_logprob']):.0%}</td>"
         f"<td>&nbsp;&nbsp;</td><td>{_shown(after['text'])}</td>"
         f"<td align=right>{math.exp(steered[after['token_id']]):.0%}</td></tr>"
-        for before, after in zip(details["top_base"], details["top_steered"]))
-    return (f"<b>{_shown(details['text'])}</b>: log-prob {details['base_logprob']:.2f} → "
-            f"{details['steered_logprob']:.2f}, rank {details['base_rank'] + 1} → {details['steered_rank'] + 1}"
-            + (f"<br>rewards: {rewards}" if rewards else "")
-            + f"<table><tr><th align=left colspan=2>before</th><th></th><th align=left colspan=2>after</th></tr>"
-              f"{rows}</table>")
+        for before, after in zip(details["top_base"], details["top_steered"])
+    )
+    return (
+        f"<b>{_shown(details['text'])}</b>: log-prob {details['base_logprob']:.2f} → "
+        f"{details['steered_logprob']:.2f}, rank {details['base_rank'] + 1} → {details['steered_rank'] + 1}"
+        + (f"<br>rewards: {rewards}" if rewards else "")
+        + f"<table><tr><th align=left colspan=2>before</th><th></th><th align=left colspan=2>after</th></tr>"
+        f"{rows}</table>"
+    )
 
 
 def _shown(text: str) -> str:

@@ -7,21 +7,32 @@ ProgressProcess (desktop/child_process.py).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 from PySide6.QtCore import Qt, Signal
-from PySide6.QtWidgets import (QCheckBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QLineEdit, QListWidget,
-                               QProgressBar, QPushButton, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (
+    QCheckBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QListWidget,
+    QProgressBar,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
 
+from desktop.child_process import ProgressProcess, show_progress
+from desktop.formatting import duration_text, held_out_text, sentence
 from engine.app.backend import ChatBackend
 from engine.app.chat import tune_command
 from engine.app.jobs import JobProgress
 from engine.app.paths import AppPaths
 from engine.app.store import Store
-from desktop.child_process import ProgressProcess, show_progress
-from desktop.formatting import duration_text, held_out_text, sentence
 
 PHASES = {"teacher": "Scoring your data with the model", "train": "Training", "export": "Exporting and checking"}
 FEEDBACK_LABELS = {"thumbs_up": "thumbs up", "thumbs_down": "thumbs down", "pick": "picks", "edit": "edits"}
@@ -52,8 +63,14 @@ def skipped_text(skipped: dict | None) -> str:
 class TunePanel(QWidget):
     reward_tuned = Signal(str)  # the new reward's path
 
-    def __init__(self, engine: ChatBackend, store: Store, *, paths: AppPaths | None = None,
-                 command_factory: Callable[..., list[str]] | None = None) -> None:
+    def __init__(
+        self,
+        engine: ChatBackend,
+        store: Store,
+        *,
+        paths: AppPaths | None = None,
+        command_factory: Callable[..., list[str]] | None = None,
+    ) -> None:
         """``paths``: the app's (None: resolved here); ``command_factory``: tune_command for its data folder."""
         super().__init__()
         self._engine, self._store = engine, store
@@ -147,9 +164,11 @@ class TunePanel(QWidget):
         self.add_data_files(paths)
 
     def _sources(self) -> dict:
-        return {"feedback": self.feedback_box.isChecked(),
-                "documents": [str(self._documents)] if self.documents_box.isChecked() and self._documents else [],
-                "data": [self.data_list.item(row).text() for row in range(self.data_list.count())]}
+        return {
+            "feedback": self.feedback_box.isChecked(),
+            "documents": [str(self._documents)] if self.documents_box.isChecked() and self._documents else [],
+            "data": [self.data_list.item(row).text() for row in range(self.data_list.count())],
+        }
 
     # -- the run ----------------------------------------------------------------
     @property
@@ -182,10 +201,14 @@ class TunePanel(QWidget):
             return f"A reward named {name} exists already ({out_path}); choose another name.", []
         if not (sources["feedback"] or sources["documents"] or sources["data"]):
             return "Choose what to train on: your feedback, a documents folder or example files.", []
-        return "", self._command_factory(model_path=self._engine.base.path, out_path=out_path,
-                                         data_files=sources["data"], documents=sources["documents"],
-                                         feedback_db=self._store.path if sources["feedback"] else None,
-                                         name=self.name_edit.text().strip())
+        return "", self._command_factory(
+            model_path=self._engine.base.path,
+            out_path=out_path,
+            data_files=sources["data"],
+            documents=sources["documents"],
+            feedback_db=self._store.path if sources["feedback"] else None,
+            name=self.name_edit.text().strip(),
+        )
 
     def cancel(self) -> None:
         self._process.cancel()
@@ -205,8 +228,11 @@ class TunePanel(QWidget):
         self._store.finish_tuning_run(self._run_id, status="done", reward_path=summary["path"], metrics=held_out)
         took = f" in {duration_text(summary['seconds'])}" if "seconds" in summary else ""
         skipped = skipped_text(summary.get("skipped"))
-        self._show_result(f"Saved {self._name}{took}. {sentence(held_out_text(held_out))}. "
-                          + (f"{skipped} " if skipped else "") + "Switch it on in the Rewards panel.")
+        self._show_result(
+            f"Saved {self._name}{took}. {sentence(held_out_text(held_out))}. "
+            + (f"{skipped} " if skipped else "")
+            + "Switch it on in the Rewards panel."
+        )
         self.reward_tuned.emit(summary["path"])
 
     def _end_run(self, status: str, message: str) -> None:

@@ -6,16 +6,17 @@ from __future__ import annotations
 import sys
 import threading
 import traceback
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from PySide6.QtCore import QObject, QRunnable, QThreadPool, Signal
 
+from desktop.token_view import TokenInfo, token_info
 from engine.app.backend import ChatBackend, ReplyStream
 from engine.runtime.base_model import ChatMessage
 from engine.runtime.decode import GenerationResult, TokenEvent
 from engine.runtime.errors import PrtError
 from engine.runtime.steering import SamplingConfig
-from desktop.token_view import TokenInfo, token_info
 
 
 def error_text(error: BaseException) -> str:
@@ -31,7 +32,7 @@ class _Relay(QObject):
 
     done = Signal(object)
     failed = Signal(str)
-    _pending: set["_Relay"] = set()  # keeps each relay alive until it has delivered
+    _pending: set[_Relay] = set()  # keeps each relay alive until it has delivered
 
     def __init__(self, on_done: Callable[[Any], None], on_error: Callable[[str], None]) -> None:
         super().__init__()
@@ -63,8 +64,9 @@ class _Task(QRunnable):
             self._relay.done.emit(result)
 
 
-def run_in_background(function: Callable[[], Any], on_done: Callable[[Any], None],
-                      on_error: Callable[[str], None]) -> None:
+def run_in_background(
+    function: Callable[[], Any], on_done: Callable[[Any], None], on_error: Callable[[str], None]
+) -> None:
     """Run ``function`` on the thread pool; ``on_done(result)`` or ``on_error(message)`` runs on the GUI thread."""
     QThreadPool.globalInstance().start(_Task(function, _Relay(on_done, on_error)))
 

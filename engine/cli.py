@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable, Sequence
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
-from typing import Callable, Sequence
 
 from engine.app.jobs import ERROR_PREFIX, EXIT_INTERRUPTED, EXIT_USER_ERROR
 from engine.app.models import DEFAULT_MODEL_SPEC, resolve_model
@@ -62,8 +62,9 @@ def _registrars(command: str | None) -> list[Callable[[argparse._SubParsersActio
     """Each package's ``register(commands)``, once: only the one that provides ``command``, if one does."""
     provided = {entry.name: entry for entry in entry_points(group=COMMAND_GROUP)}
     if not provided:
-        raise SystemExit(f"{ERROR_PREFIX}no commands are installed; install the app with "
-                         "'pip install -e .' (python3 dev.py does).")
+        raise SystemExit(
+            f"{ERROR_PREFIX}no commands are installed; install the app with 'pip install -e .' (python3 dev.py does)."
+        )
     wanted: list[EntryPoint] = [provided[command]] if command in provided else list(provided.values())
     wanted.sort(key=lambda entry: not entry.value.startswith("engine."))  # the engine's own commands first in help
     return list({entry.value: entry.load() for entry in wanted}.values())
@@ -86,31 +87,51 @@ def parse_reward_spec(spec: str) -> tuple[Path, float]:
 
 # -- argument groups shared by several commands -------------------------------------------------
 def add_data_folder_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-folder", type=Path, default=None, metavar="DIR",
-                        help="the app's data folder: models, rewards, chats (default: PRT_HOME, else the OS's)")
+    parser.add_argument(
+        "--data-folder",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="the app's data folder: models, rewards, chats (default: PRT_HOME, else the OS's)",
+    )
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     add_data_folder_argument(parser)
-    parser.add_argument("--model", default=DEFAULT_MODEL_SPEC,
-                        help="a .gguf path, an installed model's name, or 'default' (default: %(default)s)")
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL_SPEC,
+        help="a .gguf path, an installed model's name, or 'default' (default: %(default)s)",
+    )
     parser.add_argument("--ctx", type=int, default=4096, help="context size in tokens (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for llama.cpp (default: one per core)")
-    parser.add_argument("--gpu-layers", type=int, default=None,
-                        help="layers to offload to the GPU (default: all if llama.cpp has a GPU backend, else 0)")
+    parser.add_argument(
+        "--gpu-layers",
+        type=int,
+        default=None,
+        help="layers to offload to the GPU (default: all if llama.cpp has a GPU backend, else 0)",
+    )
 
 
 def add_steering_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = SamplingConfig()
     parser.add_argument("--system", default=None, help="system prompt")
-    parser.add_argument("--reward", action="append", default=[], metavar="PATH[:WEIGHT]",
-                        help="a reward .onnx file with optional weight; repeat for several")
-    parser.add_argument("--alpha", type=float, default=defaults.alpha, help="overall reward strength (default: %(default)s)")
+    parser.add_argument(
+        "--reward",
+        action="append",
+        default=[],
+        metavar="PATH[:WEIGHT]",
+        help="a reward .onnx file with optional weight; repeat for several",
+    )
+    parser.add_argument(
+        "--alpha", type=float, default=defaults.alpha, help="overall reward strength (default: %(default)s)"
+    )
     parser.add_argument("--top-k", type=int, default=defaults.top_k, help="candidates per step (default: %(default)s)")
     parser.add_argument("--top-p", type=float, default=defaults.top_p, help="(default: %(default)s)")
     parser.add_argument("--min-p", type=float, default=defaults.min_p, help="(default: %(default)s)")
-    parser.add_argument("--temperature", type=float, default=defaults.temperature,
-                        help="0 for greedy (default: %(default)s)")
+    parser.add_argument(
+        "--temperature", type=float, default=defaults.temperature, help="0 for greedy (default: %(default)s)"
+    )
     parser.add_argument("--max-tokens", type=int, default=defaults.max_tokens, help="(default: %(default)s)")
     parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     parser.add_argument("--stop", action="append", default=[], help="stop string; repeat for several")
@@ -126,8 +147,16 @@ def load_base(args: argparse.Namespace) -> BaseModel:
 
 def sampling_config(args: argparse.Namespace) -> SamplingConfig:
     try:
-        return SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                              seed=args.seed, max_tokens=args.max_tokens, alpha=args.alpha, stop=tuple(args.stop))
+        return SamplingConfig(
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            min_p=args.min_p,
+            seed=args.seed,
+            max_tokens=args.max_tokens,
+            alpha=args.alpha,
+            stop=tuple(args.stop),
+        )
     except ValueError as error:
         raise UsageError(str(error)) from error
 

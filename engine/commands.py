@@ -9,14 +9,22 @@ import argparse
 import json
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from engine.app.jobs import EXIT_INTERRUPTED
 from engine.app.models import add_model, ensure_default_model, installed_models
 from engine.app.onboarding import library_reward_paths
-from engine.cli import (UsageError, add_data_folder_argument, add_model_arguments, add_steering_arguments,
-                        library_folder, load_base, parse_reward_spec, sampling_config)
+from engine.cli import (
+    UsageError,
+    add_data_folder_argument,
+    add_model_arguments,
+    add_steering_arguments,
+    library_folder,
+    load_base,
+    parse_reward_spec,
+    sampling_config,
+)
 from engine.runtime.base_model import BaseModel, ChatMessage
 from engine.runtime.decode import Generation, GenerationResult, RewardSlot, attach_rewards
 from engine.runtime.errors import PrtError
@@ -50,30 +58,51 @@ def register(commands: argparse._SubParsersAction) -> None:
     bench = commands.add_parser("bench", help="plain vs steered decoding speed, reward step cost, peak memory")
     add_model_arguments(bench)
     bench.add_argument("--tokens", type=int, default=128, help="tokens per generation (default: %(default)s)")
-    bench.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the prompts (default: %(default)s)")
+    bench.add_argument(
+        "--rounds", type=int, default=3, help="interleaved rounds over the prompts (default: %(default)s)"
+    )
     bench.add_argument("--top-k", type=int, default=SamplingConfig().top_k)
     bench.add_argument("--long-context", type=int, default=1000, help="context for the long reward-step timing")
-    bench.add_argument("--library", nargs="?", const="", default=None, metavar="DIR",
-                       help="also decode with the rewards in DIR (default: the model's style rewards), merged and "
-                            "separately")
+    bench.add_argument(
+        "--library",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="DIR",
+        help="also decode with the rewards in DIR (default: the model's style rewards), merged and separately",
+    )
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(handler=cmd_bench)
 
-    pref_bench = commands.add_parser("pref-bench",
-                                     help="simulated users: how well ~10 adaptive questions find their reward weights")
+    pref_bench = commands.add_parser(
+        "pref-bench", help="simulated users: how well ~10 adaptive questions find their reward weights"
+    )
     pref_bench.add_argument("--users", type=int, default=100, help="simulated users (default: %(default)s)")
-    pref_bench.add_argument("--dims", type=int, default=4, help="base rewards, without --features (default: %(default)s)")
+    pref_bench.add_argument(
+        "--dims", type=int, default=4, help="base rewards, without --features (default: %(default)s)"
+    )
     pref_bench.add_argument("--seed", type=int, default=0)
-    pref_bench.add_argument("--features", default=None, metavar="FILE.npy",
-                            help="real per-reply reward values [n_replies, n_rewards] instead of synthetic ones")
-    pref_bench.add_argument("--noise-scale", type=float, default=NOISE_SCALE,
-                            help="simulated answers: P(A) = sigmoid(scale * lambda*.v) (default: %(default)s)")
+    pref_bench.add_argument(
+        "--features",
+        default=None,
+        metavar="FILE.npy",
+        help="real per-reply reward values [n_replies, n_rewards] instead of synthetic ones",
+    )
+    pref_bench.add_argument(
+        "--noise-scale",
+        type=float,
+        default=NOISE_SCALE,
+        help="simulated answers: P(A) = sigmoid(scale * lambda*.v) (default: %(default)s)",
+    )
     pref_bench.add_argument("--json", action="store_true")
     pref_bench.set_defaults(handler=cmd_pref_bench)
 
-    bench_rewards = commands.add_parser("bench-rewards",
-                                        help="per-step cost and memory: N rewards as N sessions vs one merged session")
-    bench_rewards.add_argument("--rewards", type=int, default=4, help="rewards to score per step (default: %(default)s)")
+    bench_rewards = commands.add_parser(
+        "bench-rewards", help="per-step cost and memory: N rewards as N sessions vs one merged session"
+    )
+    bench_rewards.add_argument(
+        "--rewards", type=int, default=4, help="rewards to score per step (default: %(default)s)"
+    )
     bench_rewards.add_argument("--vocab-size", type=int, default=49152, help="(default: %(default)s, SmolLM2's)")
     bench_rewards.add_argument("--top-k", type=int, default=SamplingConfig().top_k)
     bench_rewards.add_argument("--long-context", type=int, default=1000, help="context for the long timing")
@@ -104,8 +133,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return EXIT_INTERRUPTED if result.finish_reason == "cancelled" else 0
 
 
-def _generation_json(base: BaseModel, slots: Sequence[RewardSlot], config: SamplingConfig,
-                     result: GenerationResult) -> dict:
+def _generation_json(
+    base: BaseModel, slots: Sequence[RewardSlot], config: SamplingConfig, result: GenerationResult
+) -> dict:
     def token_text(token: int) -> str:
         return base.token_bytes(token).decode("utf-8", errors="replace")
 
@@ -119,16 +149,24 @@ def _generation_json(base: BaseModel, slots: Sequence[RewardSlot], config: Sampl
         "decode_seconds": round(result.decode_seconds, 4),
         "model": {"name": base.name, "path": str(base.path), "vocabulary_fingerprint": base.vocabulary_fingerprint},
         "rewards": [{"name": slot.reward.name, "path": str(slot.reward.path), "weight": slot.weight} for slot in slots],
-        "sampling": {"temperature": config.temperature, "top_k": config.top_k, "top_p": config.top_p,
-                     "min_p": config.min_p, "alpha": config.alpha, "seed": config.seed,
-                     "max_tokens": config.max_tokens},
+        "sampling": {
+            "temperature": config.temperature,
+            "top_k": config.top_k,
+            "top_p": config.top_p,
+            "min_p": config.min_p,
+            "alpha": config.alpha,
+            "seed": config.seed,
+            "max_tokens": config.max_tokens,
+        },
         "trace": [step.to_dict(token_text) for step in result.trace],
     }
 
 
 def _stats_line(result: GenerationResult) -> str:
-    return (f"[{len(result.token_ids)} tokens, {result.tokens_per_second:.1f} tok/s, "
-            f"prompt {result.prompt_tokens} tokens in {result.prompt_seconds:.2f}s, {result.finish_reason}]")
+    return (
+        f"[{len(result.token_ids)} tokens, {result.tokens_per_second:.1f} tok/s, "
+        f"prompt {result.prompt_tokens} tokens in {result.prompt_seconds:.2f}s, {result.finish_reason}]"
+    )
 
 
 class _cancel_on_interrupt:
@@ -149,8 +187,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
         slots = attach_rewards(base, [parse_reward_spec(spec) for spec in args.reward])
         config = sampling_config(args)
         active = ", ".join(f"{slot.reward.name} x{slot.weight:g}" for slot in slots) or "none"
-        print(f"Chatting with {base.name} (rewards: {active}). /reset starts over, /quit or Ctrl-D leaves; "
-              "Ctrl-C stops a reply.", file=sys.stderr)
+        print(
+            f"Chatting with {base.name} (rewards: {active}). /reset starts over, /quit or Ctrl-D leaves; "
+            "Ctrl-C stops a reply.",
+            file=sys.stderr,
+        )
         history: list[ChatMessage] = []
         while True:
             try:
@@ -187,14 +228,19 @@ def cmd_models(args: argparse.Namespace) -> int:
         if not args.path:
             raise UsageError("'prt models add' needs the path of a .gguf file.")
         added = add_model(args.paths, Path(args.path))
-        print(json.dumps({"added": added.name, "path": str(added.path)}) if args.json else f"Added {added.name}: {added.path}")
+        print(
+            json.dumps({"added": added.name, "path": str(added.path)})
+            if args.json
+            else f"Added {added.name}: {added.path}"
+        )
         return 0
     if args.action == "fetch":
         ensure_default_model(args.paths)
     models = installed_models(args.paths)
     if args.json:
-        print(json.dumps([{"name": m.name, "path": str(m.path), "size": m.size, "default": m.is_default}
-                          for m in models]))
+        print(
+            json.dumps([{"name": m.name, "path": str(m.path), "size": m.size, "default": m.is_default} for m in models])
+        )
     elif not models:
         print("No models installed. 'prt models fetch' installs the default; 'prt models add PATH' adds your own.")
     else:
@@ -214,8 +260,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             folder = library_folder(args, base)
             library = library_reward_paths(folder)
             if len(library) < 2:
-                raise UsageError(f"--library needs at least 2 rewards to mix; {folder} has {len(library)}. "
-                                 "Build them with 'prt library build'.")
+                raise UsageError(
+                    f"--library needs at least 2 rewards to mix; {folder} has {len(library)}. "
+                    "Build them with 'prt library build'."
+                )
         report = run_bench(base, config, library)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
@@ -226,8 +274,9 @@ def cmd_pref_bench(args: argparse.Namespace) -> int:
 
     try:
         features = load_features(Path(args.features)) if args.features else None
-        report = run_pref_bench(users=args.users, dims=args.dims, seed=args.seed, features=features,
-                                noise_scale=args.noise_scale)
+        report = run_pref_bench(
+            users=args.users, dims=args.dims, seed=args.seed, features=features, noise_scale=args.noise_scale
+        )
     except ValueError as error:
         raise UsageError(str(error)) from error
     print(json.dumps(report) if args.json else format_pref_report(report))
@@ -238,10 +287,10 @@ def cmd_bench_rewards(args: argparse.Namespace) -> int:
     from engine.app.bench import format_merge_report, run_merge_bench
 
     try:
-        report = run_merge_bench(rewards=args.rewards, vocab_size=args.vocab_size, top_k=args.top_k,
-                                 long_context=args.long_context)
+        report = run_merge_bench(
+            rewards=args.rewards, vocab_size=args.vocab_size, top_k=args.top_k, long_context=args.long_context
+        )
     except ValueError as error:
         raise UsageError(str(error)) from error
     print(json.dumps(report, indent=2) if args.json else format_merge_report(report))
     return 0
-

@@ -33,17 +33,31 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     tune = commands.add_parser("tune", help="train a reward from your data (Portable Reward Tuning)")
     add_model_arguments(tune)
-    tune.add_argument("--data", action="append", default=[], metavar="FILE.jsonl",
-                      help="demonstrations {prompt, response} or pairs {prompt, chosen, rejected}; repeatable")
+    tune.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="FILE.jsonl",
+        help="demonstrations {prompt, response} or pairs {prompt, chosen, rejected}; repeatable",
+    )
     tune.add_argument("--documents", action="append", default=[], metavar="DIR", help="a folder of .txt/.md files")
-    tune.add_argument("--feedback", nargs="?", const="", default=None, metavar="CHATS.db",
-                      help="the chat app's feedback (thumbs, edits, picks); default: the app's own database")
+    tune.add_argument(
+        "--feedback",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="CHATS.db",
+        help="the chat app's feedback (thumbs, edits, picks); default: the app's own database",
+    )
     tune.add_argument("--out", required=True, help="where to write the reward (.onnx; its card goes beside it)")
     tune.add_argument("--name", default=None, help="the reward's name (default: the file name)")
     tune.add_argument("--epochs", type=int, default=None, help="at most this many epochs (default: 20)")
     tune.add_argument("--seed", type=int, default=0)
-    tune.add_argument("--no-cache", action="store_true",
-                      help="pass every example through the base again, without keeping or reusing teacher passes")
+    tune.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="pass every example through the base again, without keeping or reusing teacher passes",
+    )
     tune.add_argument("--json", action="store_true")
     tune.add_argument("--progress-json", action="store_true", help="progress as JSON lines on stderr")
     tune.set_defaults(handler=cmd_tune)
@@ -53,13 +67,22 @@ def register(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--reward", required=True)
     evaluate.add_argument("--data", action="append", required=True, metavar="FILE.jsonl")
     evaluate.add_argument("--alpha", type=float, default=1.0)
-    evaluate.add_argument("--teacher-system", default=None,
-                          help="also report the NLL of the base given this system prompt, and the share of the gap closed")
-    evaluate.add_argument("--samples", type=int, default=0, metavar="N",
-                          help="also answer the first N prompts with the base, the steered base and the teacher, "
-                               "and compare their replies' length with the data's")
-    evaluate.add_argument("--sample-tokens", type=int, default=256, help="at most this many tokens per reply "
-                          "(default: %(default)s)")
+    evaluate.add_argument(
+        "--teacher-system",
+        default=None,
+        help="also report the NLL of the base given this system prompt, and the share of the gap closed",
+    )
+    evaluate.add_argument(
+        "--samples",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also answer the first N prompts with the base, the steered base and the teacher, "
+        "and compare their replies' length with the data's",
+    )
+    evaluate.add_argument(
+        "--sample-tokens", type=int, default=256, help="at most this many tokens per reply (default: %(default)s)"
+    )
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(handler=cmd_eval)
 
@@ -78,13 +101,20 @@ def register(commands: argparse._SubParsersAction) -> None:
     library_actions = library.add_subparsers(dest="action", required=True)
     library_build = library_actions.add_parser("build", help="distill and tune the base rewards for a model")
     add_model_arguments(library_build)
-    library_build.add_argument("--out", default=None,
-                               help="folder for the rewards (default: the app's rewards/library/<model name>)")
-    library_build.add_argument("--count", type=int, default=DEFAULT_COUNT,
-                               help="distilled answers per reward (default: %(default)s)")
+    library_build.add_argument(
+        "--out", default=None, help="folder for the rewards (default: the app's rewards/library/<model name>)"
+    )
+    library_build.add_argument(
+        "--count", type=int, default=DEFAULT_COUNT, help="distilled answers per reward (default: %(default)s)"
+    )
     library_build.add_argument("--seed", type=int, default=0)
-    library_build.add_argument("--style", action="append", default=[], metavar="NAME",
-                               help="build only this style (repeatable; default: all of them)")
+    library_build.add_argument(
+        "--style",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="build only this style (repeatable; default: all of them)",
+    )
     library_build.add_argument("--json", action="store_true")
     library_build.add_argument("--progress-json", action="store_true", help="progress as JSON lines on stderr")
     library_build.set_defaults(handler=cmd_library_build)
@@ -92,15 +122,20 @@ def register(commands: argparse._SubParsersAction) -> None:
     add_model_arguments(library_check)
     library_check.add_argument("--library", default=None, help="the rewards' folder (default: the model's library)")
     library_check.add_argument("--prompts", type=int, default=32, help="held-out prompts (default: %(default)s)")
-    library_check.add_argument("--max-tokens", type=int, default=CHECK_MAX_TOKENS, help="per reply (default: %(default)s)")
+    library_check.add_argument(
+        "--max-tokens", type=int, default=CHECK_MAX_TOKENS, help="per reply (default: %(default)s)"
+    )
     library_check.add_argument("--json", action="store_true")
     library_check.set_defaults(handler=cmd_library_check)
     library_features = library_actions.add_parser(
-        "features", help="replies under random mixes, each reward summed over each reply: for pref-bench --features")
+        "features", help="replies under random mixes, each reward summed over each reply: for pref-bench --features"
+    )
     add_model_arguments(library_features)
     library_features.add_argument("--library", default=None, help="the rewards' folder (default: the model's library)")
     library_features.add_argument("--replies", type=int, default=60, help="(default: %(default)s)")
-    library_features.add_argument("--max-tokens", type=int, default=REPLY_TOKENS, help="per reply (default: %(default)s)")
+    library_features.add_argument(
+        "--max-tokens", type=int, default=REPLY_TOKENS, help="per reply (default: %(default)s)"
+    )
     library_features.add_argument("--seed", type=int, default=0)
     library_features.add_argument("--out", required=True, help="a .npy file: [replies, rewards]")
     library_features.add_argument("--json", action="store_true")
@@ -111,8 +146,9 @@ def _training_modules():
     try:
         from rewards_onnx import train
     except ImportError as error:
-        raise UsageError(f"Tuning needs the training extra ({error.name} is missing): "
-                         "pip install 'prt-chat[train]'.") from error
+        raise UsageError(
+            f"Tuning needs the training extra ({error.name} is missing): pip install 'prt-chat[train]'."
+        ) from error
     return train
 
 
@@ -156,26 +192,47 @@ def cmd_tune(args: argparse.Namespace) -> int:
         raise UsageError(str(error)) from error
     bar = progress_report(args.progress_json)
     with load_base(args) as base, bar:
-        report = train.tune(base, data, Path(args.out), config=config, name=args.name,
-                            on_progress=lambda p: bar(p.phase, p.done, p.total, p.eta_seconds, p.message),
-                            cache_path=None if args.no_cache else args.paths.teacher_cache)
-    summary = {"path": str(report.path), "held_out": report.held_out.to_json(), "epochs_run": report.epochs_run,
-               "best_epoch": report.best_epoch, "parity_max_abs_diff": report.parity_max_abs_diff,
-               "seconds": round(report.seconds, 1), "teacher_seconds": round(report.teacher_seconds, 1),
-               "train_examples": report.train_examples, "held_out_examples": report.held_out_examples,
-               "sources": [source.to_json() for source in report.data.sources],
-               "skipped": report.data.skipped_json()}
+        report = train.tune(
+            base,
+            data,
+            Path(args.out),
+            config=config,
+            name=args.name,
+            on_progress=lambda p: bar(p.phase, p.done, p.total, p.eta_seconds, p.message),
+            cache_path=None if args.no_cache else args.paths.teacher_cache,
+        )
+    summary = {
+        "path": str(report.path),
+        "held_out": report.held_out.to_json(),
+        "epochs_run": report.epochs_run,
+        "best_epoch": report.best_epoch,
+        "parity_max_abs_diff": report.parity_max_abs_diff,
+        "seconds": round(report.seconds, 1),
+        "teacher_seconds": round(report.teacher_seconds, 1),
+        "train_examples": report.train_examples,
+        "held_out_examples": report.held_out_examples,
+        "sources": [source.to_json() for source in report.data.sources],
+        "skipped": report.data.skipped_json(),
+    }
     _report_skipped(report.data)
     if args.json:
         print(json.dumps(summary))
     else:
         held = report.held_out
-        print(f"Saved {report.path} in {report.seconds:.0f}s. Held-out ({report.held_out_examples} examples): "
-              + (f"NLL/token base {held.base_nll:.3f} -> steered {held.steered_nll:.3f} over {held.tokens} tokens"
-                 if held.tokens else "")
-              + (f" (teacher {held.teacher_nll:.3f}, {held.gap_closed:.0%} of the gap closed)"
-                 if held.gap_closed is not None else "")
-              + (f"; pair accuracy {held.pair_accuracy:.0%}" if held.pairs else ""))
+        print(
+            f"Saved {report.path} in {report.seconds:.0f}s. Held-out ({report.held_out_examples} examples): "
+            + (
+                f"NLL/token base {held.base_nll:.3f} -> steered {held.steered_nll:.3f} over {held.tokens} tokens"
+                if held.tokens
+                else ""
+            )
+            + (
+                f" (teacher {held.teacher_nll:.3f}, {held.gap_closed:.0%} of the gap closed)"
+                if held.gap_closed is not None
+                else ""
+            )
+            + (f"; pair accuracy {held.pair_accuracy:.0%}" if held.pairs else "")
+        )
         _print_reply_parts(held)
         print("Data:")
         for source in report.data.sources:
@@ -187,8 +244,10 @@ def _print_reply_parts(metrics: Metrics) -> None:
     """Where in the replies the teacher's gap lies, and how much of each part the reward closes."""
     for name, part in (metrics.parts or {}).items():
         closed = f", {part.gap_closed:.0%} closed" if part.gap_closed is not None else ""
-        print(f"  {name:<5} {part.tokens:>6} tokens  NLL base {part.base_nll:.3f} -> steered {part.steered_nll:.3f} "
-              f"(teacher {part.teacher_nll:.3f}): {part.gap_share:.0%} of the gap{closed}")
+        print(
+            f"  {name:<5} {part.tokens:>6} tokens  NLL base {part.base_nll:.3f} -> steered {part.steered_nll:.3f} "
+            f"(teacher {part.teacher_nll:.3f}): {part.gap_share:.0%} of the gap{closed}"
+        )
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -201,21 +260,41 @@ def cmd_eval(args: argparse.Namespace) -> int:
     bar, replies = ProgressBar(), {}
     with load_base(args) as base, bar:
         reward = RewardModel(args.reward)
-        metrics, data = evaluate_reward(base, reward, data, alpha=args.alpha, teacher_system=args.teacher_system,
-                                        progress=lambda done, total: bar("teacher", done, total, None))
+        metrics, data = evaluate_reward(
+            base,
+            reward,
+            data,
+            alpha=args.alpha,
+            teacher_system=args.teacher_system,
+            progress=lambda done, total: bar("teacher", done, total, None),
+        )
         if args.samples:
-            replies = compare_replies(base, reward, data.examples, count=args.samples, alpha=args.alpha,
-                                      max_tokens=args.sample_tokens, teacher_system=args.teacher_system,
-                                      progress=lambda done, total: bar("replies", done, total, None))
-    result = metrics.to_json() | {"skipped": data.skipped_json()} | (
-        {"replies": {name: asdict(stats) for name, stats in replies.items()}} if replies else {})
+            replies = compare_replies(
+                base,
+                reward,
+                data.examples,
+                count=args.samples,
+                alpha=args.alpha,
+                max_tokens=args.sample_tokens,
+                teacher_system=args.teacher_system,
+                progress=lambda done, total: bar("replies", done, total, None),
+            )
+    result = (
+        metrics.to_json()
+        | {"skipped": data.skipped_json()}
+        | ({"replies": {name: asdict(stats) for name, stats in replies.items()}} if replies else {})
+    )
     _report_skipped(data)
     if args.json:
         print(json.dumps(result))
     else:
-        print("  ".join(f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}"
-                        for key, value in result.items()
-                        if value is not None and key not in ("parts", "replies", "skipped")))
+        print(
+            "  ".join(
+                f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}"
+                for key, value in result.items()
+                if value is not None and key not in ("parts", "replies", "skipped")
+            )
+        )
         _print_reply_parts(metrics)
         _print_reply_stats(replies, args.sample_tokens)
     return 0
@@ -225,11 +304,15 @@ def _print_reply_stats(replies: dict[str, ReplyStats], max_tokens: int) -> None:
     """What the data's, the base's, the steered base's and the teacher's replies to the same prompts look like."""
     if not replies:
         return
-    print(f"Replies to the first {len(replies['data'].texts)} prompts (one seed per prompt, at most {max_tokens} tokens):")
+    print(
+        f"Replies to the first {len(replies['data'].texts)} prompts (one seed per prompt, at most {max_tokens} tokens):"
+    )
     for name, stats in replies.items():
         ended = f", {stats.ended:.0%} ended on their own" if stats.ended is not None else ""
-        print(f"  {name:<7} {stats.mean_tokens:6.1f} tokens, {stats.mean_sentences:4.2f} sentences, "
-              f"{stats.one_sentence:.0%} one sentence{ended}")
+        print(
+            f"  {name:<7} {stats.mean_tokens:6.1f} tokens, {stats.mean_sentences:4.2f} sentences, "
+            f"{stats.one_sentence:.0%} one sentence{ended}"
+        )
     print("The first prompt's replies (all of them are in --json):")
     for name, stats in replies.items():
         print(f"  {name:<7} {textwrap.shorten(stats.texts[0], 160)!r}")
@@ -240,12 +323,21 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
     bar = ProgressBar()
     with load_base(args) as base, bar:
-        examples = distill(base, args.system, args.count, max_tokens=args.max_tokens, temperature=args.temperature,
-                           seed=args.seed,
-                           progress=lambda done, total: bar("distill", done, total, None))
+        examples = distill(
+            base,
+            args.system,
+            args.count,
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            seed=args.seed,
+            progress=lambda done, total: bar("distill", done, total, None),
+        )
     write_jsonl(Path(args.out), examples)
-    print(json.dumps({"path": args.out, "examples": len(examples)}) if args.json
-          else f"Wrote {len(examples)} examples to {args.out}")
+    print(
+        json.dumps({"path": args.out, "examples": len(examples)})
+        if args.json
+        else f"Wrote {len(examples)} examples to {args.out}"
+    )
     return 0
 
 
@@ -260,17 +352,24 @@ def cmd_library_build(args: argparse.Namespace) -> int:
     with load_base(args) as base:
         out_dir = Path(args.out) if args.out else args.paths.library(base.path)
         with bar:
-            built = build_library(base, out_dir, count=args.count, config=train.TuneConfig(seed=args.seed),
-                                  styles=styles,
-                                  on_progress=lambda p: bar(p.phase, p.done, p.total, p.eta_seconds, p.message))
+            built = build_library(
+                base,
+                out_dir,
+                count=args.count,
+                config=train.TuneConfig(seed=args.seed),
+                styles=styles,
+                on_progress=lambda p: bar(p.phase, p.done, p.total, p.eta_seconds, p.message),
+            )
     if args.json:
         print(json.dumps({"folder": str(out_dir), "rewards": [entry.to_json() for entry in built]}))
     else:
         for entry in built:
             gap = entry.tuned.held_out.gap_closed
-            print(f"{entry.style.name:<11} {entry.style.label:<24} {entry.examples} answers, distill "
-                  f"{entry.distill_seconds:.0f}s + tune {entry.tuned.seconds:.0f}s"
-                  + (f", {gap:.0%} of the held-out gap to the teacher closed" if gap is not None else ""))
+            print(
+                f"{entry.style.name:<11} {entry.style.label:<24} {entry.examples} answers, distill "
+                f"{entry.distill_seconds:.0f}s + tune {entry.tuned.seconds:.0f}s"
+                + (f", {gap:.0%} of the held-out gap to the teacher closed" if gap is not None else "")
+            )
         print(f"Saved in {out_dir}")
     return 0
 
@@ -283,8 +382,13 @@ def cmd_library_check(args: argparse.Namespace) -> int:
         folder = library_folder(args, base)
         with bar:
             try:
-                checks = check_library(base, folder, prompts=args.prompts, max_tokens=args.max_tokens,
-                                       progress=lambda done, total: bar("check", done, total, None))
+                checks = check_library(
+                    base,
+                    folder,
+                    prompts=args.prompts,
+                    max_tokens=args.max_tokens,
+                    progress=lambda done, total: bar("check", done, total, None),
+                )
             except ValueError as error:
                 raise UsageError(str(error)) from error
     if args.json:
@@ -293,9 +397,11 @@ def cmd_library_check(args: argparse.Namespace) -> int:
         for check in checks:
             result = check.to_json()
             verdict = "moved as intended" if check.moved else "did not move beyond noise (2 standard errors)"
-            print(f"{result['reward']:<11} {result['marker']} ({result['direction']}): without {result['without']:.3g}"
-                  f" -> with {result['with']:.3g} (shift {result['shift']:+.3g} +- {result['shift_standard_error']:.2g};"
-                  f" teacher {result['teacher']:.3g}): {verdict}")
+            print(
+                f"{result['reward']:<11} {result['marker']} ({result['direction']}): without {result['without']:.3g}"
+                f" -> with {result['with']:.3g} (shift {result['shift']:+.3g} +- {result['shift_standard_error']:.2g};"
+                f" teacher {result['teacher']:.3g}): {verdict}"
+            )
     return 0
 
 
@@ -314,14 +420,21 @@ def cmd_library_features(args: argparse.Namespace) -> int:
             raise UsageError(f"No base rewards in {folder}; build them with 'prt library build'.")
         bar = ProgressBar()
         with bar:
-            features = sample_reply_features(base, paths, replies=args.replies, seed=args.seed,
-                                             reply_tokens=args.max_tokens,
-                                             progress=lambda done, total: bar("replies", done, total, None))
+            features = sample_reply_features(
+                base,
+                paths,
+                replies=args.replies,
+                seed=args.seed,
+                reply_tokens=args.max_tokens,
+                progress=lambda done, total: bar("replies", done, total, None),
+            )
     buffer = io.BytesIO()
     np.save(buffer, features)
     write_atomically(out, buffer.getvalue())
     names = [path.stem for path in paths]
-    print(json.dumps({"path": str(out), "rewards": names, "replies": len(features)}) if args.json
-          else f"Saved {len(features)} replies x {len(names)} rewards ({', '.join(names)}) to {out}")
+    print(
+        json.dumps({"path": str(out), "rewards": names, "replies": len(features)})
+        if args.json
+        else f"Saved {len(features)} replies x {len(names)} rewards ({', '.join(names)}) to {out}"
+    )
     return 0
-

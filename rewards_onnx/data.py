@@ -12,9 +12,10 @@ import codecs
 import json
 import re
 from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Callable, Iterator, Sequence, Union
+from typing import TYPE_CHECKING, BinaryIO
 
 from engine.runtime.errors import PrtError
 
@@ -60,7 +61,7 @@ class PreferencePair:
     system: str | None = None
 
 
-Example = Union[Demonstration, PreferencePair]
+Example = Demonstration | PreferencePair
 
 
 @dataclass(frozen=True)
@@ -146,16 +147,21 @@ class Dataset:
         return dict(Counter(skipped.reason for skipped in self.skipped).most_common())
 
     def skipped_json(self) -> dict:
-        return {"count": len(self.skipped), "by_reason": self.skipped_by_reason(),
-                "items": [asdict(skipped) for skipped in self.skipped[:LISTED_SKIPS]]}
+        return {
+            "count": len(self.skipped),
+            "by_reason": self.skipped_by_reason(),
+            "items": [asdict(skipped) for skipped in self.skipped[:LISTED_SKIPS]],
+        }
 
     def skipped_summary(self, listed: int = 3) -> str:
         """'skipped 3 of 40 examples: 2 not valid JSON (data.jsonl:2, data.jsonl:5); 1 longer than ...'."""
         places: dict[str, list[str]] = {}
         for skipped in self.skipped:
             places.setdefault(skipped.reason, []).append(skipped.where)
-        groups = [f"{len(where)} {reason} ({', '.join(where[:listed])}{', ...' if len(where) > listed else ''})"
-                  for reason, where in sorted(places.items(), key=lambda item: -len(item[1]))]
+        groups = [
+            f"{len(where)} {reason} ({', '.join(where[:listed])}{', ...' if len(where) > listed else ''})"
+            for reason, where in sorted(places.items(), key=lambda item: -len(item[1]))
+        ]
         total = len(self.skipped) + len(self.examples)
         return f"skipped {len(self.skipped)} of {total} examples: " + "; ".join(groups)
 
@@ -164,8 +170,10 @@ class Dataset:
         if self.examples:
             return
         given = self.skipped_summary(listed=1) if self.skipped else "; ".join(s.summary_line() for s in self.sources)
-        raise DatasetError(f"No usable examples ({given}). Each JSONL line should be {_shape_hint()}; "
-                           f"each document at least {DOCUMENT_MIN_CHARS} characters of UTF-8 text.")
+        raise DatasetError(
+            f"No usable examples ({given}). Each JSONL line should be {_shape_hint()}; "
+            f"each document at least {DOCUMENT_MIN_CHARS} characters of UTF-8 text."
+        )
 
 
 def as_dataset(data: Dataset | Sequence[Example]) -> Dataset:
@@ -275,8 +283,9 @@ def _example(record: object) -> Example:
     if unknown:
         raise _Unusable("has unknown fields", "fields " + _short(", ".join(map(repr, sorted(unknown))), 60))
     if "response" in record:
-        return Demonstration(record["prompt"], record["response"], record.get("system"), record.get("teacher_system"),
-                             float(temperature))
+        return Demonstration(
+            record["prompt"], record["response"], record.get("system"), record.get("teacher_system"), float(temperature)
+        )
     return PreferencePair(record["prompt"], record["chosen"], record["rejected"], record.get("system"))
 
 
@@ -300,12 +309,14 @@ def _is_unicode(text: str) -> bool:
 def _short(text: str, limit: int) -> str:
     """``text`` on one line, cut to at most ``limit`` characters."""
     line = " ".join(text.split())
-    return line if len(line) <= limit else line[:limit - 3] + "..."
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def _shape_hint() -> str:
-    return ('{"prompt": ..., "response": ...} (optional "teacher_system", "teacher_temperature") or '
-            '{"prompt": ..., "chosen": ..., "rejected": ...}, optional "system", in UTF-8')
+    return (
+        '{"prompt": ..., "response": ...} (optional "teacher_system", "teacher_temperature") or '
+        '{"prompt": ..., "chosen": ..., "rejected": ...}, optional "system", in UTF-8'
+    )
 
 
 # -- documents -----------------------------------------------------------------------------------------
@@ -331,8 +342,9 @@ def _document(path: Path) -> Source:
         source.skipped.append(Skipped(str(path), f"unreadable ({error.strerror or error})"))
         return source
     if "\0" in text:
-        source.skipped.append(Skipped(f"{path}, character {text.index(chr(0)) + 1}",
-                                      "has NUL bytes (a binary or UTF-16 file?)"))
+        source.skipped.append(
+            Skipped(f"{path}, character {text.index(chr(0)) + 1}", "has NUL bytes (a binary or UTF-16 file?)")
+        )
         return source
     used = 0
     for line, window in _windows(text):
@@ -387,12 +399,14 @@ def _prompt_end(window: str) -> int:
 
 
 def counts(examples: list[Example]) -> dict[str, int]:
-    return {"demonstrations": sum(isinstance(e, Demonstration) for e in examples),
-            "preference_pairs": sum(isinstance(e, PreferencePair) for e in examples)}
+    return {
+        "demonstrations": sum(isinstance(e, Demonstration) for e in examples),
+        "preference_pairs": sum(isinstance(e, PreferencePair) for e in examples),
+    }
 
 
 # -- the app's feedback --------------------------------------------------------------------------------
-def examples_from_store(store: "Store") -> tuple[list[Example], dict[str, int]]:
+def examples_from_store(store: Store) -> tuple[list[Example], dict[str, int]]:
     """Training data from chat feedback, oldest first, with counts of demonstrations, pairs and unused feedback.
 
     thumbs up -> a demonstration; edit -> a demonstration of the edit and a pair (edit over original);
@@ -401,25 +415,32 @@ def examples_from_store(store: "Store") -> tuple[list[Example], dict[str, int]]:
     used, unused = _feedback_examples(store.feedback())
     examples = [example for example, _ in used]
     if not examples:
-        raise DatasetError(f"No usable feedback yet ({len(unused)} thumbs down without a better reply to the same "
-                           "prompt): give a thumbs up, edit a reply or pick between two.")
+        raise DatasetError(
+            f"No usable feedback yet ({len(unused)} thumbs down without a better reply to the same "
+            "prompt): give a thumbs up, edit a reply or pick between two."
+        )
     summary = counts(examples)
-    return examples, {"demonstrations": summary["demonstrations"], "pairs": summary["preference_pairs"],
-                      "unused": len(unused)}
+    return examples, {
+        "demonstrations": summary["demonstrations"],
+        "pairs": summary["preference_pairs"],
+        "unused": len(unused),
+    }
 
 
-def read_feedback(store: "Store", name: str) -> Source:
+def read_feedback(store: Store, name: str) -> Source:
     """The feedback's examples, each placed by its kind and prompt; a thumbs down with no better reply is skipped."""
     source = Source(name)
     used, unused = _feedback_examples(store.feedback())
     for example, record in used:
         source.add(example, _feedback_place(name, record))
-    source.skipped += [Skipped(_feedback_place(name, record), "thumbs down without a better reply to the same prompt")
-                       for record in unused]
+    source.skipped += [
+        Skipped(_feedback_place(name, record), "thumbs down without a better reply to the same prompt")
+        for record in unused
+    ]
     return source
 
 
-def _feedback_examples(records: Sequence["Feedback"]) -> tuple[list[tuple[Example, "Feedback"]], list["Feedback"]]:
+def _feedback_examples(records: Sequence[Feedback]) -> tuple[list[tuple[Example, Feedback]], list[Feedback]]:
     """(example, the feedback it came from) for the usable feedback, and the thumbs down left unused."""
     chosen_for_prompt = {record.prompt: record.chosen for record in records if record.chosen}  # the latest wins
     used: list[tuple[Example, Feedback]] = []
@@ -440,5 +461,5 @@ def _feedback_examples(records: Sequence["Feedback"]) -> tuple[list[tuple[Exampl
     return used, unused
 
 
-def _feedback_place(name: str, record: "Feedback") -> str:
+def _feedback_place(name: str, record: Feedback) -> str:
     return f"{name}: {record.kind.replace('_', ' ')} on {_short(record.prompt, 40)!r}"

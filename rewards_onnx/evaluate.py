@@ -4,8 +4,8 @@ and, on request, what the replies look like when the base, the steered base and 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -15,27 +15,45 @@ from engine.runtime.rewards import RewardModel
 from engine.runtime.steering import SamplingConfig
 from rewards_onnx.data import Dataset, Demonstration, Example, as_dataset
 from rewards_onnx.metrics import Metrics, compute_metrics
-from rewards_onnx.teacher import (TRAIN_TOP_K, Progress, ProgressCount, SequenceTargets, answer_prompts, fitting,
-                                  teacher_pass)
+from rewards_onnx.teacher import (
+    TRAIN_TOP_K,
+    Progress,
+    ProgressCount,
+    SequenceTargets,
+    answer_prompts,
+    fitting,
+    teacher_pass,
+)
 
 SENTENCE_BREAK = re.compile(r"(?<=[.!?。！？])\s+")
 
 
 def onnx_rewards(reward: RewardModel) -> Callable[[SequenceTargets], np.ndarray]:
     """Rewards on each position's support, stepping the reward's KV cache through the sequence."""
+
     def rewards_for(sequence: SequenceTargets) -> np.ndarray:
         tokens, first = sequence.tokens, sequence.first_target
         reward.reset()
         rows = [reward.advance(tokens[:first].tolist(), sequence.candidate_ids[0])]
-        rows += [reward.advance([int(tokens[p])], sequence.candidate_ids[p - first + 1])
-                 for p in range(first, len(tokens) - 1)]
+        rows += [
+            reward.advance([int(tokens[p])], sequence.candidate_ids[p - first + 1])
+            for p in range(first, len(tokens) - 1)
+        ]
         return np.stack(rows)
+
     return rewards_for
 
 
-def evaluate_reward(base: BaseModel, reward: RewardModel, examples: Sequence[Example] | Dataset, *,
-                    alpha: float = 1.0, teacher_system: str | None = None, k: int = TRAIN_TOP_K,
-                    progress: Callable[[int, int], None] | None = None) -> tuple[Metrics, Dataset]:
+def evaluate_reward(
+    base: BaseModel,
+    reward: RewardModel,
+    examples: Sequence[Example] | Dataset,
+    *,
+    alpha: float = 1.0,
+    teacher_system: str | None = None,
+    k: int = TRAIN_TOP_K,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[Metrics, Dataset]:
     """Base and steered NLL on the examples; with a teacher (``teacher_system``, or the data's own), its NLL too.
     Also the data evaluated: the examples the teacher pass could take, with those it could not as skipped."""
     reward.check_compatible(base_name=base.name, base_fingerprint=base.vocabulary_fingerprint)
@@ -44,8 +62,9 @@ def evaluate_reward(base: BaseModel, reward: RewardModel, examples: Sequence[Exa
         data = data.mapped(lambda e: replace(e, teacher_system=teacher_system) if isinstance(e, Demonstration) else e)
     data = fitting(base, data)
     data.require_examples()
-    metrics = compute_metrics(teacher_pass(base, data.examples, k=k, progress=progress), onnx_rewards(reward),
-                              alpha=alpha)
+    metrics = compute_metrics(
+        teacher_pass(base, data.examples, k=k, progress=progress), onnx_rewards(reward), alpha=alpha
+    )
     return metrics, data
 
 
@@ -66,13 +85,26 @@ class ReplyStats:
     @classmethod
     def of(cls, texts: Sequence[str], tokens: Sequence[int], ended: Sequence[bool] | None = None) -> ReplyStats:
         sentences = np.array([sentence_count(text) for text in texts])
-        return cls(texts=list(texts), mean_tokens=float(np.mean(tokens)), mean_sentences=float(sentences.mean()),
-                   one_sentence=float((sentences == 1).mean()), ended=None if ended is None else float(np.mean(ended)))
+        return cls(
+            texts=list(texts),
+            mean_tokens=float(np.mean(tokens)),
+            mean_sentences=float(sentences.mean()),
+            one_sentence=float((sentences == 1).mean()),
+            ended=None if ended is None else float(np.mean(ended)),
+        )
 
 
-def compare_replies(base: BaseModel, reward: RewardModel, examples: Sequence[Example], *, count: int,
-                    alpha: float = 1.0, max_tokens: int = 256, teacher_system: str | None = None,
-                    progress: Progress | None = None) -> dict[str, ReplyStats]:
+def compare_replies(
+    base: BaseModel,
+    reward: RewardModel,
+    examples: Sequence[Example],
+    *,
+    count: int,
+    alpha: float = 1.0,
+    max_tokens: int = 256,
+    teacher_system: str | None = None,
+    progress: Progress | None = None,
+) -> dict[str, ReplyStats]:
     """The first ``count`` prompts answered by the base, the steered base and, where every one has a teacher
     (``teacher_system`` or the data's own), the base given the teacher's system prompt; one seed per prompt, shared
     by the three. Beside them, the data's own replies: the behaviour the reward was trained towards."""
@@ -88,8 +120,14 @@ def compare_replies(base: BaseModel, reward: RewardModel, examples: Sequence[Exa
     answered = ProgressCount(len(sources) * len(chosen), progress)
     for name, (systems, rewards) in sources.items():
         asked = [(example.prompt, system) for example, system in zip(chosen, systems)]
-        results = answer_prompts(base, asked, rewards=rewards, on_reply=answered.advance,
-                                 config=SamplingConfig(max_tokens=max_tokens, alpha=alpha))
-        stats[name] = ReplyStats.of([r.text for r in results], [len(r.token_ids) for r in results],
-                                    [r.finish_reason == "stop" for r in results])
+        results = answer_prompts(
+            base,
+            asked,
+            rewards=rewards,
+            on_reply=answered.advance,
+            config=SamplingConfig(max_tokens=max_tokens, alpha=alpha),
+        )
+        stats[name] = ReplyStats.of(
+            [r.text for r in results], [len(r.token_ids) for r in results], [r.finish_reason == "stop" for r in results]
+        )
     return stats

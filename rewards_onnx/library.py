@@ -15,9 +15,10 @@ import itertools
 import random
 import re
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -38,8 +39,24 @@ CHECK_MAX_TOKENS = 256
 SIGNIFICANT_ERRORS = 2.0  # a marker "moved" when its shift exceeds this many standard errors (about 95%)
 # Topics never used by the distilled training data (rewards_onnx/distill.TOPICS), for check prompts
 CHECK_TOPICS = [
-    "umbrellas", "glaciers", "libraries", "trains", "kites", "snowflakes", "lighthouses", "owls", "bridges",
-    "clocks", "forests", "soap", "pianos", "tomatoes", "airports", "volunteering", "museums", "helmets",
+    "umbrellas",
+    "glaciers",
+    "libraries",
+    "trains",
+    "kites",
+    "snowflakes",
+    "lighthouses",
+    "owls",
+    "bridges",
+    "clocks",
+    "forests",
+    "soap",
+    "pianos",
+    "tomatoes",
+    "airports",
+    "volunteering",
+    "museums",
+    "helmets",
 ]
 
 
@@ -93,15 +110,40 @@ class BaseStyle:
 # Chosen because SmolLM2-135M-Instruct follows these prompts measurably (its answers under them move the
 # marker); it ignored prompts for questions back, exclamations, emojis or a formal register.
 STYLES = (
-    BaseStyle("concise", "Short and to the point", "Answer in one short sentence.", word_count,
-              "words per reply", -1, max_tokens=96),
-    BaseStyle("structured", "Bulleted lists", "Answer as a bulleted list of short points, each on its own line "
-              "starting with '- '.", list_line_share, "share of lines that are list items", +1),
-    BaseStyle("simple", "Simple words", "Explain like I'm five years old: use very simple, short words.",
-              mean_word_length, "letters per word", -1),
-    BaseStyle("casual", "Casual and personal", "Chat like a close friend: casual, warm, and personal. Say what you "
-              "think using 'I', and talk to me as 'you'.", personal_words_per_100_words,
-              "'I'/'you' words per 100 words", +1, max_tokens=256),  # at 160, 30 of 240 answers ended in time
+    BaseStyle(
+        "concise",
+        "Short and to the point",
+        "Answer in one short sentence.",
+        word_count,
+        "words per reply",
+        -1,
+        max_tokens=96,
+    ),
+    BaseStyle(
+        "structured",
+        "Bulleted lists",
+        "Answer as a bulleted list of short points, each on its own line starting with '- '.",
+        list_line_share,
+        "share of lines that are list items",
+        +1,
+    ),
+    BaseStyle(
+        "simple",
+        "Simple words",
+        "Explain like I'm five years old: use very simple, short words.",
+        mean_word_length,
+        "letters per word",
+        -1,
+    ),
+    BaseStyle(
+        "casual",
+        "Casual and personal",
+        "Chat like a close friend: casual, warm, and personal. Say what you think using 'I', and talk to me as 'you'.",
+        personal_words_per_100_words,
+        "'I'/'you' words per 100 words",
+        +1,
+        max_tokens=256,
+    ),  # at 160, 30 of 240 answers ended in time
 )
 
 
@@ -124,14 +166,27 @@ class BuiltReward:
     tuned: TuneReport
 
     def to_json(self) -> dict:
-        return {"name": self.style.name, "label": self.style.label, "path": str(self.path), "examples": self.examples,
-                "distill_seconds": round(self.distill_seconds, 1), "tune_seconds": round(self.tuned.seconds, 1),
-                "teacher_seconds": round(self.tuned.teacher_seconds, 1), "held_out": self.tuned.held_out.to_json()}
+        return {
+            "name": self.style.name,
+            "label": self.style.label,
+            "path": str(self.path),
+            "examples": self.examples,
+            "distill_seconds": round(self.distill_seconds, 1),
+            "tune_seconds": round(self.tuned.seconds, 1),
+            "teacher_seconds": round(self.tuned.teacher_seconds, 1),
+            "held_out": self.tuned.held_out.to_json(),
+        }
 
 
-def build_library(base: BaseModel, out_dir: Path, *, count: int = DEFAULT_COUNT, styles: Sequence[BaseStyle] = STYLES,
-                  config: TuneConfig | None = None, on_progress: Callable[[Progress], None] | None = None
-                  ) -> list[BuiltReward]:
+def build_library(
+    base: BaseModel,
+    out_dir: Path,
+    *,
+    count: int = DEFAULT_COUNT,
+    styles: Sequence[BaseStyle] = STYLES,
+    config: TuneConfig | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> list[BuiltReward]:
     """Distill and tune one reward per style into ``out_dir`` (created if needed); one tune seed for all of them,
     and the embedding frozen, so that they share it and run merged."""
     from rewards_onnx.train import TuneConfig
@@ -143,8 +198,15 @@ def build_library(base: BaseModel, out_dir: Path, *, count: int = DEFAULT_COUNT,
     return [build_reward(base, style, out_dir, count=count, config=config, report=report) for style in styles]
 
 
-def build_reward(base: BaseModel, style: BaseStyle, out_dir: Path, *, count: int, config: TuneConfig,
-                 report: Callable[[Progress], None]) -> BuiltReward:
+def build_reward(
+    base: BaseModel,
+    style: BaseStyle,
+    out_dir: Path,
+    *,
+    count: int,
+    config: TuneConfig,
+    report: Callable[[Progress], None],
+) -> BuiltReward:
     from rewards_onnx.train import Progress, tune
 
     started = time.perf_counter()
@@ -152,11 +214,24 @@ def build_reward(base: BaseModel, style: BaseStyle, out_dir: Path, *, count: int
     def distill_progress(done: int, total: int) -> None:
         report(Progress("distill", done, total, time.perf_counter() - started, style.name))
 
-    examples = distill(base, style.system, count, max_tokens=style.max_tokens, temperature=TEACHER_TEMPERATURE,
-                       seed=config.seed, progress=distill_progress)
+    examples = distill(
+        base,
+        style.system,
+        count,
+        max_tokens=style.max_tokens,
+        temperature=TEACHER_TEMPERATURE,
+        seed=config.seed,
+        progress=distill_progress,
+    )
     distill_seconds = time.perf_counter() - started
-    tuned = tune(base, examples, out_dir / f"{style.name}.onnx", config=config, name=style.name,
-                 on_progress=lambda progress: report(replace(progress, message=f"{style.name} {progress.message}")))
+    tuned = tune(
+        base,
+        examples,
+        out_dir / f"{style.name}.onnx",
+        config=config,
+        name=style.name,
+        on_progress=lambda progress: report(replace(progress, message=f"{style.name} {progress.message}")),
+    )
     _label_card(tuned, style, examples=len(examples), distill_seconds=distill_seconds)
     return BuiltReward(style, tuned.path, len(examples), distill_seconds, tuned)
 
@@ -164,10 +239,16 @@ def build_reward(base: BaseModel, style: BaseStyle, out_dir: Path, *, count: int
 def _label_card(tuned: TuneReport, style: BaseStyle, *, examples: int, distill_seconds: float) -> None:
     card = RewardCard.load(card_path(tuned.path))
     card.label = style.label
-    card.description = (f"{style.label}: moves the model toward its answers under the system prompt "
-                        f"\"{style.system}\" ({examples} distilled answers).")
-    card.metrics["library"] = {"marker": style.marker_name, "direction": style.direction,
-                               "distill_seconds": round(distill_seconds, 1), "tune_seconds": round(tuned.seconds, 1)}
+    card.description = (
+        f"{style.label}: moves the model toward its answers under the system prompt "
+        f'"{style.system}" ({examples} distilled answers).'
+    )
+    card.metrics["library"] = {
+        "marker": style.marker_name,
+        "direction": style.direction,
+        "distill_seconds": round(distill_seconds, 1),
+        "tune_seconds": round(tuned.seconds, 1),
+    }
     write_card(tuned.path, card)
 
 
@@ -197,11 +278,19 @@ class MarkerCheck:
         return self.style.direction * self.shift > SIGNIFICANT_ERRORS * self.shift_standard_error
 
     def to_json(self) -> dict:
-        return {"reward": self.style.name, "label": self.style.label, "marker": self.style.marker_name,
-                "direction": "up" if self.style.direction > 0 else "down", "prompts": len(self.without),
-                "without": round(float(np.mean(self.without)), 4), "with": round(float(np.mean(self.steered)), 4),
-                "teacher": round(float(np.mean(self.teacher)), 4), "shift": round(self.shift, 4),
-                "shift_standard_error": round(self.shift_standard_error, 4), "moved": self.moved}
+        return {
+            "reward": self.style.name,
+            "label": self.style.label,
+            "marker": self.style.marker_name,
+            "direction": "up" if self.style.direction > 0 else "down",
+            "prompts": len(self.without),
+            "without": round(float(np.mean(self.without)), 4),
+            "with": round(float(np.mean(self.steered)), 4),
+            "teacher": round(float(np.mean(self.teacher)), 4),
+            "shift": round(self.shift, 4),
+            "shift_standard_error": round(self.shift_standard_error, 4),
+            "moved": self.moved,
+        }
 
 
 def styles_named(names: Sequence[str]) -> list[BaseStyle]:
@@ -220,9 +309,15 @@ def library_rewards(folder: Path, styles: Sequence[BaseStyle] = STYLES) -> list[
     return found
 
 
-def check_library(base: BaseModel, folder: Path, *, prompts: int = 32, max_tokens: int = CHECK_MAX_TOKENS,
-                  styles: Sequence[BaseStyle] = STYLES, progress: Callable[[int, int], None] | None = None
-                  ) -> list[MarkerCheck]:
+def check_library(
+    base: BaseModel,
+    folder: Path,
+    *,
+    prompts: int = 32,
+    max_tokens: int = CHECK_MAX_TOKENS,
+    styles: Sequence[BaseStyle] = STYLES,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[MarkerCheck]:
     """Each reward's marker on held-out prompts: bare base, base + reward, base under the style's prompt."""
     rewards = library_rewards(folder, styles)
     questions = check_prompts(prompts)
@@ -237,5 +332,7 @@ def check_library(base: BaseModel, folder: Path, *, prompts: int = 32, max_token
     checks = []
     for style, path in rewards:
         steered, teacher = replies(None, attach_rewards(base, [(path, 1.0)])), replies(style.system, [])
-        checks.append(MarkerCheck(style, *([style.marker(text) for text in texts] for texts in (plain, steered, teacher))))
+        checks.append(
+            MarkerCheck(style, *([style.marker(text) for text in texts] for texts in (plain, steered, teacher)))
+        )
     return checks

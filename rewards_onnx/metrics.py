@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -79,11 +79,15 @@ def support_logprobs(scores: np.ndarray, target_index: np.ndarray) -> np.ndarray
     return log_softmax(scores)[np.arange(len(target_index)), target_index]
 
 
-def target_logprobs(sequence: SequenceTargets, rewards: np.ndarray, alpha: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+def target_logprobs(
+    sequence: SequenceTargets, rewards: np.ndarray, alpha: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
     """(base, steered) log-prob of each target on the support, at the reply's sampling temperature: [N] each."""
     temperature = sequence.teacher_temperature
-    return (support_logprobs(sequence.base_logprobs / temperature, sequence.target_index),
-            support_logprobs((sequence.base_logprobs + alpha * rewards) / temperature, sequence.target_index))
+    return (
+        support_logprobs(sequence.base_logprobs / temperature, sequence.target_index),
+        support_logprobs((sequence.base_logprobs + alpha * rewards) / temperature, sequence.target_index),
+    )
 
 
 def teacher_target_logprobs(sequence: SequenceTargets) -> np.ndarray:
@@ -109,14 +113,21 @@ def compute_metrics(data: TeacherData, rewards_for: RewardsFor, *, beta: float =
                 mask = parts == name
                 part_nlls[name] += (mask.sum(), -base[mask].sum(), -steered[mask].sum(), -teacher[mask].sum())
     if metrics.tokens:
-        metrics.base_nll, metrics.steered_nll = float(base_total / metrics.tokens), float(steered_total / metrics.tokens)
+        metrics.base_nll, metrics.steered_nll = (
+            float(base_total / metrics.tokens),
+            float(steered_total / metrics.tokens),
+        )
     taught_tokens = sum(nlls[0] for nlls in part_nlls.values())
     if taught_tokens:
         metrics.teacher_nll = float(sum(nlls[3] for nlls in part_nlls.values()) / taught_tokens)
         metrics.parts = _part_figures(part_nlls)
     if data.pairs:
-        margins = np.array([_log_ratio(chosen, rewards_for(chosen), alpha) - _log_ratio(rejected, rewards_for(rejected), alpha)
-                            for chosen, rejected in data.pairs])
+        margins = np.array(
+            [
+                _log_ratio(chosen, rewards_for(chosen), alpha) - _log_ratio(rejected, rewards_for(rejected), alpha)
+                for chosen, rejected in data.pairs
+            ]
+        )
         metrics.pairs = len(margins)
         metrics.pair_accuracy = float((margins > 0).mean())
         metrics.pair_loss = float(np.logaddexp(0.0, -beta * margins).mean())
@@ -125,13 +136,20 @@ def compute_metrics(data: TeacherData, rewards_for: RewardsFor, *, beta: float =
 
 def _part_figures(part_nlls: dict[str, np.ndarray]) -> dict[str, PartFigures]:
     gap = sum(nlls[1] - nlls[3] for nlls in part_nlls.values())
-    return {name: PartFigures(tokens=int(tokens), base_nll=float(base / tokens), steered_nll=float(steered / tokens),
-                              teacher_nll=float(teacher / tokens), gap_share=float((base - teacher) / gap) if gap else 0.0)
-            for name, (tokens, base, steered, teacher) in part_nlls.items() if tokens}
+    return {
+        name: PartFigures(
+            tokens=int(tokens),
+            base_nll=float(base / tokens),
+            steered_nll=float(steered / tokens),
+            teacher_nll=float(teacher / tokens),
+            gap_share=float((base - teacher) / gap) if gap else 0.0,
+        )
+        for name, (tokens, base, steered, teacher) in part_nlls.items()
+        if tokens
+    }
 
 
 def _log_ratio(sequence: SequenceTargets, rewards: np.ndarray, alpha: float) -> float:
     """log p_prt(y) - log p_base(y) on the supports."""
     base, steered = target_logprobs(sequence, rewards, alpha)
     return float((steered - base).sum())
-

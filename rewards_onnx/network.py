@@ -57,21 +57,32 @@ class Block(nn.Module):
         def array(t: torch.Tensor) -> np.ndarray:
             return t.detach().cpu().numpy().astype(np.float32)
 
-        return LayerWeights(ln1_scale=array(self.ln1.weight), ln1_bias=array(self.ln1.bias), qkv=array(self.qkv),
-                            out=array(self.out), ln2_scale=array(self.ln2.weight), ln2_bias=array(self.ln2.bias),
-                            fc1=array(self.fc1), fc1_bias=array(self.fc1_bias), fc2=array(self.fc2),
-                            fc2_bias=array(self.fc2_bias))
+        return LayerWeights(
+            ln1_scale=array(self.ln1.weight),
+            ln1_bias=array(self.ln1.bias),
+            qkv=array(self.qkv),
+            out=array(self.out),
+            ln2_scale=array(self.ln2.weight),
+            ln2_bias=array(self.ln2.bias),
+            fc1=array(self.fc1),
+            fc1_bias=array(self.fc1_bias),
+            fc2=array(self.fc2),
+            fc2_bias=array(self.fc2_bias),
+        )
 
 
 class RewardNet(nn.Module):
     slopes: torch.Tensor  # a buffer [1, H, 1, 1]: the ALiBi slopes
 
-    def __init__(self, shape: RewardNetworkShape, embedding: np.ndarray, *, train_embedding: bool = False,
-                 dropout: float = 0.0) -> None:
+    def __init__(
+        self, shape: RewardNetworkShape, embedding: np.ndarray, *, train_embedding: bool = False, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         self.shape = shape
         self.embedding = nn.Parameter(_int8_rounded(embedding), requires_grad=train_embedding)
-        self.blocks = nn.ModuleList(Block(shape.width, shape.heads, shape.mlp_ratio, dropout) for _ in range(shape.layers))
+        self.blocks = nn.ModuleList(
+            Block(shape.width, shape.heads, shape.mlp_ratio, dropout) for _ in range(shape.layers)
+        )
         self.input_dropout = nn.Dropout(dropout)
         self.final_ln = nn.LayerNorm(shape.width, eps=LAYER_NORM_EPS)
         self.head = nn.Parameter(torch.zeros(shape.width, shape.width))
@@ -103,9 +114,15 @@ class RewardNet(nn.Module):
 
         # cast: nn.ModuleList is not generic, so to mypy its items are plain Modules; all of them are Blocks
         layers = [cast(Block, b).export() for b in self.blocks]
-        return RewardWeights(shape=self.shape, embedding=array(self.embedding), layers=layers,
-                             final_scale=array(self.final_ln.weight), final_bias=array(self.final_ln.bias),
-                             head=array(self.head), token_bias=array(self.token_bias))
+        return RewardWeights(
+            shape=self.shape,
+            embedding=array(self.embedding),
+            layers=layers,
+            final_scale=array(self.final_ln.weight),
+            final_bias=array(self.final_ln.bias),
+            head=array(self.head),
+            token_bias=array(self.token_bias),
+        )
 
 
 def _int8_rounded(embedding: np.ndarray) -> torch.Tensor:

@@ -7,8 +7,8 @@ returns one batch of logit rows at a time and each row is reduced at once.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -66,8 +66,14 @@ def messages_for(prompt: str, system: str | None) -> list[ChatMessage]:
     return messages + [{"role": "user", "content": prompt}]
 
 
-def answer_prompts(base: BaseModel, prompts: Sequence[tuple[str, str | None]], *, rewards: Sequence[RewardSlot] = (),
-                   config: SamplingConfig, on_reply: Callable[[], None] | None = None) -> list[GenerationResult]:
+def answer_prompts(
+    base: BaseModel,
+    prompts: Sequence[tuple[str, str | None]],
+    *,
+    rewards: Sequence[RewardSlot] = (),
+    config: SamplingConfig,
+    on_reply: Callable[[], None] | None = None,
+) -> list[GenerationResult]:
     """Each (prompt, system prompt) answered with the prompt's index as the seed, so that sources compared on the
     same prompts (base, steered, teacher) share their seeds."""
     results = []
@@ -86,8 +92,7 @@ def response_sequence(base: BaseModel, messages: Sequence[ChatMessage], response
     target too (the reward learns when to stop); anything the template adds after it is cut.
     """
     prompt = base.chat_prompt_tokens(messages)
-    full = base.chat_prompt_tokens([*messages, {"role": "assistant", "content": response}],
-                                   add_generation_prompt=False)
+    full = base.chat_prompt_tokens([*messages, {"role": "assistant", "content": response}], add_generation_prompt=False)
     if full[: len(prompt)] != prompt:  # a template whose reply does not extend its own prompt
         full = prompt + base.tokenize(response) + [base.end_of_turn_token]
     end = next((i + 1 for i in range(len(prompt), len(full)) if base.is_end_of_generation(full[i])), len(full))
@@ -157,8 +162,9 @@ def evaluations(example: Example) -> int:
     return 2 if example.teacher_system else 1
 
 
-def teacher_pass(base: BaseModel, examples: Sequence[Example], *, k: int = TRAIN_TOP_K,
-                 progress: Progress | None = None) -> TeacherData:
+def teacher_pass(
+    base: BaseModel, examples: Sequence[Example], *, k: int = TRAIN_TOP_K, progress: Progress | None = None
+) -> TeacherData:
     """Every example in the plain context first, then the distilled ones in their teacher's context, so that
     consecutive evaluations share the chat template's opening and the base skips it."""
     data, taught = TeacherData([], []), []
@@ -173,21 +179,25 @@ def teacher_pass(base: BaseModel, examples: Sequence[Example], *, k: int = TRAIN
                 taught.append((example, sequence))
             advance(1)
         elif isinstance(example, PreferencePair):
-            chosen, rejected = (reduce_to_support(base, *response_sequence(base, messages, reply), k)
-                                for reply in (example.chosen, example.rejected))
+            chosen, rejected = (
+                reduce_to_support(base, *response_sequence(base, messages, reply), k)
+                for reply in (example.chosen, example.rejected)
+            )
             data.pairs.append((chosen, rejected))
             advance(2)
     for example, sequence in taught:
-        teacher_context = response_sequence(base, messages_for(example.prompt, example.teacher_system),
-                                            example.response)
+        teacher_context = response_sequence(
+            base, messages_for(example.prompt, example.teacher_system), example.response
+        )
         sequence.teacher_logprobs = logprobs_on_support(base, *teacher_context, sequence)
         sequence.teacher_temperature = example.teacher_temperature
         advance(1)
     return data
 
 
-def logprobs_on_support(base: BaseModel, tokens: Sequence[int], first_target: int,
-                        support: SequenceTargets) -> np.ndarray:
+def logprobs_on_support(
+    base: BaseModel, tokens: Sequence[int], first_target: int, support: SequenceTargets
+) -> np.ndarray:
     """The log-probs [N, K+1] that ``base`` given ``tokens`` puts on another pass's support (same reply)."""
     if len(tokens) - first_target != support.n_targets:
         raise DatasetError("The reply tokenizes differently in the two contexts; cannot compare them token by token.")
@@ -198,4 +208,3 @@ def logprobs_on_support(base: BaseModel, tokens: Sequence[int], first_target: in
         out[row] = logits[support.candidate_ids[row]] - log_normalizer(logits)
     out[unused] = -np.inf
     return out
-

@@ -17,8 +17,8 @@ import json
 import sqlite3
 import time
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -58,8 +58,9 @@ class TeacherCache:
         self._prune()
         self._db.close()
 
-    def teacher_pass(self, base: BaseModel, examples: Sequence[Example], *,
-                     progress: Progress | None = None) -> TeacherData:
+    def teacher_pass(
+        self, base: BaseModel, examples: Sequence[Example], *, progress: Progress | None = None
+    ) -> TeacherData:
         """What ``rewards_onnx.teacher.teacher_pass`` returns, in the same order, passing only the examples
         this cache lacks; progress counts those passes only."""
         keys = [self._key(example) for example in examples]
@@ -72,9 +73,10 @@ class TeacherCache:
         missing = [(key, example) for key, example in zip(keys, examples) if key not in passed]
         total, done = sum(evaluations(example) for _, example in missing), 0
         for start in range(0, len(missing), WRITE_EVERY):
-            chunk = missing[start: start + WRITE_EVERY]
-            fresh = teacher_pass(base, [example for _, example in chunk], k=self.k,
-                                 progress=_counted_from(done, total, progress))
+            chunk = missing[start : start + WRITE_EVERY]
+            fresh = teacher_pass(
+                base, [example for _, example in chunk], k=self.k, progress=_counted_from(done, total, progress)
+            )
             demonstrations, pairs = iter(fresh.demonstrations), iter(fresh.pairs)
             for key, example in chunk:
                 passed[key] = next(demonstrations) if isinstance(example, Demonstration) else next(pairs)
@@ -100,8 +102,10 @@ class TeacherCache:
 
     def _put(self, entries: dict[str, Passed]) -> None:
         now = time.time()
-        self._write("INSERT OR REPLACE INTO passes (key, data, used) VALUES (?, ?, ?)",
-                    [(key, _encode(item), now) for key, item in entries.items()])
+        self._write(
+            "INSERT OR REPLACE INTO passes (key, data, used) VALUES (?, ?, ?)",
+            [(key, _encode(item), now) for key, item in entries.items()],
+        )
 
     def _write(self, statement: str, rows: list[tuple]) -> None:
         """A cache that cannot be written (a full disk, a read-only folder) stops caching; tuning goes on."""
@@ -154,9 +158,12 @@ def _in_order(passed: Sequence[Passed]) -> TeacherData:
 
 def _encode(item: Passed) -> bytes:
     sequences = item if isinstance(item, tuple) else (item,)
-    arrays = {f"{index}.{field.name}": np.asarray(getattr(sequence, field.name))
-              for index, sequence in enumerate(sequences) for field in dataclasses.fields(sequence)
-              if getattr(sequence, field.name) is not None}
+    arrays = {
+        f"{index}.{field.name}": np.asarray(getattr(sequence, field.name))
+        for index, sequence in enumerate(sequences)
+        for field in dataclasses.fields(sequence)
+        if getattr(sequence, field.name) is not None
+    }
     buffer = io.BytesIO()
     np.savez(buffer, allow_pickle=False, **arrays)  # numbers only, as _decode reads them
     return buffer.getvalue()
@@ -166,8 +173,10 @@ def _decode(blob: bytes) -> Passed:
     with np.load(io.BytesIO(blob), allow_pickle=False) as stored:
         arrays = {name: stored[name] for name in stored.files}
     count = 1 + max(int(name.split(".")[0]) for name in arrays)
-    sequences = [_sequence({name.split(".", 1)[1]: value for name, value in arrays.items()
-                            if name.startswith(f"{index}.")}) for index in range(count)]
+    sequences = [
+        _sequence({name.split(".", 1)[1]: value for name, value in arrays.items() if name.startswith(f"{index}.")})
+        for index in range(count)
+    ]
     if count == 1:
         return sequences[0]
     if count == 2:
@@ -176,7 +185,12 @@ def _decode(blob: bytes) -> Passed:
 
 
 def _sequence(fields: dict[str, np.ndarray]) -> SequenceTargets:
-    return SequenceTargets(tokens=fields["tokens"], first_target=int(fields["first_target"]),
-                           candidate_ids=fields["candidate_ids"], base_logprobs=fields["base_logprobs"],
-                           target_index=fields["target_index"], teacher_logprobs=fields.get("teacher_logprobs"),
-                           teacher_temperature=float(fields["teacher_temperature"]))
+    return SequenceTargets(
+        tokens=fields["tokens"],
+        first_target=int(fields["first_target"]),
+        candidate_ids=fields["candidate_ids"],
+        base_logprobs=fields["base_logprobs"],
+        target_index=fields["target_index"],
+        teacher_logprobs=fields.get("teacher_logprobs"),
+        teacher_temperature=float(fields["teacher_temperature"]),
+    )

@@ -18,9 +18,9 @@ import copy
 import os
 import random
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -94,9 +94,16 @@ class TuneReport:
     data: Dataset  # what was trained on and held out, per source, and what was skipped
 
 
-def tune(base: BaseModel, examples: Sequence[Example] | Dataset, out_path: Path, *, config: TuneConfig = TuneConfig(),
-         name: str | None = None, on_progress: Callable[[Progress], None] | None = None,
-         cache_path: Path | None = None) -> TuneReport:
+def tune(
+    base: BaseModel,
+    examples: Sequence[Example] | Dataset,
+    out_path: Path,
+    *,
+    config: TuneConfig = TuneConfig(),
+    name: str | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+    cache_path: Path | None = None,
+) -> TuneReport:
     """Train, export and check a reward on the examples the teacher pass can take (the others are skipped and
     counted). With ``cache_path``, teacher passes are kept there and reused (rewards_onnx/teacher_cache.py): the
     same examples give the same reward, minus the passes' time."""
@@ -122,21 +129,42 @@ def tune(base: BaseModel, examples: Sequence[Example] | Dataset, out_path: Path,
     report(Progress("export", 0, 1, time.perf_counter() - started, "exporting and checking parity"))
     held_metrics = evaluate_torch(model, held_data, config.pair_beta)
     card = RewardCard(
-        name=name or Path(out_path).stem, vocabulary_fingerprint=base.vocabulary_fingerprint,
-        vocabulary_size=base.n_vocab, base_model_name=base.name, base_model_sha256=model_sha256,
+        name=name or Path(out_path).stem,
+        vocabulary_fingerprint=base.vocabulary_fingerprint,
+        vocabulary_size=base.n_vocab,
+        base_model_name=base.name,
+        base_model_sha256=model_sha256,
         description=f"Tuned on {len(examples)} examples",
         network={"width": config.width, "layers": config.layers, "heads": config.heads, "top_k": config.top_k},
-        training_data={**counts(examples), "train_examples": len(train_examples),
-                       "held_out_examples": len(held_examples), "train_tokens": train_data.n_targets,
-                       "skipped": len(data.skipped), "skipped_by_reason": data.skipped_by_reason()},
-        metrics={"held_out": held_metrics.to_json(), "best_epoch": best_epoch, "epochs_run": epochs_run,
-                 "config": asdict(config)})
+        training_data={
+            **counts(examples),
+            "train_examples": len(train_examples),
+            "held_out_examples": len(held_examples),
+            "train_tokens": train_data.n_targets,
+            "skipped": len(data.skipped),
+            "skipped_by_reason": data.skipped_by_reason(),
+        },
+        metrics={
+            "held_out": held_metrics.to_json(),
+            "best_epoch": best_epoch,
+            "epochs_run": epochs_run,
+            "config": asdict(config),
+        },
+    )
     path, parity = _save_checked(model, card, out_path, seed=config.seed)
     report(Progress("export", 1, 1, time.perf_counter() - started, f"parity max |diff| {parity:.2e}"))
-    return TuneReport(path=path, held_out=held_metrics, epochs_run=epochs_run, best_epoch=best_epoch,
-                      parity_max_abs_diff=parity, seconds=time.perf_counter() - started,
-                      teacher_seconds=teacher_seconds, train_examples=len(train_examples),
-                      held_out_examples=len(held_examples), data=data)
+    return TuneReport(
+        path=path,
+        held_out=held_metrics,
+        epochs_run=epochs_run,
+        best_epoch=best_epoch,
+        parity_max_abs_diff=parity,
+        seconds=time.perf_counter() - started,
+        teacher_seconds=teacher_seconds,
+        train_examples=len(train_examples),
+        held_out_examples=len(held_examples),
+        data=data,
+    )
 
 
 def _checked_destination(out_path: Path) -> Path:
@@ -152,8 +180,14 @@ def _teacher_cache(path: Path | None, model_sha256: str, k: int) -> contextlib.A
     return TeacherCache(path, model_sha256=model_sha256, k=k) if path else contextlib.nullcontext()
 
 
-def _teacher_data(base: BaseModel, train: Sequence[Example], held: Sequence[Example], config: TuneConfig,
-                  report: Callable[[Progress], None], cache: TeacherCache | None) -> tuple[TeacherData, TeacherData]:
+def _teacher_data(
+    base: BaseModel,
+    train: Sequence[Example],
+    held: Sequence[Example],
+    config: TuneConfig,
+    report: Callable[[Progress], None],
+    cache: TeacherCache | None,
+) -> tuple[TeacherData, TeacherData]:
     """One teacher pass over both sets (through the cache, if there is one), split back into the two."""
     started = time.perf_counter()
 
@@ -166,8 +200,10 @@ def _teacher_data(base: BaseModel, train: Sequence[Example], held: Sequence[Exam
         data = teacher_pass(base, [*train, *held], k=config.top_k, progress=progress)
     train_demonstrations = sum(isinstance(example, Demonstration) for example in train)
     train_pairs = len(train) - train_demonstrations
-    return (TeacherData(data.demonstrations[:train_demonstrations], data.pairs[:train_pairs]),
-            TeacherData(data.demonstrations[train_demonstrations:], data.pairs[train_pairs:]))
+    return (
+        TeacherData(data.demonstrations[:train_demonstrations], data.pairs[:train_pairs]),
+        TeacherData(data.demonstrations[train_demonstrations:], data.pairs[train_pairs:]),
+    )
 
 
 def _initial_model(base: BaseModel, config: TuneConfig) -> RewardNet:
@@ -187,9 +223,11 @@ def _save_checked(model: RewardNet, card: RewardCard, out_path: Path, *, seed: i
         os.replace(card_path(staged), card_path(out_path))
         os.replace(staged, out_path)
     except DiskFullError as error:  # name the file the user asked for, not the staged one
-        raise DiskFullError(f"The disk is full: no room in {out_path.parent} for the reward {out_path.name} and its "
-                            "card (nothing there was changed); free some space or choose another --out, then tune "
-                            "again.") from error
+        raise DiskFullError(
+            f"The disk is full: no room in {out_path.parent} for the reward {out_path.name} and its "
+            "card (nothing there was changed); free some space or choose another --out, then tune "
+            "again."
+        ) from error
     finally:
         staged.unlink(missing_ok=True)
         card_path(staged).unlink(missing_ok=True)
@@ -200,7 +238,9 @@ def split_held_out(examples: Sequence[Example], config: TuneConfig) -> tuple[lis
     """Hold out whole prompts: all answers to one prompt (a thumbs-up and an edit of it, or several distilled
     answers) fall on one side, so the held-out figures are about prompts the reward has not seen."""
     if len(examples) < 2:
-        raise DatasetError(f"Tuning needs at least 2 examples (one is held out to check the result); got {len(examples)}.")
+        raise DatasetError(
+            f"Tuning needs at least 2 examples (one is held out to check the result); got {len(examples)}."
+        )
     groups = _prompt_groups(examples)
     if len(groups) < 2:  # every example answers the same prompt: hold out answers instead
         groups = [[index] for index in range(len(examples))]
@@ -230,8 +270,9 @@ def _seed_everything(seed: int) -> None:
 
 
 # -- training ------------------------------------------------------------------------------------
-def _fit(model: RewardNet, train: TeacherData, held: TeacherData, config: TuneConfig,
-         report: Callable[[Progress], None]) -> tuple[dict, int, int]:
+def _fit(
+    model: RewardNet, train: TeacherData, held: TeacherData, config: TuneConfig, report: Callable[[Progress], None]
+) -> tuple[dict, int, int]:
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
     rng = random.Random(config.seed)
@@ -243,16 +284,27 @@ def _fit(model: RewardNet, train: TeacherData, held: TeacherData, config: TuneCo
         rng.shuffle(items)
         model.train()
         for step in range(steps_per_epoch):
-            batch = items[step * config.batch_size: (step + 1) * config.batch_size]
-            loss = _batch_loss(model, [s for s in batch if isinstance(s, SequenceTargets)],
-                               [p for p in batch if isinstance(p, tuple)], config.pair_beta)
+            batch = items[step * config.batch_size : (step + 1) * config.batch_size]
+            loss = _batch_loss(
+                model,
+                [s for s in batch if isinstance(s, SequenceTargets)],
+                [p for p in batch if isinstance(p, tuple)],
+                config.pair_beta,
+            )
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(parameters, 1.0)
             optimizer.step()
             done = (epoch - 1) * steps_per_epoch + step + 1
-            report(Progress("train", done, config.epochs * steps_per_epoch, time.perf_counter() - started,
-                            f"epoch {epoch}, loss {loss.item():.4f}"))
+            report(
+                Progress(
+                    "train",
+                    done,
+                    config.epochs * steps_per_epoch,
+                    time.perf_counter() - started,
+                    f"epoch {epoch}, loss {loss.item():.4f}",
+                )
+            )
         objective = evaluate_torch(model, held, config.pair_beta).objective()
         if objective < best[0] - 1e-4:
             best, stale = (objective, copy.deepcopy(model.state_dict()), epoch), 0
@@ -263,8 +315,9 @@ def _fit(model: RewardNet, train: TeacherData, held: TeacherData, config: TuneCo
     return best[1], best[2], epoch
 
 
-def _batch_loss(model: RewardNet, demos: list[SequenceTargets], pairs: list[tuple[SequenceTargets, SequenceTargets]],
-                beta: float) -> torch.Tensor:
+def _batch_loss(
+    model: RewardNet, demos: list[SequenceTargets], pairs: list[tuple[SequenceTargets, SequenceTargets]], beta: float
+) -> torch.Tensor:
     loss = torch.zeros(())
     if demos:
         logits, _, base = _support_logits(model, demos)
@@ -289,7 +342,9 @@ def _target_distribution(demos: list[SequenceTargets], n_slots: int) -> torch.Te
     return torch.cat(rows)
 
 
-def _support_logits(model: RewardNet, sequences: list[SequenceTargets]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _support_logits(
+    model: RewardNet, sequences: list[SequenceTargets]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For every target of every sequence, at its sampling temperature T:
     ((lp + r) / T on S_t [M, K+1], target index [M], lp / T [M, K+1])."""
     length = max(len(s.tokens) for s in sequences)
@@ -323,7 +378,7 @@ def evaluate_torch(model: RewardNet, data: TeacherData, beta: float) -> Metrics:
 
     def rewards_for(sequence: SequenceTargets) -> np.ndarray:
         tokens = torch.from_numpy(sequence.tokens)[None]
-        queries = model.queries(tokens)[0, sequence.first_target - 1: -1]  # [N, d]
+        queries = model.queries(tokens)[0, sequence.first_target - 1 : -1]  # [N, d]
         return model.rewards(queries, torch.from_numpy(sequence.candidate_ids)).numpy()
 
     return compute_metrics(data, rewards_for, beta=beta)
@@ -331,8 +386,9 @@ def evaluate_torch(model: RewardNet, data: TeacherData, beta: float) -> Metrics:
 
 # -- export ----------------------------------------------------------------------------------------
 @torch.no_grad()
-def check_export_parity(model: RewardNet, onnx_path: Path, *, seed: int, prefixes: int = 4, length: int = 48,
-                        candidates: int = 41) -> float:
+def check_export_parity(
+    model: RewardNet, onnx_path: Path, *, seed: int, prefixes: int = 4, length: int = 48, candidates: int = 41
+) -> float:
     """Torch vs onnxruntime through the engine's KV path (prefill, then one token per step)."""
     model.eval()
     rng = np.random.default_rng(seed)
@@ -346,8 +402,10 @@ def check_export_parity(model: RewardNet, onnx_path: Path, *, seed: int, prefixe
         prefill = length // 2
         actual = [reward.advance(tokens[:prefill].tolist(), ids[prefill - 1])]
         actual += [reward.advance([int(tokens[p])], ids[p]) for p in range(prefill, length)]
-        worst = max(worst, float(np.abs(np.stack(actual) - expected[prefill - 1:]).max()))
+        worst = max(worst, float(np.abs(np.stack(actual) - expected[prefill - 1 :]).max()))
     if worst > PARITY_TOLERANCE:
-        raise ExportParityError(f"The exported reward differs from the trained model by {worst:.2e} "
-                                f"(tolerance {PARITY_TOLERANCE}); nothing was saved. Please report this.")
+        raise ExportParityError(
+            f"The exported reward differs from the trained model by {worst:.2e} "
+            f"(tolerance {PARITY_TOLERANCE}); nothing was saved. Please report this."
+        )
     return worst

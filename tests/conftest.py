@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from engine.runtime.base_model import BaseModel, BaseModelConfig
-from engine.runtime.errors import ModelFetchError
 from engine.app.models import ensure_default_model
 from engine.app.paths import AppPaths
+from engine.runtime.base_model import BaseModel, BaseModelConfig
+from engine.runtime.errors import ModelFetchError
 from tiny_models import read_tokenizer, write_tiny_llama
 
 TINY_CONFIG = BaseModelConfig(n_ctx=512, n_threads=2, n_gpu_layers=0)

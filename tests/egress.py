@@ -16,13 +16,27 @@ import shutil
 import struct
 import subprocess
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
 
 NETWORK_CALLS = ("socket", "connect", "sendto", "sendmsg")
-FILE_CALLS = ("open", "openat", "openat2", "creat", "mkdir", "mkdirat", "rename", "renameat", "renameat2",
-              "link", "linkat", "symlink", "symlinkat", "truncate")
+FILE_CALLS = (
+    "open",
+    "openat",
+    "openat2",
+    "creat",
+    "mkdir",
+    "mkdirat",
+    "rename",
+    "renameat",
+    "renameat2",
+    "link",
+    "linkat",
+    "symlink",
+    "symlinkat",
+    "truncate",
+)
 PROCESS_CALLS = ("execve", "clone", "clone3", "fork", "vfork")
 INTERNET_FAMILIES = ("AF_INET", "AF_INET6", "AF_PACKET")
 # glibc reads these to resolve a host name; nothing else of ours has a reason to open them.
@@ -73,21 +87,46 @@ class Watched:
 def strace_command() -> str:
     strace = shutil.which("strace")
     if strace is None or not sys.platform.startswith("linux"):
-        raise WatchUnavailable("the egress tests watch processes with strace, on Linux; install it "
-                               "(apt-get install strace; 'python3 dev.py test' does this on Debian and Ubuntu)")
+        raise WatchUnavailable(
+            "the egress tests watch processes with strace, on Linux; install it "
+            "(apt-get install strace; 'python3 dev.py test' does this on Debian and Ubuntu)"
+        )
     return strace
 
 
-def watch(argv: Sequence[str], *, env: Mapping[str, str], cwd: Path, writable: Sequence[Path],
-          stdin: str | None = None, timeout: float = 600) -> Watched:
+def watch(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str],
+    cwd: Path,
+    writable: Sequence[Path],
+    stdin: str | None = None,
+    timeout: float = 600,
+) -> Watched:
     """Run ``argv`` under strace and report what it did that a private app must not."""
     log_dir = Path(writable[0]) / ".strace"
     log_dir.mkdir(parents=True, exist_ok=True)
     calls = ",".join(NETWORK_CALLS + FILE_CALLS + PROCESS_CALLS)
-    command = [strace_command(), "-f", "--seccomp-bpf", "-qq", "-y", "-s", "4096", "-e", f"trace={calls}",
-               "-e", "signal=none", "-ff", "-o", str(log_dir / "trace"), *argv]
-    result = subprocess.run(command, input=stdin, capture_output=True, text=True, env=dict(env), cwd=cwd,
-                            timeout=timeout)
+    command = [
+        strace_command(),
+        "-f",
+        "--seccomp-bpf",
+        "-qq",
+        "-y",
+        "-s",
+        "4096",
+        "-e",
+        f"trace={calls}",
+        "-e",
+        "signal=none",
+        "-ff",
+        "-o",
+        str(log_dir / "trace"),
+        *argv,
+    ]
+    result = subprocess.run(
+        command, input=stdin, capture_output=True, text=True, env=dict(env), cwd=cwd, timeout=timeout
+    )
     if result.returncode != 0 and "strace:" in result.stderr and "ptrace" in result.stderr:
         raise WatchUnavailable(f"strace cannot trace here: {result.stderr.strip().splitlines()[-1]}")
     traces = _read_traces(log_dir)
@@ -97,8 +136,11 @@ def watch(argv: Sequence[str], *, env: Mapping[str, str], cwd: Path, writable: S
     lineages = _lineages(traces, " ".join(argv))
     for tid, lines in traces.items():
         watched.calls_seen += len(lines)
-        watched.findings += [Finding(kind, lineages[tid], line)
-                             for kind, line in zip(judge_thread(lines, allowed, Path(cwd)), lines) if kind]
+        watched.findings += [
+            Finding(kind, lineages[tid], line)
+            for kind, line in zip(judge_thread(lines, allowed, Path(cwd)), lines)
+            if kind
+        ]
     return watched
 
 

@@ -12,8 +12,8 @@ import io
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 from engine.cli import main
 
@@ -47,8 +47,14 @@ def _standard_input(text: str | None) -> Iterator[None]:
 
 
 def prt_process(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "engine.cli", *args], input=stdin, capture_output=True, text=True,
-                          env=os.environ | {"PYTHONIOENCODING": "utf-8"}, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "engine.cli", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=os.environ | {"PYTHONIOENCODING": "utf-8"},
+        timeout=300,
+    )
 
 
 def assert_one_line_error(result: Ran | subprocess.CompletedProcess, fragment: str) -> None:

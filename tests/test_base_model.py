@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import TINY_CONFIG
 from engine.runtime.base_model import BaseModel, common_prefix_length
 from engine.runtime.decode import Generation
 from engine.runtime.errors import ContextOverflowError, ModelFileError, PromptError
 from engine.runtime.steering import SamplingConfig
-from conftest import TINY_CONFIG
 
 GREEDY = SamplingConfig(temperature=0.0, max_tokens=40, ignore_eos=True)
 
@@ -35,8 +35,13 @@ def test_greedy_decoding_equals_llama_cpp_python(tiny_base, text):
 
 def test_prefix_reuse_gives_the_same_logits_as_a_fresh_context(tiny_base, tiny_gguf):
     first = tiny_base.chat_prompt_tokens([{"role": "user", "content": "Hi"}])
-    second = tiny_base.chat_prompt_tokens([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"},
-                                           {"role": "user", "content": "And now?"}])
+    second = tiny_base.chat_prompt_tokens(
+        [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Yo"},
+            {"role": "user", "content": "And now?"},
+        ]
+    )
     assert common_prefix_length(first, second) > 5
     tiny_base.sync(first)
     tiny_base.sync(second)  # reuses the shared prefix
@@ -62,9 +67,12 @@ def test_teacher_forcing_skips_a_held_prefix_and_gives_a_fresh_contexts_logits(t
 
 
 def test_models_of_one_vocabulary_share_a_fingerprint_and_the_default_model_has_it(
-        tiny_base, tiny_gguf_other_seed, default_model_path):
-    with BaseModel(tiny_gguf_other_seed, config=TINY_CONFIG) as other, \
-            BaseModel(default_model_path, config=TINY_CONFIG) as real:
+    tiny_base, tiny_gguf_other_seed, default_model_path
+):
+    with (
+        BaseModel(tiny_gguf_other_seed, config=TINY_CONFIG) as other,
+        BaseModel(default_model_path, config=TINY_CONFIG) as real,
+    ):
         assert other.vocabulary_fingerprint == tiny_base.vocabulary_fingerprint == real.vocabulary_fingerprint
         prompt = [{"role": "user", "content": "Hello"}]
         assert other.chat_prompt_tokens(prompt) == tiny_base.chat_prompt_tokens(prompt)
@@ -77,8 +85,9 @@ def _logits_after(base: BaseModel, messages) -> np.ndarray:
 
 
 def test_chat_template_is_the_ggufs_own(tiny_base):
-    tokens = tiny_base.chat_prompt_tokens([{"role": "system", "content": "Be brief."},
-                                           {"role": "user", "content": "Hi"}])
+    tokens = tiny_base.chat_prompt_tokens(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    )
     text = tiny_base.llama.detokenize(tokens, special=True).decode()
     assert text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
 

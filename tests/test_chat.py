@@ -15,10 +15,10 @@ import pytest
 from conftest import TINY_CONFIG
 from engine.app.chat import ChatEngine, ReplyRecorder, tune_command
 from engine.app.jobs import JobProgress
+from engine.app.store import Store
 from engine.runtime.errors import PrtError, VocabularyMismatchError
 from engine.runtime.reward_graph import random_reward_weights, token_preference_weights
 from engine.runtime.steering import SamplingConfig
-from engine.app.store import Store
 from tiny_models import small_reward_shape, write_reward
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,8 +36,12 @@ def engine(tiny_gguf):
 
 def reward_for(path: Path, engine: ChatEngine, weights=None) -> Path:
     base = engine.base
-    return write_reward(path, weights or random_reward_weights(small_reward_shape(base.n_vocab), seed=3),
-                        vocabulary_fingerprint=base.vocabulary_fingerprint, base_name=base.name)
+    return write_reward(
+        path,
+        weights or random_reward_weights(small_reward_shape(base.n_vocab), seed=3),
+        vocabulary_fingerprint=base.vocabulary_fingerprint,
+        base_name=base.name,
+    )
 
 
 def test_a_reply_streams_and_is_recorded_in_the_store(tmp_path, engine):
@@ -68,8 +72,12 @@ def test_a_preferred_token_dial_changes_the_reply_and_zero_restores_it(tmp_path,
 
 def test_rewards_for_another_vocabulary_are_marked_and_refused(tmp_path, engine):
     good = reward_for(tmp_path / "good.onnx", engine)
-    other = write_reward(tmp_path / "other.onnx", random_reward_weights(small_reward_shape(engine.base.n_vocab), seed=1),
-                         vocabulary_fingerprint="f" * 64, base_name="another-model")
+    other = write_reward(
+        tmp_path / "other.onnx",
+        random_reward_weights(small_reward_shape(engine.base.n_vocab), seed=1),
+        vocabulary_fingerprint="f" * 64,
+        base_name="another-model",
+    )
     described = {info.path.name: info for info in engine.describe_rewards([good, other, tmp_path / "gone.onnx"])}
     assert described["good.onnx"].compatible is True
     assert described["other.onnx"].compatible is False and "another-model" in described["other.onnx"].problem
@@ -86,8 +94,13 @@ def test_replying_without_a_model_is_a_clear_error():
 
 
 def test_tune_command_and_progress_lines_round_trip(tmp_path):
-    argv = tune_command(model_path="m.gguf", out_path=tmp_path / "r.onnx", data_files=["a.jsonl"],
-                        feedback_db=tmp_path / "chats.db", name="mine")
+    argv = tune_command(
+        model_path="m.gguf",
+        out_path=tmp_path / "r.onnx",
+        data_files=["a.jsonl"],
+        feedback_db=tmp_path / "chats.db",
+        name="mine",
+    )
     assert argv[:4] == [sys.executable, "-m", "engine.cli", "tune"]
     assert {"--json", "--progress-json", "--feedback", "--data"} <= set(argv)
     progress = JobProgress("train", 3, 10, 12.5, "epoch 1")
@@ -125,11 +138,13 @@ GENERATING_CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.subprocess
 def test_a_generation_killed_mid_stream_keeps_the_prompt_and_the_partial_reply(tmp_path, tiny_gguf):
     database = tmp_path / "chats.db"
     script = GENERATING_CHILD.format(repo=str(REPO), database=str(database), model=str(tiny_gguf))
-    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
-                             env=os.environ | {"PYTHONUNBUFFERED": "1"})
+    child = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=os.environ | {"PYTHONUNBUFFERED": "1"}
+    )
     reported = [int(child.stdout.readline()) for _ in range(3)]  # three flushes of partial text have landed
     child.send_signal(signal.SIGKILL)
     child.wait(timeout=30)

@@ -8,51 +8,92 @@ from pathlib import Path
 import pytest
 
 from engine.cli import parse_reward_spec
-from helpers import assert_one_line_error, prt
 from engine.runtime.reward_graph import random_reward_weights
+from helpers import assert_one_line_error, prt
 from tiny_models import small_reward_shape, write_reward
 
 
 @pytest.fixture
 def reward_file(tmp_path, tiny_base):
-    return write_reward(tmp_path / "style.onnx", random_reward_weights(small_reward_shape(49152), seed=4),
-                        vocabulary_fingerprint=tiny_base.vocabulary_fingerprint, base_name=tiny_base.name)
+    return write_reward(
+        tmp_path / "style.onnx",
+        random_reward_weights(small_reward_shape(49152), seed=4),
+        vocabulary_fingerprint=tiny_base.vocabulary_fingerprint,
+        base_name=tiny_base.name,
+    )
 
 
 def test_generate_json_has_text_counts_speed_and_trace(tiny_gguf, reward_file):
-    result = prt("generate", "--model", str(tiny_gguf), "--prompt", "Hello", "--reward", f"{reward_file}:0.5",
-                 "--temperature", "0", "--max-tokens", "6", "--ctx", "512", "--json")
+    result = prt(
+        "generate",
+        "--model",
+        str(tiny_gguf),
+        "--prompt",
+        "Hello",
+        "--reward",
+        f"{reward_file}:0.5",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "6",
+        "--ctx",
+        "512",
+        "--json",
+    )
     assert result.returncode == 0, result.stderr
     output = json.loads(result.stdout)
     assert output["completion_tokens"] == len(output["trace"]) <= 6
     assert output["tokens_per_second"] > 0 and output["prompt_tokens"] > 0
     assert output["rewards"] == [{"name": "style", "path": str(reward_file), "weight": 0.5}]
     step = output["trace"][0]
-    assert set(step) >= {"token_id", "text", "base_logprob", "rewards", "base_rank", "steered_rank", "rank_change",
-                         "top_base", "top_steered"}
+    assert set(step) >= {
+        "token_id",
+        "text",
+        "base_logprob",
+        "rewards",
+        "base_rank",
+        "steered_rank",
+        "rank_change",
+        "top_base",
+        "top_steered",
+    }
     assert set(step["rewards"]) == {"style"}
     assert output["text"] == "".join(s["text"] for s in output["trace"])
 
 
 def test_generate_streams_plain_text_and_reports_speed(tiny_gguf):
-    result = prt("generate", "--model", str(tiny_gguf), "--prompt", "Hi", "--max-tokens", "5", "--ctx", "512",
-                 "--seed", "3")
+    result = prt(
+        "generate", "--model", str(tiny_gguf), "--prompt", "Hi", "--max-tokens", "5", "--ctx", "512", "--seed", "3"
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() and "tok/s" in result.stderr
 
 
 def test_chat_keeps_history_across_turns(tiny_gguf):
-    result = prt("chat", "--model", str(tiny_gguf), "--max-tokens", "4", "--ctx", "512", "--temperature", "0",
-                 stdin="Hello\nAnd again\n/quit\n")
+    result = prt(
+        "chat",
+        "--model",
+        str(tiny_gguf),
+        "--max-tokens",
+        "4",
+        "--ctx",
+        "512",
+        "--temperature",
+        "0",
+        stdin="Hello\nAnd again\n/quit\n",
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("bot> ") == 2
     assert result.stderr.count("tok/s") == 2
 
 
-@pytest.mark.parametrize("model_arg, fragment", [
-    ("missing.gguf", "Model file not found"),
-    ("notes.gguf", "is not a GGUF model"),
-])
+@pytest.mark.parametrize(
+    "model_arg, fragment",
+    [
+        ("missing.gguf", "Model file not found"),
+        ("notes.gguf", "is not a GGUF model"),
+    ],
+)
 def test_bad_model_files_give_one_line(tmp_path, model_arg, fragment):
     (tmp_path / "notes.gguf").write_text("not a model")
     result = prt("generate", "--model", str(tmp_path / model_arg), "--prompt", "Hi")
@@ -89,8 +130,12 @@ def test_models_add_then_list_and_use_by_name(tiny_gguf):
     added = prt("models", "add", str(tiny_gguf), "--json")
     assert added.returncode == 0, added.stderr
     listed = json.loads(prt("models", "--json").stdout)
-    assert {"name": "tiny-a", "path": str(tiny_gguf.resolve()), "size": tiny_gguf.stat().st_size,
-            "default": False} in listed
+    assert {
+        "name": "tiny-a",
+        "path": str(tiny_gguf.resolve()),
+        "size": tiny_gguf.stat().st_size,
+        "default": False,
+    } in listed
     by_name = prt("generate", "--model", "tiny-a", "--prompt", "Hi", "--max-tokens", "2", "--ctx", "512")
     assert by_name.returncode == 0, by_name.stderr
 
@@ -101,8 +146,20 @@ def test_models_add_refuses_a_non_gguf(tmp_path):
 
 
 def test_bench_json_reports_both_speeds_their_ratio_reward_cost_and_memory(tiny_gguf):
-    result = prt("bench", "--model", str(tiny_gguf), "--tokens", "8", "--rounds", "1", "--long-context", "64",
-                 "--ctx", "512", "--json")
+    result = prt(
+        "bench",
+        "--model",
+        str(tiny_gguf),
+        "--tokens",
+        "8",
+        "--rounds",
+        "1",
+        "--long-context",
+        "64",
+        "--ctx",
+        "512",
+        "--json",
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     speeds = report["tokens_per_second"]
@@ -116,10 +173,28 @@ def test_bench_json_reports_both_speeds_their_ratio_reward_cost_and_memory(tiny_
 def test_bench_with_a_library_decodes_with_its_rewards_merged_and_separately(tiny_gguf, tiny_base, tmp_path):
     shape = small_reward_shape(tiny_base.n_vocab)
     for seed in (1, 2):
-        write_reward(tmp_path / f"style{seed}.onnx", random_reward_weights(shape, seed=seed),
-                     vocabulary_fingerprint=tiny_base.vocabulary_fingerprint, base_name=tiny_base.name)
-    result = prt("bench", "--model", str(tiny_gguf), "--tokens", "8", "--rounds", "1", "--long-context", "64",
-                 "--ctx", "512", "--library", str(tmp_path), "--json")
+        write_reward(
+            tmp_path / f"style{seed}.onnx",
+            random_reward_weights(shape, seed=seed),
+            vocabulary_fingerprint=tiny_base.vocabulary_fingerprint,
+            base_name=tiny_base.name,
+        )
+    result = prt(
+        "bench",
+        "--model",
+        str(tiny_gguf),
+        "--tokens",
+        "8",
+        "--rounds",
+        "1",
+        "--long-context",
+        "64",
+        "--ctx",
+        "512",
+        "--library",
+        str(tmp_path),
+        "--json",
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["library"]["rewards"] == ["style1", "style2"]
@@ -139,8 +214,12 @@ def test_reward_spec_parsing_keeps_windows_paths():
 
 
 def test_reward_for_another_vocabulary_gives_one_line_naming_both_models(tmp_path, tiny_gguf):
-    foreign = write_reward(tmp_path / "gemma-style.onnx", random_reward_weights(small_reward_shape(49152), seed=1),
-                           vocabulary_fingerprint="sha256:" + "0" * 64, base_name="gemma-3-270m")
+    foreign = write_reward(
+        tmp_path / "gemma-style.onnx",
+        random_reward_weights(small_reward_shape(49152), seed=1),
+        vocabulary_fingerprint="sha256:" + "0" * 64,
+        base_name="gemma-3-270m",
+    )
     result = prt("generate", "--model", str(tiny_gguf), "--prompt", "Hi", "--reward", str(foreign), "--ctx", "512")
     assert_one_line_error(result, "different vocabulary")
     assert "gemma-3-270m" in result.stderr and "tiny-a" in result.stderr

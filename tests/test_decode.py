@@ -29,8 +29,12 @@ def unsteered(tiny_base, prompt):
 
 
 def make_reward(tmp_path, tiny_base, weights, name):
-    return write_reward(tmp_path / f"{name}.onnx", weights, vocabulary_fingerprint=tiny_base.vocabulary_fingerprint,
-                        base_name=tiny_base.name)
+    return write_reward(
+        tmp_path / f"{name}.onnx",
+        weights,
+        vocabulary_fingerprint=tiny_base.vocabulary_fingerprint,
+        base_name=tiny_base.name,
+    )
 
 
 def preferred_token(unsteered) -> int:
@@ -41,8 +45,12 @@ def preferred_token(unsteered) -> int:
 
 def test_a_reward_that_prefers_a_token_makes_it_appear(tmp_path, tiny_base, prompt, unsteered):
     target = preferred_token(unsteered)
-    path = make_reward(tmp_path, tiny_base, token_preference_weights(small_reward_shape(VOCAB), token=target,
-                                                                     strength=50.0), "likes-target")
+    path = make_reward(
+        tmp_path,
+        tiny_base,
+        token_preference_weights(small_reward_shape(VOCAB), token=target, strength=50.0),
+        "likes-target",
+    )
     steered = Generation(tiny_base, prompt, rewards=attach_rewards(tiny_base, [(path, 1.0)]), config=GREEDY).run()
     assert target not in unsteered.token_ids
     assert steered.token_ids[0] == target
@@ -52,8 +60,9 @@ def test_a_reward_that_prefers_a_token_makes_it_appear(tmp_path, tiny_base, prom
 
 def test_weight_zero_gives_the_unsteered_output(tmp_path, tiny_base, prompt, unsteered):
     target = preferred_token(unsteered)
-    path = make_reward(tmp_path, tiny_base, token_preference_weights(small_reward_shape(VOCAB), token=target,
-                                                                     strength=50.0), "muted")
+    path = make_reward(
+        tmp_path, tiny_base, token_preference_weights(small_reward_shape(VOCAB), token=target, strength=50.0), "muted"
+    )
     muted = Generation(tiny_base, prompt, rewards=attach_rewards(tiny_base, [(path, 0.0)]), config=GREEDY).run()
     assert muted.token_ids == unsteered.token_ids
 
@@ -78,15 +87,17 @@ def test_two_rewards_mix_by_weight(tmp_path, tiny_base, prompt):
     paths = [make_reward(tmp_path, tiny_base, random_reward_weights(shape, seed=seed), f"r{seed}") for seed in (1, 2)]
     slots = attach_rewards(tiny_base, [(paths[0], 1.5), (paths[1], -0.5)])
     step = Generation(tiny_base, prompt, rewards=slots, config=GREEDY).run().trace[0]
-    np.testing.assert_allclose(step.scores, step.base_logprobs + 1.5 * step.reward_values[0]
-                               - 0.5 * step.reward_values[1], atol=1e-5)
+    np.testing.assert_allclose(
+        step.scores, step.base_logprobs + 1.5 * step.reward_values[0] - 0.5 * step.reward_values[1], atol=1e-5
+    )
     assert set(step.rewards) == {"r1", "r2"}
 
 
 def test_weight_changes_apply_to_the_next_token(tmp_path, tiny_base, prompt, unsteered):
     target = preferred_token(unsteered)
-    path = make_reward(tmp_path, tiny_base, token_preference_weights(small_reward_shape(VOCAB), token=target,
-                                                                     strength=50.0), "dial")
+    path = make_reward(
+        tmp_path, tiny_base, token_preference_weights(small_reward_shape(VOCAB), token=target, strength=50.0), "dial"
+    )
     slot = attach_rewards(tiny_base, [(path, 1.0)])[0]
     generation = Generation(tiny_base, prompt, rewards=[slot], config=GREEDY)
     events = iter(generation)
@@ -125,8 +136,12 @@ def test_stop_string_ends_the_reply_and_is_not_shown(tiny_base, prompt, unsteere
 
 def test_end_of_generation_token_stops(tmp_path, tiny_base, prompt):
     im_end = tiny_base.tokenize("<|im_end|>", special=True)[0]
-    path = make_reward(tmp_path, tiny_base, token_preference_weights(small_reward_shape(VOCAB), token=im_end,
-                                                                     strength=1e4), "wants-to-end")
+    path = make_reward(
+        tmp_path,
+        tiny_base,
+        token_preference_weights(small_reward_shape(VOCAB), token=im_end, strength=1e4),
+        "wants-to-end",
+    )
     config = SamplingConfig(temperature=0.0, top_k=VOCAB, max_tokens=24)  # the whole vocabulary is a candidate
     result = Generation(tiny_base, prompt, rewards=attach_rewards(tiny_base, [(path, 1.0)]), config=config).run()
     assert result.finish_reason == "stop" and result.token_ids == [] and result.text == ""
@@ -174,4 +189,3 @@ def test_invalid_sampling_arguments_name_the_argument():
         SamplingConfig(top_p=0.0)
     with pytest.raises(ValueError, match="temperature"):
         SamplingConfig(temperature=-1.0)
-

@@ -6,16 +6,18 @@ import json
 
 import numpy as np
 import pytest
+from test_base_model import reference_greedy
 
-from engine.runtime.base_model import BaseModel, BaseModelConfig
-from engine.runtime.decode import Generation, attach_rewards
 from engine.app.models import DefaultModelManifest, installed_models, resolve_model
 from engine.app.paths import AppPaths
+from engine.runtime.base_model import BaseModel, BaseModelConfig
+from engine.runtime.decode import Generation, attach_rewards
 from engine.runtime.reward_graph import RewardNetworkShape, token_preference_weights
 from engine.runtime.steering import SamplingConfig
-from test_base_model import reference_greedy
 from helpers import prt
 from tiny_models import write_reward
+
+pytestmark = pytest.mark.slow
 
 CONFIG = BaseModelConfig(n_ctx=1024, n_threads=2, n_gpu_layers=0)
 
@@ -53,8 +55,12 @@ def test_the_default_model_knows_the_capital_of_france(smollm):
 
 
 def test_greedy_replies_equal_llama_cpp_pythons_own_on_this_machine(smollm):
-    prompt = smollm.chat_prompt_tokens([{"role": "system", "content": "You are a helpful assistant."},
-                                        {"role": "user", "content": "What is the capital of France?"}])
+    prompt = smollm.chat_prompt_tokens(
+        [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "What is the capital of France?"},
+        ]
+    )
     ours = Generation(smollm, prompt, config=SamplingConfig(temperature=0.0, max_tokens=48)).run()
     reference = reference_greedy(smollm, prompt, 49)  # llama-cpp-python goes on past an end of turn
     assert ours.token_ids and ours.token_ids == reference[: len(ours.token_ids)]
@@ -66,18 +72,21 @@ def test_a_reward_steers_the_default_model(tmp_path, smollm):
     greedy = SamplingConfig(temperature=0.0, max_tokens=16)
     plain = Generation(smollm, prompt, config=greedy).run()
     target = int(plain.trace[0].candidate_ids[3])
-    weights = token_preference_weights(RewardNetworkShape(vocab_size=smollm.n_vocab, width=32, layers=1, heads=4),
-                                       token=target, strength=30.0)
-    reward = write_reward(tmp_path / "likes.onnx", weights, vocabulary_fingerprint=smollm.vocabulary_fingerprint,
-                          base_name=smollm.name)
+    weights = token_preference_weights(
+        RewardNetworkShape(vocab_size=smollm.n_vocab, width=32, layers=1, heads=4), token=target, strength=30.0
+    )
+    reward = write_reward(
+        tmp_path / "likes.onnx", weights, vocabulary_fingerprint=smollm.vocabulary_fingerprint, base_name=smollm.name
+    )
     steered = Generation(smollm, prompt, rewards=attach_rewards(smollm, [(reward, 1.0)]), config=greedy).run()
     assert plain.token_ids[0] != target and steered.token_ids[0] == target
     assert steered.trace[0].base_rank == 3 and steered.trace[0].steered_rank == 0
 
 
 def test_cli_generate_on_the_default_model(default_model_path):
-    result = prt("generate", "--model", "default", "--prompt", "Say hello.", "--temperature", "0",
-                 "--max-tokens", "12", "--json")
+    result = prt(
+        "generate", "--model", "default", "--prompt", "Say hello.", "--temperature", "0", "--max-tokens", "12", "--json"
+    )
     assert result.returncode == 0, result.stderr
     output = json.loads(result.stdout)
     assert output["model"]["name"] == "SmolLM2-135M-Instruct.Q4_1" and output["text"].strip()
@@ -91,5 +100,7 @@ def test_distilled_example_data_is_reproducible_and_records_its_teacher(tmp_path
     assert len(first) == 2 and first == distill(smollm, "Answer in one short sentence.", 2, max_tokens=64)
     write_jsonl(tmp_path / "d.jsonl", first)
     assert load_jsonl(tmp_path / "d.jsonl") == first
-    assert all(e.teacher_system == "Answer in one short sentence." and e.teacher_temperature == 0.7 and e.system is None
-               for e in first)
+    assert all(
+        e.teacher_system == "Answer in one short sentence." and e.teacher_temperature == 0.7 and e.system is None
+        for e in first
+    )

@@ -9,8 +9,9 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 import json
 import sys
 import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence, TypeVar, get_args
+from typing import TypeVar, get_args
 
 import numpy as np
 import pytest
@@ -18,15 +19,6 @@ from PySide6.QtCore import Qt
 from PySide6.QtGui import QTextCursor
 from PySide6.QtWidgets import QDialog, QMessageBox
 
-from engine.app.backend import ChatBackend, ReplyStream
-from engine.app.chat import ChatEngine, ReplyRecorder, RewardInfo
-from engine.runtime.base_model import BaseModel, BaseModelConfig, ChatMessage
-from engine.runtime.decode import FinishReason, GenerationResult, StepTrace, TokenEvent
-from engine.runtime.errors import ModelFileError, RewardRuntimeError
-from engine.app.models import teacher_cache_path
-from engine.runtime.rewards import RewardCard
-from engine.runtime.steering import SamplingConfig
-from engine.app.store import MESSAGE_STATUSES, Store
 from desktop.app import main
 from desktop.chat_view import PairWidget
 from desktop.demo import DemoEngine
@@ -34,6 +26,17 @@ from desktop.main_window import MainWindow
 from desktop.settings import AppSettings
 from desktop.settings_dialog import SettingsDialog
 from desktop.tune_panel import TunePanel
+from engine.app.backend import ChatBackend, ReplyStream
+from engine.app.chat import ChatEngine, ReplyRecorder, RewardInfo
+from engine.app.models import teacher_cache_path
+from engine.app.store import MESSAGE_STATUSES, Store
+from engine.runtime.base_model import BaseModel, BaseModelConfig, ChatMessage
+from engine.runtime.decode import FinishReason, GenerationResult, StepTrace, TokenEvent
+from engine.runtime.errors import ModelFileError, RewardRuntimeError
+from engine.runtime.rewards import RewardCard
+from engine.runtime.steering import SamplingConfig
+
+pytestmark = pytest.mark.gui
 
 VOCABULARY = ["Hello", " there", "!", " How", " can", " I", " help", "?", " Sure", " No", " maybe"]
 REPLY = [1, 2, 3, 4, 5, 6, 7]  # " there! How can I help?"
@@ -112,15 +115,21 @@ class FakeEngine:
         return generation.result
 
     def run_exclusive(self, work: Callable[[BaseModel], T]) -> T:
-        raise NotImplementedError("no model to lend: the style survey is tested with the real engine "
-                                  "(tests/test_style_dialog.py)")
+        raise NotImplementedError(
+            "no model to lend: the style survey is tested with the real engine (tests/test_style_dialog.py)"
+        )
 
     def describe_rewards(self, paths: Sequence[Path | str]) -> list[RewardInfo]:
         infos = []
         for path in map(Path, paths):
-            card = RewardCard(name=path.stem, vocabulary_fingerprint="sha256:x", vocabulary_size=11,
-                              base_model_name="fake-model", training_data={"demonstrations": 12},
-                              metrics={"held_out": {"tokens": 300, "base_nll": 2.5, "steered_nll": 2.1}})
+            card = RewardCard(
+                name=path.stem,
+                vocabulary_fingerprint="sha256:x",
+                vocabulary_size=11,
+                base_model_name="fake-model",
+                training_data={"demonstrations": 12},
+                metrics={"held_out": {"tokens": 300, "base_nll": 2.5, "steered_nll": 2.1}},
+            )
             compatible = "other-vocab" not in path.stem
             infos.append(RewardInfo(path, card, compatible, "" if compatible else "Trained for another vocabulary."))
         return infos
@@ -158,6 +167,7 @@ def engine():
 @pytest.fixture
 def tune_commands():
     """The tuning argv the panel runs: set ``script`` to the fake CLI's Python source; ``calls`` records kwargs."""
+
     class Commands:
         script = "pass"
         calls: list[dict] = []
@@ -273,7 +283,12 @@ def test_editing_a_reply_keeps_the_edit_as_preferred(qtbot, window, store):
     window.session.edit_message(reply.id, "Hi! What do you need?")
     assert store.message(reply.id).content == "Hi! What do you need?"
     [edit] = store.feedback(message_id=reply.id)
-    assert (edit.kind, edit.prompt, edit.chosen, edit.rejected) == ("edit", "Hello", "Hi! What do you need?", REPLY_TEXT)
+    assert (edit.kind, edit.prompt, edit.chosen, edit.rejected) == (
+        "edit",
+        "Hello",
+        "Hi! What do you need?",
+        REPLY_TEXT,
+    )
 
 
 def test_thumbs_up_and_down_store_one_rating_each(qtbot, window, store):
@@ -282,7 +297,13 @@ def test_thumbs_up_and_down_store_one_rating_each(qtbot, window, store):
     widget = assistant_widget(window)
     widget.rating_buttons["thumbs_up"].click()
     [up] = store.feedback(message_id=widget.message_id)
-    assert (up.kind, up.prompt, up.system, up.chosen, up.rejected) == ("thumbs_up", "Hello", "Be kind.", REPLY_TEXT, None)
+    assert (up.kind, up.prompt, up.system, up.chosen, up.rejected) == (
+        "thumbs_up",
+        "Hello",
+        "Be kind.",
+        REPLY_TEXT,
+        None,
+    )
     widget.rating_buttons["thumbs_down"].click()
     [down] = store.feedback(message_id=widget.message_id)
     assert (down.kind, down.rejected, down.chosen) == ("thumbs_down", REPLY_TEXT, None)
@@ -449,8 +470,9 @@ def test_a_tuning_process_that_cannot_start_is_reported(qtbot, store, engine, tm
 
 
 def test_cancelling_a_tuning_run_kills_it(qtbot, store, engine, tmp_path):
-    panel = TunePanel(engine, store,
-                      command_factory=lambda **kwargs: [sys.executable, "-c", "import time; time.sleep(60)"])
+    panel = TunePanel(
+        engine, store, command_factory=lambda **kwargs: [sys.executable, "-c", "import time; time.sleep(60)"]
+    )
     qtbot.addWidget(panel)
     panel.set_documents_folder(tmp_path)
     panel.start()
@@ -542,8 +564,10 @@ def test_delete_all_data_asks_first(qtbot, window, store, monkeypatch):
     assert window.session.conversation_id is None and window.chat_view.message_widgets() == []
 
 
-@pytest.mark.skipif(sys.version_info >= (3, 12),
-                    reason="None is immortal on Python 3.12+: its reference count never drops, so this cannot fail")
+@pytest.mark.skipif(
+    sys.version_info >= (3, 12),
+    reason="None is immortal on Python 3.12+: its reference count never drops, so this cannot fail",
+)
 def test_the_qt_binding_keeps_its_references_to_none(qapp):
     """PySide6 6.12.0 on Python < 3.12 drops a reference to None on every call of a void Qt method, so the app
     dies ("Fatal Python error: none_dealloc") after a few thousand repaints; 6.11.3 is fine. Python 3.12+ is
@@ -564,8 +588,12 @@ def test_real_window_on_a_tiny_gguf_with_a_tiny_reward(qtbot, tmp_path, tiny_ggu
     from engine.runtime.reward_graph import random_reward_weights
     from tiny_models import small_reward_shape, write_reward
 
-    reward = write_reward(tmp_path / "tiny-style.onnx", random_reward_weights(small_reward_shape(tiny_base.n_vocab), seed=5),
-                          vocabulary_fingerprint=tiny_base.vocabulary_fingerprint, base_name=tiny_base.name)
+    reward = write_reward(
+        tmp_path / "tiny-style.onnx",
+        random_reward_weights(small_reward_shape(tiny_base.n_vocab), seed=5),
+        vocabulary_fingerprint=tiny_base.vocabulary_fingerprint,
+        base_name=tiny_base.name,
+    )
     engine = ChatEngine()
     with Store(tmp_path / "chats.db") as store:
         store.add_reward(str(reward), "tiny-style")

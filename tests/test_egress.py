@@ -21,6 +21,8 @@ from engine.privacy import OFFLINE_ENVIRONMENT
 from engine.runtime.reward_graph import random_reward_weights
 from tiny_models import small_reward_shape, write_reward
 
+pytestmark = [pytest.mark.subprocess, pytest.mark.slow]
+
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 TUNE_DATA = [{"prompt": f"Name a fruit, number {i}.", "response": f"Fruit {i}: a ripe pear."} for i in range(12)]
@@ -37,7 +39,7 @@ class Sandbox:
     work: Path  # the current directory: writing there is a finding too
 
     @classmethod
-    def make(cls, root: Path) -> "Sandbox":
+    def make(cls, root: Path) -> Sandbox:
         folders = {name: root / name for name in ("home", "temp", "inputs", "outputs", "work")}
         for folder in folders.values():
             folder.mkdir(parents=True)
@@ -48,15 +50,28 @@ class Sandbox:
         return self.home / ".local" / "share" / "prt-chat"  # the OS's app-data folder for this HOME
 
     def environment(self) -> dict[str, str]:
-        inherited = {key: value for key, value in os.environ.items()
-                     if key not in OFFLINE_ENVIRONMENT and key != "PRT_HOME" and not key.startswith("XDG_")}
-        return inherited | {"HOME": str(self.home), "TMPDIR": str(self.temp), "PYTHONIOENCODING": "utf-8",
-                            "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)]), "QT_QPA_PLATFORM": "offscreen"}
+        inherited = {
+            key: value
+            for key, value in os.environ.items()
+            if key not in OFFLINE_ENVIRONMENT and key != "PRT_HOME" and not key.startswith("XDG_")
+        }
+        return inherited | {
+            "HOME": str(self.home),
+            "TMPDIR": str(self.temp),
+            "PYTHONIOENCODING": "utf-8",
+            "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)]),
+            "QT_QPA_PLATFORM": "offscreen",
+        }
 
     def run(self, *argv: str, stdin: str | None = None) -> Watched:
         try:
-            return watch([sys.executable, *argv], env=self.environment(), cwd=self.work, stdin=stdin,
-                         writable=[self.temp, self.data_folder, self.outputs])
+            return watch(
+                [sys.executable, *argv],
+                env=self.environment(),
+                cwd=self.work,
+                stdin=stdin,
+                writable=[self.temp, self.data_folder, self.outputs],
+            )
         except WatchUnavailable as error:
             pytest.fail(f"cannot watch the processes, so privacy is unproven: {error}")
 
@@ -77,32 +92,64 @@ def sandbox(tmp_path) -> Sandbox:
 
 @pytest.fixture
 def reward(sandbox, tiny_base) -> Path:
-    return write_reward(sandbox.inputs / "style.onnx", random_reward_weights(small_reward_shape(tiny_base.n_vocab), seed=4),
-                        vocabulary_fingerprint=tiny_base.vocabulary_fingerprint, base_name=tiny_base.name)
+    return write_reward(
+        sandbox.inputs / "style.onnx",
+        random_reward_weights(small_reward_shape(tiny_base.n_vocab), seed=4),
+        vocabulary_fingerprint=tiny_base.vocabulary_fingerprint,
+        base_name=tiny_base.name,
+    )
 
 
 def test_the_watcher_sees_sockets_lookups_and_stray_files(sandbox):
     """If this fails, the other tests here prove nothing: the watcher must see what it is meant to catch."""
-    canary = ("import socket; socket.socket(socket.AF_INET6, socket.SOCK_DGRAM).close(); "
-              "open('/etc/hosts').close(); open('stray.txt', 'w').close(); "
-              "import os; os.mkdir(os.path.expanduser('~/.cache'))")
+    canary = (
+        "import socket; socket.socket(socket.AF_INET6, socket.SOCK_DGRAM).close(); "
+        "open('/etc/hosts').close(); open('stray.txt', 'w').close(); "
+        "import os; os.mkdir(os.path.expanduser('~/.cache'))"
+    )
     watched = sandbox.run("-c", canary)
     assert watched.returncode == 0, watched.stderr
-    assert [f.kind for f in watched.findings] == ["internet socket", "host-name lookup", "written outside",
-                                                  "written outside"], watched.summary()
+    assert [f.kind for f in watched.findings] == [
+        "internet socket",
+        "host-name lookup",
+        "written outside",
+        "written outside",
+    ], watched.summary()
     assert "stray.txt" in watched.findings[2].call and ".cache" in watched.findings[3].call
 
 
 def test_generate_with_a_reward_stays_on_the_machine(sandbox, tiny_gguf, reward):
-    watched = sandbox.prt("generate", "--model", str(tiny_gguf), "--prompt", "Hello", "--reward", f"{reward}:0.5",
-                          "--ctx", "512", "--max-tokens", "8", "--json")
+    watched = sandbox.prt(
+        "generate",
+        "--model",
+        str(tiny_gguf),
+        "--prompt",
+        "Hello",
+        "--reward",
+        f"{reward}:0.5",
+        "--ctx",
+        "512",
+        "--max-tokens",
+        "8",
+        "--json",
+    )
     assert_private(watched)
     assert json.loads(watched.stdout)["rewards"][0]["name"] == "style"
 
 
 def test_a_two_turn_chat_stays_on_the_machine(sandbox, tiny_gguf, reward):
-    watched = sandbox.prt("chat", "--model", str(tiny_gguf), "--reward", str(reward), "--ctx", "512",
-                          "--max-tokens", "6", stdin="Hello\nAnd again\n/quit\n")
+    watched = sandbox.prt(
+        "chat",
+        "--model",
+        str(tiny_gguf),
+        "--reward",
+        str(reward),
+        "--ctx",
+        "512",
+        "--max-tokens",
+        "6",
+        stdin="Hello\nAnd again\n/quit\n",
+    )
     assert_private(watched)
     assert watched.stdout.count("bot> ") == 2
 
@@ -111,12 +158,25 @@ def test_tune_then_eval_stay_on_the_machine(sandbox, tiny_gguf):
     data = sandbox.inputs / "mine.jsonl"
     data.write_text("".join(json.dumps(line) + "\n" for line in TUNE_DATA))
     out = sandbox.outputs / "mine.onnx"
-    tuned = sandbox.prt("tune", "--model", str(tiny_gguf), "--data", str(data), "--out", str(out), "--ctx", "512",
-                        "--epochs", "1", "--json")
+    tuned = sandbox.prt(
+        "tune",
+        "--model",
+        str(tiny_gguf),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--ctx",
+        "512",
+        "--epochs",
+        "1",
+        "--json",
+    )
     assert_private(tuned)
     assert out.is_file() and (sandbox.data_folder / "teacher-cache.sqlite").is_file()
-    evaluated = sandbox.prt("eval", "--model", str(tiny_gguf), "--reward", str(out), "--data", str(data),
-                            "--ctx", "512", "--json")
+    evaluated = sandbox.prt(
+        "eval", "--model", str(tiny_gguf), "--reward", str(out), "--data", str(data), "--ctx", "512", "--json"
+    )
     assert_private(evaluated)
     assert json.loads(evaluated.stdout)["tokens"] > 0
 
@@ -142,18 +202,32 @@ def test_fetching_the_default_model_is_the_one_network_use_and_only_pip_makes_it
     assert by_pip == watched.findings, watched.summary()  # pip (and the `rustc --version` of its user agent)
 
 
-@pytest.mark.parametrize("calls, kinds", [
-    (['connect(5<socket:[1]>, {sa_family=AF_UNIX, sun_path="/var/run/nscd/socket"}, 110) = 0',
-      'sendto(5<socket:[1]>, "\\2\\0\\0\\0\\16\\0\\0\\0\\f\\0\\0\\0example.com\\0", 24, MSG_NOSIGNAL, NULL, 0) = 24'],
-     ["host-name lookup"]),
-    (['connect(5<socket:[1]>, {sa_family=AF_UNIX, sun_path="/var/run/nscd/socket"}, 110) = 0',
-      'sendto(5<socket:[1]>, "\\2\\0\\0\\0\\1\\0\\0\\0\\2\\0\\0\\0000\\0", 14, MSG_NOSIGNAL, NULL, 0) = 14'], []),
-    (['connect(3<socket:[2]>, {sa_family=AF_INET, sin_port=htons(53), sin_addr=inet_addr("10.0.0.2")}, 16) = 0'],
-     ["internet socket"]),
-    (['openat(AT_FDCWD</w>, "/etc/resolv.conf", O_RDONLY|O_CLOEXEC) = 3</etc/resolv.conf>'], ["host-name lookup"]),
-    (['renameat2(AT_FDCWD</w>, ".x.partial", AT_FDCWD</w>, "x", RENAME_NOREPLACE) = 0'], ["written outside"]),
-    (['openat(AT_FDCWD</w>, "/d/x", O_WRONLY|O_CREAT|O_TRUNC, 0666) = 3</d/x>'], []),
-])
+@pytest.mark.parametrize(
+    "calls, kinds",
+    [
+        (
+            [
+                'connect(5<socket:[1]>, {sa_family=AF_UNIX, sun_path="/var/run/nscd/socket"}, 110) = 0',
+                'sendto(5<socket:[1]>, "\\2\\0\\0\\0\\16\\0\\0\\0\\f\\0\\0\\0example.com\\0", 24, MSG_NOSIGNAL, NULL, 0) = 24',
+            ],
+            ["host-name lookup"],
+        ),
+        (
+            [
+                'connect(5<socket:[1]>, {sa_family=AF_UNIX, sun_path="/var/run/nscd/socket"}, 110) = 0',
+                'sendto(5<socket:[1]>, "\\2\\0\\0\\0\\1\\0\\0\\0\\2\\0\\0\\0000\\0", 14, MSG_NOSIGNAL, NULL, 0) = 14',
+            ],
+            [],
+        ),
+        (
+            ['connect(3<socket:[2]>, {sa_family=AF_INET, sin_port=htons(53), sin_addr=inet_addr("10.0.0.2")}, 16) = 0'],
+            ["internet socket"],
+        ),
+        (['openat(AT_FDCWD</w>, "/etc/resolv.conf", O_RDONLY|O_CLOEXEC) = 3</etc/resolv.conf>'], ["host-name lookup"]),
+        (['renameat2(AT_FDCWD</w>, ".x.partial", AT_FDCWD</w>, "x", RENAME_NOREPLACE) = 0'], ["written outside"]),
+        (['openat(AT_FDCWD</w>, "/d/x", O_WRONLY|O_CREAT|O_TRUNC, 0666) = 3</d/x>'], []),
+    ],
+)
 def test_the_watcher_reads_strace_lines(calls, kinds):
     """Cases this machine cannot stage for real: nscd answering a host look-up (and a user look-up, allowed)."""
     from egress import judge_thread

@@ -24,6 +24,8 @@ import pytest
 from engine.app.store import Store
 from helpers import assert_one_line_error
 
+pytestmark = pytest.mark.subprocess
+
 REPO = Path(__file__).resolve().parents[1]
 NAMESPACES = (["unshare", "--user", "--map-root-user", "--mount"], ["unshare", "--mount"])
 PAGE = 4096  # tmpfs hands out space in pages
@@ -54,9 +56,12 @@ def namespace() -> list[str]:
         if "No space left on device" in probe.stderr:
             return command
         problems.append(f"{' '.join(command)}: {probe.stderr.strip() or f'exit {probe.returncode}'}")
-    pytest.fail("These tests fill a real disk, a small tmpfs in a private mount namespace (Linux; util-linux "
-                "unshare, with unprivileged user namespaces allowed or run as root), and could not make one here: "
-                + "; ".join(problems), pytrace=False)
+    pytest.fail(
+        "These tests fill a real disk, a small tmpfs in a private mount namespace (Linux; util-linux "
+        "unshare, with unprivileged user namespaces allowed or run as root), and could not make one here: "
+        + "; ".join(problems),
+        pytrace=False,
+    )
 
 
 class SmallDisk:
@@ -70,9 +75,25 @@ class SmallDisk:
 
     def run(self, *command: str, env: dict[str, str]) -> subprocess.CompletedProcess:
         """Run ``command`` with the tmpfs mounted; afterwards ``self.after`` holds what the tmpfs held."""
-        return subprocess.run([*self.namespace, "sh", "-c", ON_A_SMALL_DISK, "sh", str(self.path), str(self.size),
-                               str(self.seed), str(self.after), *command],
-                              cwd=REPO, env=os.environ | env, capture_output=True, text=True, timeout=300)
+        return subprocess.run(
+            [
+                *self.namespace,
+                "sh",
+                "-c",
+                ON_A_SMALL_DISK,
+                "sh",
+                str(self.path),
+                str(self.size),
+                str(self.seed),
+                str(self.after),
+                *command,
+            ],
+            cwd=REPO,
+            env=os.environ | env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
     def files_after(self) -> dict[str, str]:
         """Every file the tmpfs held at the end, hidden ones included: relative path -> sha256."""
@@ -83,8 +104,11 @@ class SmallDisk:
 
 
 def files_in(folder: Path) -> dict[str, str]:
-    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in folder.rglob("*") if path.is_file()}
+    return {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in folder.rglob("*")
+        if path.is_file()
+    }
 
 
 def assert_says_the_disk_is_full(message: str) -> None:
@@ -149,8 +173,13 @@ STREAMING_WINDOW = textwrap.dedent("""
 
 def test_a_reply_streaming_when_the_disk_fills_keeps_what_was_saved(namespace, tmp_path, tiny_gguf):
     disk = SmallDisk(namespace, tmp_path, size=1 << 20)
-    ran = disk.run(sys.executable, "-c", STREAMING_WINDOW, str(tiny_gguf),
-                   env={"PRT_HOME": str(disk.path), "QT_QPA_PLATFORM": "offscreen"})
+    ran = disk.run(
+        sys.executable,
+        "-c",
+        STREAMING_WINDOW,
+        str(tiny_gguf),
+        env={"PRT_HOME": str(disk.path), "QT_QPA_PLATFORM": "offscreen"},
+    )
     assert ran.returncode == 0 and "Traceback" not in ran.stderr, ran.stdout + ran.stderr
     report = json.loads(ran.stdout)
     [message] = report["shown"]  # one error, not one per repaint
@@ -170,8 +199,20 @@ def test_a_reply_streaming_when_the_disk_fills_keeps_what_was_saved(namespace, t
 # -- 2. prt tune writing its reward -----------------------------------------------------------------------
 def tune_command(model: Path, data: Path) -> list[str]:
     """``prt tune`` of a tiny reward, less its --out."""
-    return [sys.executable, "-m", "engine.cli", "tune", "--model", str(model), "--data", str(data), "--epochs", "1",
-            "--ctx", "512"]
+    return [
+        sys.executable,
+        "-m",
+        "engine.cli",
+        "tune",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--epochs",
+        "1",
+        "--ctx",
+        "512",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -180,11 +221,20 @@ def tuned(tmp_path_factory, tiny_gguf) -> tuple[list[str], Path]:
     same file again."""
     folder = tmp_path_factory.mktemp("tuned")
     data = folder / "data.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Question {index}?", "response": "A short answer."}) + "\n"
-                            for index in range(6)))
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": f"Question {index}?", "response": "A short answer."}) + "\n" for index in range(6)
+        )
+    )
     command, reference = tune_command(tiny_gguf, data), folder / "mine.onnx"
-    ran = subprocess.run([*command, "--out", str(reference)], cwd=REPO, capture_output=True, text=True, timeout=300,
-                         env=os.environ | {"PRT_HOME": str(folder / "home")})
+    ran = subprocess.run(
+        [*command, "--out", str(reference)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=os.environ | {"PRT_HOME": str(folder / "home")},
+    )
     assert ran.returncode == 0, ran.stderr
     return command, reference
 

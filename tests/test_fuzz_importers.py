@@ -28,38 +28,58 @@ import numpy as np
 import onnx
 import pytest
 from gguf import GGUFReader
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
-from engine.runtime.base_model import BaseModel, BaseModelConfig
-from engine.runtime.errors import ModelFileError, PrtError, RewardFileError, RewardRuntimeError, StoreError
-from engine.app.models import app_data_dir
-from engine.app.paths import AppPaths
-from engine.runtime.gguf_metadata import check_gguf_file
-from engine.app.pref import PreferencePosterior, Profile, ProfileError, load_features
-from engine.runtime.reward_graph import random_reward_weights
-from engine.runtime.rewards import RewardCard, RewardModel, card_path, save_reward
-from engine.app.store import SCHEMA_VERSION, Store
 from desktop.settings import SETTING_RANGES, AppSettings, configured_data_folder, startup_paths
 from desktop.settings_dialog import SettingsDialog
+from engine.app.models import app_data_dir
+from engine.app.paths import AppPaths
+from engine.app.pref import PreferencePosterior, Profile, ProfileError, load_features
+from engine.app.store import SCHEMA_VERSION, Store
+from engine.runtime.base_model import BaseModel, BaseModelConfig
+from engine.runtime.errors import ModelFileError, PrtError, RewardFileError, RewardRuntimeError, StoreError
+from engine.runtime.gguf_metadata import check_gguf_file
+from engine.runtime.reward_graph import random_reward_weights
+from engine.runtime.rewards import RewardCard, RewardModel, card_path, save_reward
 from helpers import assert_one_line_error, prt_process
 from tiny_models import small_reward_shape, write_reward
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
-FUZZ = settings(deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = settings(
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 # -- JSON values of every type, and which type a value is -------------------------------------------------
-json_scalars = st.one_of(st.none(), st.booleans(), st.integers(min_value=-2**70, max_value=2**70),
-                         st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=40))
-json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=4)
-                           | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=10)
+json_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=40),
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=10,
+)
 
 
 def json_type(value) -> str:
-    kinds = ((bool, "boolean"), (int, "integer"), (float, "number"), (str, "string"), (list, "list"),
-             (dict, "object"), (type(None), "null"))
+    kinds = (
+        (bool, "boolean"),
+        (int, "integer"),
+        (float, "number"),
+        (str, "string"),
+        (list, "list"),
+        (dict, "object"),
+        (type(None), "null"),
+    )
     return next(name for kind, name in kinds if isinstance(value, kind))
 
 
@@ -85,14 +105,34 @@ def one_line(error: BaseException) -> str:
 # -- chat export JSON --------------------------------------------------------------------------------------
 EXPORT_FIELDS = {  # record kind -> field -> the JSON types an export may hold there
     "file": {"format": ("string",), "version": ("integer",), "conversations": ("list",), "feedback": ("list",)},
-    "conversation": {"uid": ("string",), "title": ("string",), "system_prompt": ("string",),
-                     "model_name": ("string",), "created": ("string",), "updated": ("string",),
-                     "messages": ("list",)},
-    "message": {"position": ("integer",), "role": ("string",), "content": ("string",), "status": ("string",),
-                "stats": ("object",), "created": ("string",), "updated": ("string",)},
-    "feedback": {"kind": ("string",), "prompt": ("string",), "system": ("string",), "chosen": ("string", "null"),
-                 "rejected": ("string", "null"), "created": ("string",), "conversation_uid": ("string", "null"),
-                 "message_position": ("integer", "null")},
+    "conversation": {
+        "uid": ("string",),
+        "title": ("string",),
+        "system_prompt": ("string",),
+        "model_name": ("string",),
+        "created": ("string",),
+        "updated": ("string",),
+        "messages": ("list",),
+    },
+    "message": {
+        "position": ("integer",),
+        "role": ("string",),
+        "content": ("string",),
+        "status": ("string",),
+        "stats": ("object",),
+        "created": ("string",),
+        "updated": ("string",),
+    },
+    "feedback": {
+        "kind": ("string",),
+        "prompt": ("string",),
+        "system": ("string",),
+        "chosen": ("string", "null"),
+        "rejected": ("string", "null"),
+        "created": ("string",),
+        "conversation_uid": ("string", "null"),
+        "message_position": ("integer", "null"),
+    },
 }
 
 
@@ -103,10 +143,19 @@ def export_file(tmp_path) -> Path:
         for n in range(3):
             conversation = source.create_conversation(f"Chat {n} ☕", system_prompt="Be brief.", model_name="tiny")
             source.add_message(conversation, "user", f"Question {n}?")
-            answer = source.add_message(conversation, "assistant", f"Answer {n}.",
-                                        stats={"tokens": 3, "tokens_per_second": 12.5, "rewards": ["brief"]})
-            source.add_feedback("thumbs_up", prompt=f"Question {n}?", chosen=f"Answer {n}.",
-                                conversation_id=conversation, message_id=answer)
+            answer = source.add_message(
+                conversation,
+                "assistant",
+                f"Answer {n}.",
+                stats={"tokens": 3, "tokens_per_second": 12.5, "rewards": ["brief"]},
+            )
+            source.add_feedback(
+                "thumbs_up",
+                prompt=f"Question {n}?",
+                chosen=f"Answer {n}.",
+                conversation_id=conversation,
+                message_id=answer,
+            )
         source.add_feedback("pick", prompt="Hi", chosen="Hello!", rejected="What?")
         path = tmp_path / "export.json"
         source.export_json(path)
@@ -193,16 +242,19 @@ def _conversation(export: dict) -> dict:
     return export["conversations"][1]
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda e: e.update(version=10**30), "newer version"),
-    (lambda e: e.update(version=0), "version 0"),
-    (lambda e: _conversation(e)["messages"][0].update(position=10**30), "position is"),
-    (lambda e: _conversation(e)["messages"][0].update(position=-1), "position is -1"),
-    (lambda e: e["feedback"][0].update(message_position=2**63), "message_position is"),
-    (lambda e: _conversation(e)["messages"][1].update(position=0), "UNIQUE constraint"),
-    (lambda e: e["conversations"].append(dict(_conversation(e))), "has the uid of conversations[1]"),
-    (lambda e: _conversation(e)["messages"][0].update(content="broken \ud800 surrogate"), "not valid Unicode"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda e: e.update(version=10**30), "newer version"),
+        (lambda e: e.update(version=0), "version 0"),
+        (lambda e: _conversation(e)["messages"][0].update(position=10**30), "position is"),
+        (lambda e: _conversation(e)["messages"][0].update(position=-1), "position is -1"),
+        (lambda e: e["feedback"][0].update(message_position=2**63), "message_position is"),
+        (lambda e: _conversation(e)["messages"][1].update(position=0), "UNIQUE constraint"),
+        (lambda e: e["conversations"].append(dict(_conversation(e))), "has the uid of conversations[1]"),
+        (lambda e: _conversation(e)["messages"][0].update(content="broken \ud800 surrogate"), "not valid Unicode"),
+    ],
+)
 def test_huge_numbers_duplicate_ids_and_lone_surrogates_are_refused(target, export_file, tmp_path, damage, message):
     export = json.loads(export_file.read_text(encoding="utf-8"))
     damage(export)
@@ -211,10 +263,19 @@ def test_huge_numbers_duplicate_ids_and_lone_surrogates_are_refused(target, expo
     assert message in str(assert_import_refused(target, path))
 
 
-@pytest.mark.parametrize("text", [
-    deeply_nested(100_000), '{"format": "prt-chat-export", "version": 1, "conversations": ' + deeply_nested(5_000),
-    "9" * 5_000, "NaN", '{"format": "prt-chat-export", "version": Infinity}', "\ufeff{}", "é".encode("latin-1"),
-], ids=["deep", "deep-inside", "huge-number", "nan", "infinity", "bom", "latin-1"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        deeply_nested(100_000),
+        '{"format": "prt-chat-export", "version": 1, "conversations": ' + deeply_nested(5_000),
+        "9" * 5_000,
+        "NaN",
+        '{"format": "prt-chat-export", "version": Infinity}',
+        "\ufeff{}",
+        "é".encode("latin-1"),
+    ],
+    ids=["deep", "deep-inside", "huge-number", "nan", "infinity", "bom", "latin-1"],
+)
 def test_deep_nesting_huge_numbers_and_other_encodings_are_refused(target, tmp_path, text):
     path = tmp_path / "odd.json"
     path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
@@ -251,8 +312,9 @@ def database(tmp_path) -> bytes:
         for n in range(8):
             conversation = store.create_conversation(f"Chat {n}", system_prompt="Be brief. " * 5)
             for turn in range(4):
-                store.add_message(conversation, ("user", "assistant")[turn % 2], f"message {n} {turn} " * 12,
-                                  stats={"tokens": turn})
+                store.add_message(
+                    conversation, ("user", "assistant")[turn % 2], f"message {n} {turn} " * 12, stats={"tokens": turn}
+                )
         store.add_feedback("pick", prompt="Q", chosen="A", rejected="B")
         store.start_tuning_run({"feedback": 1})
         store.set_setting("desktop", {"temperature": 0.5})
@@ -268,7 +330,7 @@ def damaged_databases(data: bytes) -> list[tuple[str, bytes]]:
         flipped = bytearray(data)
         flipped[offset] ^= 0xFF
         cases.append((f"flip-{offset}", bytes(flipped)))
-    for version in (-1, -2**31, SCHEMA_VERSION + 1, 2**31 - 1):
+    for version in (-1, -(2**31), SCHEMA_VERSION + 1, 2**31 - 1):
         versioned = bytearray(data)
         versioned[60:64] = version.to_bytes(4, "big", signed=True)  # where SQLite keeps PRAGMA user_version
         cases.append((f"version-{version}", bytes(versioned)))
@@ -294,10 +356,21 @@ def test_a_damaged_chat_database_gives_a_store_error_and_stays_as_it_was(databas
 
 
 # -- reward cards ---------------------------------------------------------------------------------------------
-CARD_FIELDS = {"name": ("string",), "vocabulary_fingerprint": ("string",), "vocabulary_size": ("integer",),
-               "base_model_name": ("string",), "base_model_sha256": ("string", "null"), "description": ("string",),
-               "label": ("string",), "network": ("object",), "training_data": ("object",), "metrics": ("object",),
-               "created": ("string",), "onnx_sha256": ("string",), "format_version": ("integer",)}
+CARD_FIELDS = {
+    "name": ("string",),
+    "vocabulary_fingerprint": ("string",),
+    "vocabulary_size": ("integer",),
+    "base_model_name": ("string",),
+    "base_model_sha256": ("string", "null"),
+    "description": ("string",),
+    "label": ("string",),
+    "network": ("object",),
+    "training_data": ("object",),
+    "metrics": ("object",),
+    "created": ("string",),
+    "onnx_sha256": ("string",),
+    "format_version": ("integer",),
+}
 REQUIRED_CARD_FIELDS = ("name", "vocabulary_fingerprint", "vocabulary_size", "base_model_name")
 VOCAB = 256
 
@@ -306,8 +379,12 @@ VOCAB = 256
 def reward_path(tmp_path) -> Path:
     """A small real reward whose card carries the figures the app shows."""
     (tmp_path / "rewards").mkdir()
-    path = write_reward(tmp_path / "rewards" / "style.onnx", random_reward_weights(small_reward_shape(VOCAB), seed=5),
-                        vocabulary_fingerprint="sha256:test", base_name="tiny")
+    path = write_reward(
+        tmp_path / "rewards" / "style.onnx",
+        random_reward_weights(small_reward_shape(VOCAB), seed=5),
+        vocabulary_fingerprint="sha256:test",
+        base_name="tiny",
+    )
     card = json.loads(card_path(path).read_text())
     card["metrics"] = {"held_out": {"tokens": 40, "base_nll": 2.5, "steered_nll": 2.25}}
     card["training_data"] = {"demonstrations": 12}
@@ -356,11 +433,19 @@ def test_a_card_truncated_anywhere_is_refused(reward_path):
     assert len(text) > 400
 
 
-@pytest.mark.parametrize("change", [
-    {"name": "DEEP"}, {"name": "lone \ud800 surrogate"}, {"vocabulary_size": 0},
-    {"training_data": {"demonstrations": "many"}}, {"metrics": {"held_out": []}},
-    {"metrics": {"held_out": {"base_nll": "low"}}}, {"format_version": True}, {"vocabulary_size": float("nan")},
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"name": "DEEP"},
+        {"name": "lone \ud800 surrogate"},
+        {"vocabulary_size": 0},
+        {"training_data": {"demonstrations": "many"}},
+        {"metrics": {"held_out": []}},
+        {"metrics": {"held_out": {"base_nll": "low"}}},
+        {"format_version": True},
+        {"vocabulary_size": float("nan")},
+    ],
+)
 def test_deep_nesting_surrogates_and_figures_the_app_cannot_show_are_refused(reward_path, change):
     card = json.loads(card_path(reward_path).read_text())
     text = json.dumps({**card, **change}).replace('"DEEP"', deeply_nested(100_000))  # a name nested 100,000 deep
@@ -417,38 +502,55 @@ def test_a_damaged_reward_file_whose_card_matches_is_refused_or_still_follows_th
 def contract_graph(*, rewards: str = "zeros", state: str = "grows", heads: int = 2, head_dim: int = 4):
     """A one-layer graph with the contract's inputs and outputs. By default it follows the contract
     (rewards 0 per candidate, a state one position longer per new token); the arguments break it."""
-    constants = [helper.make_tensor("nan", TensorProto.FLOAT, [], [float("nan")]),
-                 helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
-                 helper.make_tensor("axes13", TensorProto.INT64, [2], [1, 3]),
-                 helper.make_tensor("state_shape", TensorProto.INT64, [4], [1, heads, 1, head_dim]),
-                 helper.make_tensor("axis1", TensorProto.INT64, [1], [1]),
-                 helper.make_tensor("three", TensorProto.INT64, [1], [3]),
-                 helper.make_tensor("seven", TensorProto.INT64, [], [7])]
+    constants = [
+        helper.make_tensor("nan", TensorProto.FLOAT, [], [float("nan")]),
+        helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
+        helper.make_tensor("axes13", TensorProto.INT64, [2], [1, 3]),
+        helper.make_tensor("state_shape", TensorProto.INT64, [4], [1, heads, 1, head_dim]),
+        helper.make_tensor("axis1", TensorProto.INT64, [1], [1]),
+        helper.make_tensor("three", TensorProto.INT64, [1], [3]),
+        helper.make_tensor("seven", TensorProto.INT64, [], [7]),
+    ]
     reward_nodes = {
         "zeros": [helper.make_node("Identity", ["scores"], ["rewards"])],
         "one value": [helper.make_node("ReduceSum", ["scores", "axis1"], ["rewards"], keepdims=1)],
         "float64": [helper.make_node("Cast", ["scores"], ["rewards"], to=TensorProto.DOUBLE)],
         "nan": [helper.make_node("Add", ["scores", "nan"], ["rewards"])],
         "fails": [helper.make_node("Reshape", ["scores", "three"], ["rewards"])],
-        "nan for token 7": [helper.make_node("Equal", ["candidate_ids", "seven"], ["is_seven"]),
-                            helper.make_node("Where", ["is_seven", "nan", "scores"], ["rewards"])],
+        "nan for token 7": [
+            helper.make_node("Equal", ["candidate_ids", "seven"], ["is_seven"]),
+            helper.make_node("Where", ["is_seven", "nan", "scores"], ["rewards"]),
+        ],
     }[rewards]
-    new = [helper.make_node("Cast", ["input_ids"], ["ids"], to=TensorProto.FLOAT),
-           helper.make_node("Unsqueeze", ["ids", "axes13"], ["ids4"]),
-           helper.make_node("Expand", ["ids4", "state_shape"], ["new"])]
-    state_nodes = [helper.make_node("Concat", [f"past_{part}_0", "new"], [f"present_{part}_0"], axis=2)
-                   if state == "grows" else helper.make_node("Identity", [f"past_{part}_0"], [f"present_{part}_0"])
-                   for part in ("key", "value")]
-    nodes = [helper.make_node("Cast", ["candidate_ids"], ["candidates"], to=TensorProto.FLOAT),
-             helper.make_node("Mul", ["candidates", "zero"], ["scores"]), *reward_nodes, *new, *state_nodes]
+    new = [
+        helper.make_node("Cast", ["input_ids"], ["ids"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["ids", "axes13"], ["ids4"]),
+        helper.make_node("Expand", ["ids4", "state_shape"], ["new"]),
+    ]
+    state_nodes = [
+        helper.make_node("Concat", [f"past_{part}_0", "new"], [f"present_{part}_0"], axis=2)
+        if state == "grows"
+        else helper.make_node("Identity", [f"past_{part}_0"], [f"present_{part}_0"])
+        for part in ("key", "value")
+    ]
+    nodes = [
+        helper.make_node("Cast", ["candidate_ids"], ["candidates"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["candidates", "zero"], ["scores"]),
+        *reward_nodes,
+        *new,
+        *state_nodes,
+    ]
     state_type = [1, heads, "past", head_dim]
-    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "new_tokens"]),
-              helper.make_tensor_value_info("candidate_ids", TensorProto.INT64, [1, "candidates"]),
-              *(helper.make_tensor_value_info(f"past_{part}_0", TensorProto.FLOAT, state_type)
-                for part in ("key", "value"))]
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "new_tokens"]),
+        helper.make_tensor_value_info("candidate_ids", TensorProto.INT64, [1, "candidates"]),
+        *(helper.make_tensor_value_info(f"past_{part}_0", TensorProto.FLOAT, state_type) for part in ("key", "value")),
+    ]
     reward_type = TensorProto.DOUBLE if rewards == "float64" else TensorProto.FLOAT
-    outputs = [helper.make_tensor_value_info("rewards", reward_type, None),
-               *(helper.make_tensor_value_info(f"present_{part}_0", TensorProto.FLOAT, None) for part in ("key", "value"))]
+    outputs = [
+        helper.make_tensor_value_info("rewards", reward_type, None),
+        *(helper.make_tensor_value_info(f"present_{part}_0", TensorProto.FLOAT, None) for part in ("key", "value")),
+    ]
     graph = helper.make_graph(nodes, "contract", inputs, outputs, initializer=constants)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
     model.ir_version = 10
@@ -466,13 +568,16 @@ def test_a_graph_that_follows_the_contract_loads_and_scores(tmp_path):
     assert reward.sync([1, 2, 3], np.arange(4)).tolist() == [0.0] * 4 and reward.n_past == 3
 
 
-@pytest.mark.parametrize("rewards, state, message", [
-    ("one value", "grows", "breaks the reward contract"),
-    ("float64", "grows", "breaks the reward contract"),
-    ("nan", "grows", "breaks the reward contract"),
-    ("zeros", "stays", "breaks the reward contract"),
-    ("fails", "grows", "fails on its first token"),
-])
+@pytest.mark.parametrize(
+    "rewards, state, message",
+    [
+        ("one value", "grows", "breaks the reward contract"),
+        ("float64", "grows", "breaks the reward contract"),
+        ("nan", "grows", "breaks the reward contract"),
+        ("zeros", "stays", "breaks the reward contract"),
+        ("fails", "grows", "fails on its first token"),
+    ],
+)
 def test_a_graph_that_loads_but_breaks_the_runtime_contract_is_refused(tmp_path, rewards, state, message):
     path = save_graph(tmp_path / "graphs" / "broken.onnx", contract_graph(rewards=rewards, state=state))
     assert message in str(assert_reward_refused(path))
@@ -502,8 +607,11 @@ def assert_usable(loaded: AppSettings, saved) -> None:
 
 
 @settings(FUZZ, max_examples=300)
-@given(st.one_of(st.dictionaries(st.sampled_from(SETTING_NAMES) | st.text(max_size=8), json_values, max_size=12),
-                 json_values))
+@given(
+    st.one_of(
+        st.dictionaries(st.sampled_from(SETTING_NAMES) | st.text(max_size=8), json_values, max_size=12), json_values
+    )
+)
 def test_saved_settings_of_any_type_and_size_start_the_window_with_usable_values(target, qapp, saved):
     target.set_setting("desktop", saved)
     loaded = AppSettings.load(target)
@@ -516,8 +624,16 @@ def test_saved_settings_of_any_type_and_size_start_the_window_with_usable_values
 def test_every_setting_the_app_can_save_is_loaded_back(target, qapp, end):
     """Each box of the settings dialog at its end (the lowest of an automatic one is None), and the strength."""
     dialog = SettingsDialog(AppSettings(), target.path.parent)
-    for box in (dialog.threads, dialog.gpu_layers, dialog.context, dialog.temperature, dialog.top_k, dialog.top_p,
-                dialog.min_p, dialog.max_tokens):
+    for box in (
+        dialog.threads,
+        dialog.gpu_layers,
+        dialog.context,
+        dialog.temperature,
+        dialog.top_k,
+        dialog.top_p,
+        dialog.min_p,
+        dialog.max_tokens,
+    ):
         box.setValue(getattr(box, end)())
     strength = SETTING_RANGES["alpha"][end == "maximum"]
     chosen = dataclasses.replace(dialog.settings(), alpha=strength, last_model="/models/x.gguf")
@@ -526,7 +642,7 @@ def test_every_setting_the_app_can_save_is_loaded_back(target, qapp, end):
     assert AppSettings.load(target) == chosen
 
 
-@pytest.mark.parametrize("stored", ["{not json", deeply_nested(100_000), "NaN", "", "\"text\""])
+@pytest.mark.parametrize("stored", ["{not json", deeply_nested(100_000), "NaN", "", '"text"'])
 def test_a_damaged_stored_settings_value_gives_the_defaults(target, stored):
     with contextlib.closing(sqlite3.connect(target.path)) as connection, connection:
         connection.execute("UPDATE settings SET value = ? WHERE key = 'desktop'", [stored])
@@ -552,8 +668,13 @@ def folder_applied() -> Path | None:
 
 
 @settings(FUZZ, max_examples=200)
-@given(st.one_of(st.binary(max_size=512), json_values.map(lambda value: json.dumps({"data_folder": value}).encode()),
-                 json_values.map(lambda value: json.dumps(value).encode())))
+@given(
+    st.one_of(
+        st.binary(max_size=512),
+        json_values.map(lambda value: json.dumps({"data_folder": value}).encode()),
+        json_values.map(lambda value: json.dumps(value).encode()),
+    )
+)
 def test_a_desktop_json_of_any_content_names_an_absolute_folder_or_none(desktop_json, data):
     desktop_json.write_bytes(data)
     folder_applied()
@@ -586,19 +707,33 @@ def test_a_data_folder_that_cannot_be_created_gives_one_message(tmp_path, monkey
 # -- preference profiles and feature files (engine/app/pref.py) -----------------------------------------------------
 @pytest.fixture(scope="module")
 def profile_json() -> str:
-    posterior = PreferencePosterior(3).fit([([1.0, -0.5, 0.2], "a"), ([0.3, 0.9, -1.0], "b"), ([0.1, 0.1, 0.1], "none")])
+    posterior = PreferencePosterior(3).fit(
+        [([1.0, -0.5, 0.2], "a"), ([0.3, 0.9, -1.0], "b"), ([0.1, 0.1, 0.1], "none")]
+    )
     return Profile.from_posterior("mine", ["brief", "warm", "formal"], posterior).to_json()
 
 
-bad_numbers = st.one_of(st.floats(allow_nan=True, allow_infinity=True).filter(lambda x: not np.isfinite(x)),
-                        st.integers(min_value=10**309, max_value=10**320), st.text(max_size=5), st.booleans())
+bad_numbers = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True).filter(lambda x: not np.isfinite(x)),
+    st.integers(min_value=10**309, max_value=10**320),
+    st.text(max_size=5),
+    st.booleans(),
+)
 PROFILE_DAMAGE = {  # where -> (how to reach the value, what to put there)
     "weights": (lambda p: p, "weights", values_not_of(("object",))),
     "a weight": (lambda p: p["weights"], "warm", bad_numbers),
-    "prior_var": (lambda p: p, "prior_var", values_not_of(("integer", "number")) | bad_numbers | st.floats(max_value=0)),
+    "prior_var": (
+        lambda p: p,
+        "prior_var",
+        values_not_of(("integer", "number")) | bad_numbers | st.floats(max_value=0),
+    ),
     "answers": (lambda p: p, "answers", values_not_of(("list",))),
     "an answer": (lambda p: p["answers"], 2, values_not_of(("object",))),
-    "an answer's v": (lambda p: p["answers"][0], "v", st.lists(st.floats(-5, 5), max_size=6).filter(lambda v: len(v) != 3)),
+    "an answer's v": (
+        lambda p: p["answers"][0],
+        "v",
+        st.lists(st.floats(-5, 5), max_size=6).filter(lambda v: len(v) != 3),
+    ),
     "a number in v": (lambda p: p["answers"][1]["v"], 2, bad_numbers),
     "format_version": (lambda p: p, "format_version", values_not_of(("integer",))),
 }
@@ -626,7 +761,7 @@ def test_a_damaged_feature_file_gives_a_value_error_saying_why(tmp_path):
     np.save(path, np.random.default_rng(0).standard_normal((20, 4)))
     data = path.read_bytes()
     cases = [data[:offset] for offset in cut_offsets(len(data), every=7)]
-    cases += [data[:offset] + bytes([data[offset] ^ 0xFF]) + data[offset + 1:] for offset in range(128)]
+    cases += [data[:offset] + bytes([data[offset] ^ 0xFF]) + data[offset + 1 :] for offset in range(128)]
     cases += [data.replace(b"(20, 4)", shape) for shape in (b"(20000000000, 4)", b"(-20, 4)", b"(2, 4, 9999999)")]
     np.savez(tmp_path / "archive.npz", features=np.zeros((3, 2)))
     cases += [(tmp_path / "archive.npz").read_bytes()]
@@ -642,7 +777,7 @@ def test_a_damaged_feature_file_gives_a_value_error_saying_why(tmp_path):
 def damaged(data: bytes, case: list) -> bytes:
     """A copy of data cut at an offset (["cut", offset]) or with one byte XOR-ed (["flip", offset, mask])."""
     if case[0] == "cut":
-        return data[:case[1]]
+        return data[: case[1]]
     flipped = bytearray(data)
     flipped[case[1]] ^= case[2]
     return bytes(flipped)
@@ -662,7 +797,7 @@ def damaged_in_place(path: Path, original: bytes, case: list):
     finally:
         with open(path, "r+b") as handle:
             handle.seek(case[1])
-            handle.write(original[case[1]:] if case[0] == "cut" else original[case[1]:case[1] + 1])
+            handle.write(original[case[1] :] if case[0] == "cut" else original[case[1] : case[1] + 1])
 
 
 @pytest.fixture(scope="module")
@@ -671,28 +806,54 @@ def gguf_layout(tiny_gguf) -> dict[str, int]:
     reader = GGUFReader(tiny_gguf)
     layout = {}
     for name, field in reader.fields.items():
-        layout[name] = field.offset + sum(part.nbytes for part in field.parts[:field.data[0]])
+        layout[name] = field.offset + sum(part.nbytes for part in field.parts[: field.data[0]])
         end = field.offset + sum(part.nbytes for part in field.parts)
     template_start = layout["tokenizer.chat_template"]
-    layout |= {"metadata_end": end, "tensor_data": reader.data_offset, "size": tiny_gguf.stat().st_size,
-               "template_brace": template_start + tiny_gguf.read_bytes()[template_start:end].index(b"%}") + 1}
+    layout |= {
+        "metadata_end": end,
+        "tensor_data": reader.data_offset,
+        "size": tiny_gguf.stat().st_size,
+        "template_brace": template_start + tiny_gguf.read_bytes()[template_start:end].index(b"%}") + 1,
+    }
     return layout
 
 
 def gguf_cases(layout: dict[str, int]) -> list[list]:
     """Cuts in the header, the metadata, the tensor table and the tensor data; flipped bytes in the header and
     in the values llama.cpp trusts (a '}' of the chat template becomes '|')."""
-    cuts = [4, 16, 23, layout["general.architecture"], layout["tokenizer.ggml.tokens"] + 1000,
-            layout["tokenizer.ggml.merges"] + 5000, layout["metadata_end"] - 1, layout["metadata_end"] + 40,
-            layout["tensor_data"] - 1, layout["tensor_data"] + 100, layout["size"] // 2, layout["size"] - 1]
-    flips = [[4, 0xFF], [8, 0xFF], [16, 0xFF], [23, 0xFF], [layout["general.architecture"] - 12, 0xFF],
-             [layout["llama.context_length"] + 3, 0xFF], [layout["llama.context_length"] + 3, 0x40],
-             [layout["llama.block_count"] + 1, 0xFF], [layout["llama.block_count"], 0xFF],
-             [layout["llama.attention.layer_norm_rms_epsilon"] + 3, 0xFF],
-             [layout["llama.attention.layer_norm_rms_epsilon"] + 3, 0x80],
-             [layout["llama.attention.head_count"], 0xFF], [layout["llama.embedding_length"], 0x01],
-             [layout["tokenizer.ggml.tokens"] + 4, 0xFF], [layout["tokenizer.ggml.bos_token_id"] + 2, 0xFF],
-             [layout["template_brace"], 0x01], [layout["metadata_end"] + 8, 0xFF]]
+    cuts = [
+        4,
+        16,
+        23,
+        layout["general.architecture"],
+        layout["tokenizer.ggml.tokens"] + 1000,
+        layout["tokenizer.ggml.merges"] + 5000,
+        layout["metadata_end"] - 1,
+        layout["metadata_end"] + 40,
+        layout["tensor_data"] - 1,
+        layout["tensor_data"] + 100,
+        layout["size"] // 2,
+        layout["size"] - 1,
+    ]
+    flips = [
+        [4, 0xFF],
+        [8, 0xFF],
+        [16, 0xFF],
+        [23, 0xFF],
+        [layout["general.architecture"] - 12, 0xFF],
+        [layout["llama.context_length"] + 3, 0xFF],
+        [layout["llama.context_length"] + 3, 0x40],
+        [layout["llama.block_count"] + 1, 0xFF],
+        [layout["llama.block_count"], 0xFF],
+        [layout["llama.attention.layer_norm_rms_epsilon"] + 3, 0xFF],
+        [layout["llama.attention.layer_norm_rms_epsilon"] + 3, 0x80],
+        [layout["llama.attention.head_count"], 0xFF],
+        [layout["llama.embedding_length"], 0x01],
+        [layout["tokenizer.ggml.tokens"] + 4, 0xFF],
+        [layout["tokenizer.ggml.bos_token_id"] + 2, 0xFF],
+        [layout["template_brace"], 0x01],
+        [layout["metadata_end"] + 8, 0xFF],
+    ]
     return [["cut", offset] for offset in cuts] + [["flip", *flip] for flip in flips]
 
 
@@ -721,12 +882,16 @@ def test_check_gguf_file_refuses_damaged_metadata_before_llama_cpp_sees_it(tiny_
 CRASHED_BEFORE = [  # before the metadata and template checks: a bare ValueError, two aborts, a Jinja traceback
     (lambda layout: ["flip", layout["llama.context_length"] + 3, 0xFF], "its llama.context_length is"),
     (lambda layout: ["flip", layout["llama.block_count"] + 1, 0xFF], "its llama.block_count is"),
-    (lambda layout: ["flip", layout["llama.attention.layer_norm_rms_epsilon"] + 3, 0xFF],
-     "its llama.attention.layer_norm_rms_epsilon is"),
+    (
+        lambda layout: ["flip", layout["llama.attention.layer_norm_rms_epsilon"] + 3, 0xFF],
+        "its llama.attention.layer_norm_rms_epsilon is",
+    ),
     (lambda layout: ["flip", layout["template_brace"], 0x01], "The chat template in"),
 ]
-CHILD = "import sys; sys.path[:0] = [sys.argv[1]]; from test_fuzz_importers import load_damaged_models; " \
-        "load_damaged_models(*sys.argv[2:])"
+CHILD = (
+    "import sys; sys.path[:0] = [sys.argv[1]]; from test_fuzz_importers import load_damaged_models; "
+    "load_damaged_models(*sys.argv[2:])"
+)
 
 
 def load_damaged_models(source: str, cases: str) -> None:
@@ -747,13 +912,20 @@ def load_damaged_models(source: str, cases: str) -> None:
         print(json.dumps({"case": case, "outcome": outcome}), flush=True)
 
 
-def test_a_damaged_gguf_gives_one_model_file_error_through_base_model_and_never_a_crash(tiny_gguf, gguf_layout,
-                                                                                         tmp_path):
+@pytest.mark.subprocess
+def test_a_damaged_gguf_gives_one_model_file_error_through_base_model_and_never_a_crash(
+    tiny_gguf, gguf_layout, tmp_path
+):
     source = tmp_path / "tiny.gguf"
     shutil.copyfile(tiny_gguf, source)
     cases = gguf_cases(gguf_layout)
-    child = subprocess.run([sys.executable, "-c", CHILD, str(TESTS), str(source), json.dumps(cases)],
-                           capture_output=True, text=True, cwd=REPO, timeout=300)
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD, str(TESTS), str(source), json.dumps(cases)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     lines = [json.loads(line) for line in child.stdout.splitlines()]
     started = [line["started"] for line in lines if "started" in line]
     assert child.returncode == 0, f"case {started[-1:]} ended the process ({child.returncode}): {child.stderr[-2000:]}"
@@ -765,11 +937,16 @@ def test_a_damaged_gguf_gives_one_model_file_error_through_base_model_and_never_
         assert fragment in outcomes[json.dumps(case(gguf_layout))]
 
 
-@pytest.mark.parametrize("case, fragment", [
-    (lambda layout: ["cut", layout["tokenizer.ggml.merges"] + 5000], "truncated, corrupt"),
-    (lambda layout: ["cut", layout["size"] // 2], "truncated, corrupt"),
-    *CRASHED_BEFORE[1:],
-], ids=["metadata-cut", "tensor-data-cut", "block-count", "norm-epsilon", "chat-template"])
+@pytest.mark.subprocess
+@pytest.mark.parametrize(
+    "case, fragment",
+    [
+        (lambda layout: ["cut", layout["tokenizer.ggml.merges"] + 5000], "truncated, corrupt"),
+        (lambda layout: ["cut", layout["size"] // 2], "truncated, corrupt"),
+        *CRASHED_BEFORE[1:],
+    ],
+    ids=["metadata-cut", "tensor-data-cut", "block-count", "norm-epsilon", "chat-template"],
+)
 def test_a_damaged_gguf_gives_one_error_line_from_prt_generate(tiny_gguf, gguf_layout, tmp_path, case, fragment):
     path = tmp_path / "damaged.gguf"
     path.write_bytes(damaged(tiny_gguf.read_bytes(), case(gguf_layout)))

@@ -16,14 +16,24 @@ from engine.runtime.mixing import scoring_groups
 from engine.runtime.reward_graph import random_reward_weights
 from engine.runtime.rewards import CARD_FORMAT_VERSION, RewardCard, RewardModel, card_path
 from engine.runtime.steering import SamplingConfig
+from helpers import assert_one_line_error, prt
 from rewards_onnx import library
 from rewards_onnx.data import Demonstration
 from rewards_onnx.distill import MORE_TOPICS, TOPICS, example_prompts
-from rewards_onnx.library import (CHECK_TOPICS, STYLES, LibraryError, MarkerCheck, build_library, check_library,
-                                  check_prompts, list_line_share, mean_word_length, personal_words_per_100_words,
-                                  word_count)
+from rewards_onnx.library import (
+    CHECK_TOPICS,
+    STYLES,
+    LibraryError,
+    MarkerCheck,
+    build_library,
+    check_library,
+    check_prompts,
+    list_line_share,
+    mean_word_length,
+    personal_words_per_100_words,
+    word_count,
+)
 from rewards_onnx.train import TuneConfig
-from helpers import assert_one_line_error, prt
 from tiny_models import small_reward_shape, write_reward
 
 TINY_TUNE = TuneConfig(epochs=1, width=32, layers=1, heads=4, held_out_fraction=0.5)
@@ -33,8 +43,10 @@ def fake_distill(base, system, count, **options):
     """A tiny random GGUF never ends an answer on its own, so distillation proper has nothing to keep:
     stand in with answers the teacher could have given (distill itself is tested in test_training.py)."""
     options["progress"](count, count)
-    return [Demonstration(prompt, f"A short answer {index}.", teacher_system=system, teacher_temperature=0.7)
-            for index, prompt in enumerate(example_prompts(0)[:count])]
+    return [
+        Demonstration(prompt, f"A short answer {index}.", teacher_system=system, teacher_temperature=0.7)
+        for index, prompt in enumerate(example_prompts(0)[:count])
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +101,9 @@ def replies(base, prompts: list[str], *, system: str | None = None, reward=None)
     for seed, prompt in enumerate(prompts):
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         slots = attach_rewards(base, [(reward, 1.0)]) if reward else []
-        generation = Generation(base, base.chat_prompt_tokens(messages), rewards=slots, config=replace(config, seed=seed))
+        generation = Generation(
+            base, base.chat_prompt_tokens(messages), rewards=slots, config=replace(config, seed=seed)
+        )
         texts.append(generation.run().text)
     return texts
 
@@ -98,9 +112,12 @@ def test_check_measures_each_reward_with_and_without_it(tmp_path, tiny_base):
     """Each style's marker on the same prompts and seeds: the bare model, the model with that style's reward (a
     strong random one here, so that the replies change), and the model under the style's system prompt."""
     for seed, style in enumerate(STYLES, start=1):
-        write_reward(tmp_path / f"{style.name}.onnx",
-                     random_reward_weights(small_reward_shape(tiny_base.n_vocab), seed=seed, scale=1.0),
-                     vocabulary_fingerprint=tiny_base.vocabulary_fingerprint, base_name=tiny_base.name)
+        write_reward(
+            tmp_path / f"{style.name}.onnx",
+            random_reward_weights(small_reward_shape(tiny_base.n_vocab), seed=seed, scale=1.0),
+            vocabulary_fingerprint=tiny_base.vocabulary_fingerprint,
+            base_name=tiny_base.name,
+        )
     checks = check_library(tiny_base, tmp_path, prompts=2, max_tokens=6)
     prompts = check_prompts(2)
     plain = replies(tiny_base, prompts)
@@ -125,8 +142,21 @@ def test_moved_means_the_intended_direction_beyond_noise():
 
 def test_cli_check_prints_json_and_refuses_an_empty_folder(built, tiny_gguf, tmp_path):
     folder, _, _ = built
-    checked = prt("library", "check", "--model", str(tiny_gguf), "--library", str(folder), "--prompts", "1",
-                  "--max-tokens", "4", "--ctx", "512", "--json")
+    checked = prt(
+        "library",
+        "check",
+        "--model",
+        str(tiny_gguf),
+        "--library",
+        str(folder),
+        "--prompts",
+        "1",
+        "--max-tokens",
+        "4",
+        "--ctx",
+        "512",
+        "--json",
+    )
     assert checked.returncode == 0, checked.stderr
     assert [check["reward"] for check in json.loads(checked.stdout)["checks"]] == [style.name for style in STYLES]
     empty = prt("library", "check", "--model", str(tiny_gguf), "--library", str(tmp_path), "--ctx", "512")
@@ -136,17 +166,56 @@ def test_cli_check_prints_json_and_refuses_an_empty_folder(built, tiny_gguf, tmp
 def test_cli_features_saves_one_row_per_reply_for_pref_bench(built, tiny_gguf, tmp_path):
     folder, _, _ = built
     out = tmp_path / "features.npy"
-    saved = prt("library", "features", "--model", str(tiny_gguf), "--library", str(folder), "--replies", "3",
-                "--max-tokens", "4", "--ctx", "512", "--out", str(out), "--json")
+    saved = prt(
+        "library",
+        "features",
+        "--model",
+        str(tiny_gguf),
+        "--library",
+        str(folder),
+        "--replies",
+        "3",
+        "--max-tokens",
+        "4",
+        "--ctx",
+        "512",
+        "--out",
+        str(out),
+        "--json",
+    )
     assert saved.returncode == 0, saved.stderr
-    assert json.loads(saved.stdout) == {"path": str(out), "rewards": sorted(style.name for style in STYLES), "replies": 3}
+    assert json.loads(saved.stdout) == {
+        "path": str(out),
+        "rewards": sorted(style.name for style in STYLES),
+        "replies": 3,
+    }
     features = np.load(out)
     assert features.shape == (3, len(STYLES)) and np.all(np.isfinite(features))  # values: test_onboarding.py
-    wrong = prt("library", "features", "--model", str(tiny_gguf), "--library", str(folder), "--ctx", "512",
-                "--out", str(tmp_path / "features.txt"))
+    wrong = prt(
+        "library",
+        "features",
+        "--model",
+        str(tiny_gguf),
+        "--library",
+        str(folder),
+        "--ctx",
+        "512",
+        "--out",
+        str(tmp_path / "features.txt"),
+    )
     assert_one_line_error(wrong, "--out must name a .npy file")
-    empty = prt("library", "features", "--model", str(tiny_gguf), "--library", str(tmp_path / "none"), "--ctx", "512",
-                "--out", str(out))
+    empty = prt(
+        "library",
+        "features",
+        "--model",
+        str(tiny_gguf),
+        "--library",
+        str(tmp_path / "none"),
+        "--ctx",
+        "512",
+        "--out",
+        str(out),
+    )
     assert_one_line_error(empty, "No base rewards in")
 
 
@@ -162,8 +231,13 @@ def test_check_refuses_a_folder_without_rewards(tmp_path, tiny_base):
 
 
 def test_cards_of_format_1_load_without_a_label_and_newer_formats_ask_for_an_update(tmp_path):
-    old = {"name": "old", "vocabulary_fingerprint": "sha256:x", "vocabulary_size": 3, "base_model_name": "m",
-           "format_version": 1}
+    old = {
+        "name": "old",
+        "vocabulary_fingerprint": "sha256:x",
+        "vocabulary_size": 3,
+        "base_model_name": "m",
+        "format_version": 1,
+    }
     (tmp_path / "old.json").write_text(json.dumps(old))
     assert RewardCard.load(tmp_path / "old.json").label == ""
     (tmp_path / "new.json").write_text(json.dumps({**old, "format_version": CARD_FORMAT_VERSION + 1, "colour": "red"}))
@@ -171,7 +245,7 @@ def test_cards_of_format_1_load_without_a_label_and_newer_formats_ask_for_an_upd
         RewardCard.load(tmp_path / "new.json")
 
 
+@pytest.mark.subprocess
 def test_the_cli_parser_and_checking_need_no_torch():
-    code = ("import sys, engine.cli, rewards_onnx.library; engine.cli.build_parser(); "
-            "assert 'torch' not in sys.modules")
+    code = "import sys, engine.cli, rewards_onnx.library; engine.cli.build_parser(); assert 'torch' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0

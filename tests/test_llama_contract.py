@@ -24,8 +24,13 @@ SETTINGS = {"n_ctx": 256, "n_batch": 16, "n_threads": 2, "n_gpu_layers": 0}  # s
 TOLERANCE = {"rtol": 1e-4, "atol": 1e-4}
 SMOLLM2_FINGERPRINT = "sha256:26138422a23a00603102a66ecc9ba0a3a90bbef2072d8d183c700eaac5565e2e"  # in saved reward cards
 OPENING = "The tea garden sits high on the hill, and the pickers start at dawn when the leaves are wet."
-ROUND_TRIP_TEXTS = ["Hello, world!", "naïve café: 日本語, emoji 🙂", "  leading spaces and\ttabs\nnew lines\n\n",
-                    "def f():\n" + " " * 40 + "return 1", "#" * 60]  # the last two hold pieces over 32 bytes
+ROUND_TRIP_TEXTS = [
+    "Hello, world!",
+    "naïve café: 日本語, emoji 🙂",
+    "  leading spaces and\ttabs\nnew lines\n\n",
+    "def f():\n" + " " * 40 + "return 1",
+    "#" * 60,
+]  # the last two hold pieces over 32 bytes
 
 
 @pytest.fixture
@@ -37,8 +42,9 @@ def adapter(tiny_gguf: Path) -> Iterator[LlamaAdapter]:
 @pytest.fixture(scope="module")
 def reference(tiny_gguf: Path) -> Iterator[llama_cpp.Llama]:
     """llama-cpp-python's high-level Llama on the same file, keeping the logits of every evaluated token."""
-    llama = llama_cpp.Llama(model_path=str(tiny_gguf), n_ctx=SETTINGS["n_ctx"], n_threads=2, n_gpu_layers=0,
-                            logits_all=True, verbose=False)
+    llama = llama_cpp.Llama(
+        model_path=str(tiny_gguf), n_ctx=SETTINGS["n_ctx"], n_threads=2, n_gpu_layers=0, logits_all=True, verbose=False
+    )
     yield llama
     llama.close()
 
@@ -101,13 +107,15 @@ def test_rows_after_a_held_prefix_are_a_full_evaluations_rows_at_the_same_positi
     tokens = adapter.tokenize(OPENING + " They sort the leaves by noon.", add_bos=False, special=False)
     held, first_position = 5, 9
     adapter.evaluate(tokens[:held])
-    rows = {position: row.copy()
-            for position, row in adapter.evaluate_rows(tokens[held:], first_position=first_position)}
+    rows = {
+        position: row.copy() for position, row in adapter.evaluate_rows(tokens[held:], first_position=first_position)
+    }
     assert sorted(rows) == list(range(first_position, len(tokens)))  # positions count from the context's start
     assert len(tokens) - held > SETTINGS["n_batch"]  # the rows span two batches
     expected = reference_logits(reference, tokens)
-    np.testing.assert_allclose(np.stack([rows[position] for position in sorted(rows)]), expected[first_position:],
-                               **TOLERANCE)
+    np.testing.assert_allclose(
+        np.stack([rows[position] for position in sorted(rows)]), expected[first_position:], **TOLERANCE
+    )
     assert adapter.evaluated_tokens == tokens
 
 

@@ -10,8 +10,12 @@ from engine.app.chat import ChatEngine
 from engine.runtime.decode import Generation, attach_rewards
 from engine.runtime.errors import RewardRuntimeError, VocabularyMismatchError
 from engine.runtime.mixing import MergedSessions, scoring_groups
-from engine.runtime.reward_graph import (RewardNetworkShape, build_reward_model, random_reward_weights,
-                                 read_reward_weights)
+from engine.runtime.reward_graph import (
+    RewardNetworkShape,
+    build_reward_model,
+    random_reward_weights,
+    read_reward_weights,
+)
 from engine.runtime.rewards import RewardModel
 from engine.runtime.steering import SamplingConfig
 from tiny_models import small_reward_shape, write_reward
@@ -28,8 +32,14 @@ def sharing_rewards(tmp_path, base, seeds, *, shape=None, embedding_seed=100):
     for seed in seeds:
         weights = random_reward_weights(shape, seed=seed, scale=0.2)
         weights.embedding = embedding
-        paths.append(write_reward(tmp_path / f"r{seed}-e{embedding_seed}.onnx", weights, base_name=base.name,
-                                  vocabulary_fingerprint=base.vocabulary_fingerprint))
+        paths.append(
+            write_reward(
+                tmp_path / f"r{seed}-e{embedding_seed}.onnx",
+                weights,
+                base_name=base.name,
+                vocabulary_fingerprint=base.vocabulary_fingerprint,
+            )
+        )
     return paths
 
 
@@ -54,7 +64,7 @@ def test_a_merged_session_equals_separate_sessions_through_the_kv_path(tmp_path,
 
     both(lambda runtime: runtime.sync(tokens[:12], candidates[11]))  # prefill
     for position in range(12, 30):  # one token per step
-        both(lambda runtime: runtime.advance([tokens[position]], candidates[position]))
+        both(lambda runtime, position=position: runtime.advance([tokens[position]], candidates[position]))
     edited = tokens[:20] + tokens[30:]  # rewind to a common prefix, then a different continuation
     both(lambda runtime: runtime.sync(edited, candidates[-1]))
     assert merged.n_past == len(edited)
@@ -82,8 +92,9 @@ def test_merged_and_separate_rewards_give_the_same_tokens_with_live_weights(tmp_
 def test_only_rewards_of_one_shape_and_embedding_are_merged(tmp_path, tiny_base):
     shared = sharing_rewards(tmp_path, tiny_base, seeds=(1, 2))
     other_embedding = sharing_rewards(tmp_path, tiny_base, seeds=(3,), embedding_seed=7)
-    other_shape = sharing_rewards(tmp_path, tiny_base, seeds=(4,),
-                                  shape=RewardNetworkShape(vocab_size=VOCAB, width=32, layers=1, heads=4))
+    other_shape = sharing_rewards(
+        tmp_path, tiny_base, seeds=(4,), shape=RewardNetworkShape(vocab_size=VOCAB, width=32, layers=1, heads=4)
+    )
     rewards = [RewardModel(path) for path in [shared[0], *other_embedding, shared[1], *other_shape]]
     with MergedSessions() as cache:
         groups = cache.groups(rewards)
@@ -96,22 +107,32 @@ def test_a_generation_mixing_merged_and_single_rewards_keeps_the_slot_order(tmp_
     shared = sharing_rewards(tmp_path, tiny_base, seeds=(1, 2))
     single = sharing_rewards(tmp_path, tiny_base, seeds=(3,), embedding_seed=7)
     specs = [(shared[0], 1.0), (single[0], 0.5), (shared[1], -1.0)]
-    merged, separate = (Generation(tiny_base, prompt, rewards=attach_rewards(tiny_base, specs), config=GREEDY,
-                                   merge_rewards=merge).run() for merge in (True, False))
+    merged, separate = (
+        Generation(
+            tiny_base, prompt, rewards=attach_rewards(tiny_base, specs), config=GREEDY, merge_rewards=merge
+        ).run()
+        for merge in (True, False)
+    )
     assert merged.token_ids == separate.token_ids
     np.testing.assert_allclose(merged.trace[3].reward_values, separate.trace[3].reward_values, atol=1e-5)
 
 
 def foreign_reward(tmp_path):
     """A reward trained for another vocabulary."""
-    return write_reward(tmp_path / "foreign.onnx", random_reward_weights(small_reward_shape(VOCAB), seed=2),
-                        vocabulary_fingerprint="sha256:" + "1" * 64, base_name="another-family")
+    return write_reward(
+        tmp_path / "foreign.onnx",
+        random_reward_weights(small_reward_shape(VOCAB), seed=2),
+        vocabulary_fingerprint="sha256:" + "1" * 64,
+        base_name="another-family",
+    )
 
 
 def test_a_reward_for_another_vocabulary_is_still_refused(tmp_path, tiny_base):
     (good,) = sharing_rewards(tmp_path, tiny_base, seeds=(1,))
     foreign = foreign_reward(tmp_path)
-    with pytest.raises(VocabularyMismatchError, match="'foreign' was trained for 'another-family'.*different vocabulary"):
+    with pytest.raises(
+        VocabularyMismatchError, match="'foreign' was trained for 'another-family'.*different vocabulary"
+    ):
         attach_rewards(tiny_base, [(good, 1.0), (foreign, 1.0)])
 
 

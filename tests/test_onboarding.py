@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.runtime.decode import Generation, attach_rewards
-from engine.runtime.errors import VocabularyMismatchError
 from engine.app.onboarding import MIX_SIZE, StyleSurvey, reward_totals, save_profile, saved_profile
 from engine.app.pref import cosine
+from engine.app.store import Store
+from engine.runtime.decode import Generation, attach_rewards
+from engine.runtime.errors import VocabularyMismatchError
 from engine.runtime.reward_graph import random_reward_weights
 from engine.runtime.rewards import RewardModel
 from engine.runtime.steering import SamplingConfig
-from engine.app.store import Store
 from tiny_models import small_reward_shape, write_reward
 
 VOCAB = 49152
@@ -22,21 +22,32 @@ VOCAB = 49152
 def reward_paths(tmp_path, tiny_base):
     """Two rewards strong enough that the mix changes the tiny model's replies."""
     shape = small_reward_shape(VOCAB)
-    return [write_reward(tmp_path / f"style{seed}.onnx", random_reward_weights(shape, seed=seed, scale=1.0),
-                         vocabulary_fingerprint=tiny_base.vocabulary_fingerprint, base_name=tiny_base.name)
-            for seed in (1, 2)]
+    return [
+        write_reward(
+            tmp_path / f"style{seed}.onnx",
+            random_reward_weights(shape, seed=seed, scale=1.0),
+            vocabulary_fingerprint=tiny_base.vocabulary_fingerprint,
+            base_name=tiny_base.name,
+        )
+        for seed in (1, 2)
+    ]
 
 
 def test_reward_totals_equal_the_rewards_scored_token_by_token(tiny_base, reward_paths):
     prompt = tiny_base.chat_prompt_tokens([{"role": "user", "content": "Hello there."}])
     slots = attach_rewards(tiny_base, [(path, 0.5) for path in reward_paths])
-    result = Generation(tiny_base, prompt, rewards=slots,
-                        config=SamplingConfig(temperature=0.7, seed=3, max_tokens=12)).run()
+    result = Generation(
+        tiny_base, prompt, rewards=slots, config=SamplingConfig(temperature=0.7, seed=3, max_tokens=12)
+    ).run()
     expected = []
     for path in reward_paths:
         reward = RewardModel(path)
-        expected.append(sum(reward.sync(prompt + result.token_ids[:position], [token])[0]
-                            for position, token in enumerate(result.token_ids)))
+        expected.append(
+            sum(
+                reward.sync(prompt + result.token_ids[:position], [token])[0]
+                for position, token in enumerate(result.token_ids)
+            )
+        )
     assert len(result.token_ids) == 12
     np.testing.assert_allclose(reward_totals(result, 2), expected, atol=1e-4)
 
@@ -87,7 +98,8 @@ def test_the_result_is_stored_with_its_picks_and_sets_the_dials(tmp_path, tiny_b
         picks = store.feedback()
         assert [(pick.kind, pick.chosen, pick.rejected) for pick in picks] == [
             ("pick", questions[0].first.text, questions[0].second.text),
-            ("pick", questions[2].second.text, questions[2].first.text)]
+            ("pick", questions[2].second.text, questions[2].first.text),
+        ]
         dials = {entry.name: entry.weight for entry in store.rewards()}
         assert dials == pytest.approx({name: MIX_SIZE * weight for name, weight in profile.weights.items()})
         assert max(map(abs, profile.weights.values())) == pytest.approx(1.0)
@@ -106,13 +118,16 @@ def test_nothing_is_saved_before_a_question_is_answered(tmp_path, tiny_base, rew
 
 
 def test_rewards_for_another_vocabulary_are_refused(tmp_path, tiny_base):
-    other = write_reward(tmp_path / "other.onnx", random_reward_weights(small_reward_shape(VOCAB), seed=1),
-                         vocabulary_fingerprint="f" * 64, base_name="another-model")
+    other = write_reward(
+        tmp_path / "other.onnx",
+        random_reward_weights(small_reward_shape(VOCAB), seed=1),
+        vocabulary_fingerprint="f" * 64,
+        base_name="another-model",
+    )
     with pytest.raises(VocabularyMismatchError, match="another-model"):
         StyleSurvey(tiny_base, [other])
     with pytest.raises(ValueError, match="at least one base reward"):
         StyleSurvey(tiny_base, [])
-
 
 
 @pytest.mark.parametrize("stored", [[1, 2], "a profile", 3.5, None])

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import platformdirs
 import pytest
-from helpers import prt
 from PySide6.QtWidgets import QMessageBox
 
 from desktop.demo import DemoEngine, demo_data
@@ -24,6 +23,7 @@ from engine.app.chat import library_build_command, tune_command
 from engine.app.paths import APP_NAME, AppPaths
 from engine.app.store import Store
 from engine.cli import build_parser
+from helpers import prt
 
 ROOT = Path(__file__).resolve().parent.parent
 ENVIRONMENT_SWITCH = ROOT / "engine" / "privacy.py"  # the offline switch: the one place that sets variables
@@ -55,8 +55,10 @@ def test_a_command_uses_its_data_folder_flag_and_prt_home_stays_as_it_was(tmp_pa
     added = prt("models", "add", str(tiny_gguf), "--data-folder", str(elsewhere), "--json")
     assert added.returncode == 0, added.stderr
     assert (elsewhere / "models" / "models.json").is_file()
-    here, there = ([model["name"] for model in json.loads(prt("models", "--json", *flag).stdout)]
-                   for flag in ([], ["--data-folder", str(elsewhere)]))
+    here, there = (
+        [model["name"] for model in json.loads(prt("models", "--json", *flag).stdout)]
+        for flag in ([], ["--data-folder", str(elsewhere)])
+    )
     assert "tiny-a" not in here and "tiny-a" in there
     assert os.environ["PRT_HOME"] == str(isolated_app_folder)
 
@@ -93,24 +95,40 @@ def test_the_demo_has_a_folder_of_its_own_and_leaves_the_environment_alone(isola
 
 def environment_writes(path: Path) -> list[int]:
     """The lines of ``path`` that change os.environ: an item set or deleted, or a method that changes it called."""
+
     def is_environ(node: ast.AST) -> bool:
-        return (isinstance(node, ast.Attribute) and node.attr == "environ" and isinstance(node.value, ast.Name)
-                and node.value.id == "os")
+        return (
+            isinstance(node, ast.Attribute)
+            and node.attr == "environ"
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "os"
+        )
 
     lines = []
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Subscript) and isinstance(node.ctx, (ast.Store, ast.Del)) and is_environ(node.value):
             lines.append(node.lineno)
-        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and (
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and (
                 (is_environ(node.func.value) and node.func.attr in {"update", "setdefault", "pop", "popitem", "clear"})
-                or (node.func.attr in {"putenv", "unsetenv"} and isinstance(node.func.value, ast.Name)
-                    and node.func.value.id == "os")):
+                or (
+                    node.func.attr in {"putenv", "unsetenv"}
+                    and isinstance(node.func.value, ast.Name)
+                    and node.func.value.id == "os"
+                )
+            )
+        ):
             lines.append(node.lineno)
     return lines
 
 
-@pytest.mark.parametrize("path", sorted(p for part in ("engine", "desktop") for p in (ROOT / part).rglob("*.py")
-                                        if p != ENVIRONMENT_SWITCH), ids=lambda p: p.relative_to(ROOT).as_posix())
+@pytest.mark.parametrize(
+    "path",
+    sorted(p for part in ("engine", "desktop") for p in (ROOT / part).rglob("*.py") if p != ENVIRONMENT_SWITCH),
+    ids=lambda p: p.relative_to(ROOT).as_posix(),
+)
 def test_no_module_rewrites_the_environment(path):
     assert environment_writes(path) == []
 

@@ -7,8 +7,15 @@ import json
 import numpy as np
 import pytest
 
-from engine.app.pref import (PreferencePosterior, Profile, ProfileError, choose_question, cosine, informativeness,
-                         run_pref_bench)
+from engine.app.pref import (
+    PreferencePosterior,
+    Profile,
+    ProfileError,
+    choose_question,
+    cosine,
+    informativeness,
+    run_pref_bench,
+)
 from helpers import assert_one_line_error, prt
 
 
@@ -31,7 +38,7 @@ def test_laplace_map_and_covariance_match_brute_force_in_2d():
     def negative_log_posterior(weights):  # [..., 2] -> [...], written out independently of engine.app.pref
         z = weights @ questions.T
         log_p_a, log_p_b = -np.log1p(np.exp(-z)), -np.log1p(np.exp(z))
-        return -(labels * log_p_a + (1 - labels) * log_p_b).sum(-1) + (weights ** 2).sum(-1) / (2 * prior_var)
+        return -(labels * log_p_a + (1 - labels) * log_p_b).sum(-1) + (weights**2).sum(-1) / (2 * prior_var)
 
     axis = np.linspace(-4, 4, 801)  # step 0.01
     grid = np.stack(np.meshgrid(axis, axis, indexing="ij"), axis=-1)
@@ -42,8 +49,12 @@ def test_laplace_map_and_covariance_match_brute_force_in_2d():
     step = 1e-4  # central differences for the Hessian at the MAP
     at = posterior.mean
     f = negative_log_posterior
-    hessian = np.array([[(f(at + a + b) - f(at + a - b) - f(at - a + b) + f(at - a - b)) / (4 * step ** 2)
-                         for b in np.eye(2) * step] for a in np.eye(2) * step])
+    hessian = np.array(
+        [
+            [(f(at + a + b) - f(at + a - b) - f(at - a + b) + f(at - a - b)) / (4 * step**2) for b in np.eye(2) * step]
+            for a in np.eye(2) * step
+        ]
+    )
     np.testing.assert_allclose(posterior.covariance, np.linalg.inv(hessian), rtol=1e-4)
 
 
@@ -74,8 +85,9 @@ def test_adaptive_asks_about_the_direction_not_yet_known():
     # for every question and the criterion is (1/16) v^T Sigma v: e2 (variance 1) beats e1 (variance 1/3.5).
     posterior = PreferencePosterior(2, prior_var=1.0).fit([([1.0, 0.0], "none")] * 10)
     pool = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 0.5], [0.6, 0.6]])
-    np.testing.assert_allclose(informativeness(posterior, pool),
-                               [1 / 16 / 3.5, 1 / 16, 0.25 / 16, 0.36 / 16 * (1 / 3.5 + 1)])
+    np.testing.assert_allclose(
+        informativeness(posterior, pool), [1 / 16 / 3.5, 1 / 16, 0.25 / 16, 0.36 / 16 * (1 / 3.5 + 1)]
+    )
     assert choose_question(posterior, pool, set()) == 1
     assert choose_question(posterior, pool, {1}) == 3
 
@@ -117,8 +129,9 @@ def test_adaptive_beats_random_at_ten_questions():
 
 
 def test_profile_round_trips_through_json():
-    posterior = PreferencePosterior(3, prior_var=2.0).fit([([1.0, -0.5, 0.2], "a"), ([0.3, 1.0, -1.0], "b"),
-                                                           ([0.5, 0.5, 0.5], "none")])
+    posterior = PreferencePosterior(3, prior_var=2.0).fit(
+        [([1.0, -0.5, 0.2], "a"), ([0.3, 1.0, -1.0], "b"), ([0.5, 0.5, 0.5], "none")]
+    )
     profile = Profile.from_posterior("concise", ["brevity", "warmth", "detail"], posterior)
     assert list(profile.weights) == ["brevity", "warmth", "detail"]
     assert max(abs(w) for w in profile.weights.values()) == pytest.approx(1.0)
@@ -129,16 +142,37 @@ def test_profile_round_trips_through_json():
 
 def test_unreadable_profile_is_a_profile_error():
     with pytest.raises(ProfileError, match="Not a preference profile"):
-        Profile.from_json(json.dumps({"name": "x", "weights": {"a": 1.0}, "answers": [{"v": [1], "answer": "yes"}],
-                                      "prior_var": 1.0, "format_version": 1}))
+        Profile.from_json(
+            json.dumps(
+                {
+                    "name": "x",
+                    "weights": {"a": 1.0},
+                    "answers": [{"v": [1], "answer": "yes"}],
+                    "prior_var": 1.0,
+                    "format_version": 1,
+                }
+            )
+        )
 
 
 def test_cli_json_has_the_documented_keys():
     result = prt("pref-bench", "--users", "20", "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert set(report) == {"users", "dims", "seed", "noise_scale", "prior_var", "agreement", "pool", "pool_questions",
-                           "questions", "cosine", "reference_questions", "random_questions_to_match_adaptive"}
+    assert set(report) == {
+        "users",
+        "dims",
+        "seed",
+        "noise_scale",
+        "prior_var",
+        "agreement",
+        "pool",
+        "pool_questions",
+        "questions",
+        "cosine",
+        "reference_questions",
+        "random_questions_to_match_adaptive",
+    }
     assert report["questions"] == [5, 10, 20, 30] and report["users"] == 20
     assert set(report["cosine"]) == {"adaptive", "random"}
     assert set(report["cosine"]["adaptive"]["10"]) == {"mean", "ci95"}

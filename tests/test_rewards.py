@@ -9,6 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from conftest import TINY_CONFIG
 from engine.runtime.base_model import BaseModel
 from engine.runtime.decode import Generation, attach_rewards
 from engine.runtime.errors import RewardFileError, RewardRuntimeError, VocabularyMismatchError
@@ -16,7 +17,6 @@ from engine.runtime.reward_graph import random_reward_weights, token_preference_
 from engine.runtime.rewards import RewardCard, RewardModel, card_path, save_reward
 from engine.runtime.steering import SamplingConfig
 from tiny_models import small_reward_shape, write_reward, write_tiny_llama
-from conftest import TINY_CONFIG
 
 VOCAB = 49152
 
@@ -24,8 +24,12 @@ VOCAB = 49152
 @pytest.fixture
 def random_reward(tmp_path, tiny_base):
     weights = random_reward_weights(small_reward_shape(VOCAB), seed=3)
-    return write_reward(tmp_path / "random.onnx", weights, vocabulary_fingerprint=tiny_base.vocabulary_fingerprint,
-                        base_name=tiny_base.name)
+    return write_reward(
+        tmp_path / "random.onnx",
+        weights,
+        vocabulary_fingerprint=tiny_base.vocabulary_fingerprint,
+        base_name=tiny_base.name,
+    )
 
 
 def test_kv_cached_steps_equal_recomputing_the_whole_prefix(random_reward):
@@ -79,9 +83,12 @@ def test_a_reward_for_the_same_vocabulary_is_portable_across_models(tmp_path, ti
     """One reward file steers two different models of one vocabulary: each says the token it prefers."""
     prompt = tiny_base.chat_prompt_tokens([{"role": "user", "content": "Tell me something."}])
     target = tiny_base.tokenize(" portable")[0]
-    path = write_reward(tmp_path / "likes.onnx", token_preference_weights(small_reward_shape(VOCAB), token=target,
-                                                                          strength=1e3),
-                        vocabulary_fingerprint=tiny_base.vocabulary_fingerprint, base_name=tiny_base.name)
+    path = write_reward(
+        tmp_path / "likes.onnx",
+        token_preference_weights(small_reward_shape(VOCAB), token=target, strength=1e3),
+        vocabulary_fingerprint=tiny_base.vocabulary_fingerprint,
+        base_name=tiny_base.name,
+    )
     every_token = SamplingConfig(temperature=0.0, top_k=VOCAB, max_tokens=1, ignore_eos=True)
     with BaseModel(tiny_gguf_other_seed, config=TINY_CONFIG) as other:
         for base in (tiny_base, other):
@@ -96,8 +103,12 @@ def test_a_reward_for_another_vocabulary_is_refused_naming_both_models(tmp_path,
     other_vocab = write_tiny_llama(tmp_path / "other-vocab.gguf", dataclasses.replace(tokenizer, tokens=tokens), seed=5)
     with BaseModel(other_vocab, config=TINY_CONFIG) as foreign:
         assert foreign.vocabulary_fingerprint != tiny_base.vocabulary_fingerprint
-        path = write_reward(tmp_path / "foreign.onnx", random_reward_weights(small_reward_shape(VOCAB), seed=0),
-                            vocabulary_fingerprint=foreign.vocabulary_fingerprint, base_name=foreign.name)
+        path = write_reward(
+            tmp_path / "foreign.onnx",
+            random_reward_weights(small_reward_shape(VOCAB), seed=0),
+            vocabulary_fingerprint=foreign.vocabulary_fingerprint,
+            base_name=foreign.name,
+        )
     with pytest.raises(VocabularyMismatchError) as refused:
         attach_rewards(tiny_base, [(path, 1.0)])
     message = str(refused.value)
@@ -132,9 +143,12 @@ def test_malformed_card_is_refused(random_reward):
 
 
 def test_onnx_that_breaks_the_contract_is_refused(tmp_path):
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "not_a_reward",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "not_a_reward",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     card = RewardCard(name="identity", vocabulary_fingerprint="sha256:x", vocabulary_size=1, base_model_name="none")

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import sqlite_utils
 
-from engine.runtime.errors import StoreError
 from engine.app.store import MIGRATIONS, SCHEMA_VERSION, Store, default_store_path
+from engine.runtime.errors import StoreError
 from rewards_onnx.data import DatasetError, Demonstration, PreferencePair, examples_from_store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,8 +38,14 @@ def fill(store: Store) -> dict[str, int]:
     second = store.create_conversation("Café plans")
     store.add_message(second, "user", "Where to go?")
     reply = store.add_message(second, "assistant", "Some", status="stopped")
-    store.add_feedback("thumbs_up", prompt="What is a borrow?", system="Be brief.", chosen="A reference.",
-                       conversation_id=first, message_id=answer)
+    store.add_feedback(
+        "thumbs_up",
+        prompt="What is a borrow?",
+        system="Be brief.",
+        chosen="A reference.",
+        conversation_id=first,
+        message_id=answer,
+    )
     store.add_feedback("thumbs_down", prompt="Where to go?", rejected="Some", conversation_id=second, message_id=reply)
     store.add_feedback("pick", prompt="Hi", chosen="Hello!", rejected="What?")
     return {"first": first, "second": second, "question": question, "answer": answer, "reply": reply}
@@ -78,8 +84,10 @@ def test_conversations_most_recently_updated_first(store):
 
 def test_messages_round_trip_in_order_and_truncate(store):
     conversation_id = store.create_conversation()
-    ids = [store.add_message(conversation_id, role, f"text {i}", stats={"i": i})
-           for i, role in enumerate(["user", "assistant", "user", "assistant"])]
+    ids = [
+        store.add_message(conversation_id, role, f"text {i}", stats={"i": i})
+        for i, role in enumerate(["user", "assistant", "user", "assistant"])
+    ]
     messages = store.messages(conversation_id)
     assert [m.id for m in messages] == ids
     assert [m.position for m in messages] == [0, 1, 2, 3]
@@ -160,7 +168,8 @@ def test_delete_conversation_cascades_messages_and_keeps_feedback(store):
         store.message(ids["answer"])
     kept = [f for f in store.feedback() if f.kind == "thumbs_up"]
     assert [(f.conversation_id, f.message_id, f.prompt, f.chosen) for f in kept] == [
-        (None, None, "What is a borrow?", "A reference.")]
+        (None, None, "What is a borrow?", "A reference.")
+    ]
     assert [m.id for m in store.messages(ids["second"])] != []
 
 
@@ -213,7 +222,11 @@ def test_tuning_runs_newest_first(store):
     runs = store.tuning_runs()
     assert [r.id for r in runs] == [done, failed]
     assert (runs[0].status, runs[0].reward_path, runs[0].metrics, runs[0].sources) == (
-        "done", "/r/mine.onnx", {"held_out_nll": 1.5}, {"documents": "/notes"})
+        "done",
+        "/r/mine.onnx",
+        {"held_out_nll": 1.5},
+        {"documents": "/notes"},
+    )
     assert (runs[1].status, runs[1].error, runs[1].metrics) == ("failed", "out of memory", {})
     with pytest.raises(ValueError, match="status"):
         store.finish_tuning_run(done, status="running")
@@ -237,10 +250,29 @@ def test_a_schema_1_database_is_migrated_with_its_rows(db_path):
     old.execute("PRAGMA user_version = 1")
     stamp = "2024-01-01T00:00:00.000000+00:00"
     old["conversations"].insert({"id": 7, "uid": "u7", "title": "Old chat", "created": stamp, "updated": stamp})
-    old["messages"].insert({"id": 3, "conversation_id": 7, "position": 0, "role": "user", "content": "ancient words",
-                            "status": "complete", "stats": '{"tokens": 2}', "created": stamp, "updated": stamp})
-    old["feedback"].insert({"conversation_id": 7, "message_id": 3, "kind": "thumbs_up", "prompt": "p",
-                            "chosen": "ancient words", "created": stamp})
+    old["messages"].insert(
+        {
+            "id": 3,
+            "conversation_id": 7,
+            "position": 0,
+            "role": "user",
+            "content": "ancient words",
+            "status": "complete",
+            "stats": '{"tokens": 2}',
+            "created": stamp,
+            "updated": stamp,
+        }
+    )
+    old["feedback"].insert(
+        {
+            "conversation_id": 7,
+            "message_id": 3,
+            "kind": "thumbs_up",
+            "prompt": "p",
+            "chosen": "ancient words",
+            "created": stamp,
+        }
+    )
     old.close()
     with Store(db_path) as store:
         assert store.conversation(7).title == "Old chat"
@@ -338,17 +370,23 @@ def _break_type(data):
     data["conversations"][0]["messages"][0]["stats"] = "fast"
 
 
-@pytest.mark.parametrize("text, breaks, message", [
-    ("{not json", None, "not valid JSON"),
-    ("[]", None, "format"),
-    ('{"format": "something-else"}', None, "format"),
-    ('{"format": "prt-chat-export", "version": 1, "conversations": {}}', None,
-     "conversations is missing or not a list"),
-    (None, _break_role, r"conversations\[1\].messages\[0\].role must be one of"),
-    (None, _break_feedback, r"feedback\[2\].*rejected text is empty"),
-    (None, _break_type, r"stats is missing or not an object"),
-    (None, _break_position, "UNIQUE constraint failed"),
-])
+@pytest.mark.parametrize(
+    "text, breaks, message",
+    [
+        ("{not json", None, "not valid JSON"),
+        ("[]", None, "format"),
+        ('{"format": "something-else"}', None, "format"),
+        (
+            '{"format": "prt-chat-export", "version": 1, "conversations": {}}',
+            None,
+            "conversations is missing or not a list",
+        ),
+        (None, _break_role, r"conversations\[1\].messages\[0\].role must be one of"),
+        (None, _break_feedback, r"feedback\[2\].*rejected text is empty"),
+        (None, _break_type, r"stats is missing or not an object"),
+        (None, _break_position, "UNIQUE constraint failed"),
+    ],
+)
 def test_a_malformed_import_is_refused_and_nothing_is_imported(store, tmp_path, text, breaks, message):
     source = tmp_path / "source.json"
     with Store(tmp_path / "source.db") as other:
@@ -398,8 +436,9 @@ def test_threads_share_one_store(store):
     assert failures == []
     messages = store.messages(conversation_id)
     assert [m.position for m in messages] == list(range(writers * per_writer))
-    assert sorted(m.content for m in messages) == sorted(f"{w}-{i} done" for w in range(writers)
-                                                         for i in range(per_writer))
+    assert sorted(m.content for m in messages) == sorted(
+        f"{w}-{i} done" for w in range(writers) for i in range(per_writer)
+    )
 
 
 STREAMING_CHILD = """
@@ -418,6 +457,7 @@ while True:
 """
 
 
+@pytest.mark.subprocess
 def test_a_killed_generation_keeps_its_partial_reply(db_path):
     code = STREAMING_CHILD.format(repo=str(REPO), path=str(db_path))
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

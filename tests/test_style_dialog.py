@@ -8,18 +8,20 @@ import threading
 
 import pytest
 from PySide6.QtWidgets import QDialog
+from test_desktop import FakeEngine
 
 from conftest import TINY_CONFIG
-from engine.app.chat import ChatEngine
-from engine.app.onboarding import StyleSurvey, library_dir, saved_profile
-from engine.runtime.reward_graph import random_reward_weights
-from engine.runtime.rewards import RewardCard, card_path, write_card
-from engine.app.store import Store
 from desktop.main_window import MainWindow
 from desktop.settings import AppSettings
 from desktop.style_dialog import SURVEY_SETTING, StyleDialog
-from test_desktop import FakeEngine
+from engine.app.chat import ChatEngine
+from engine.app.onboarding import StyleSurvey, library_dir, saved_profile
+from engine.app.store import Store
+from engine.runtime.reward_graph import random_reward_weights
+from engine.runtime.rewards import RewardCard, card_path, write_card
 from tiny_models import small_reward_shape, write_reward
+
+pytestmark = [pytest.mark.gui, pytest.mark.slow]
 
 WAIT_MS = 60_000
 LABELS = {"brief": "Short and to the point", "warm": "Casual and personal"}
@@ -45,8 +47,9 @@ def write_library(folder, base) -> list:
     paths = []
     for seed, (name, label) in enumerate(LABELS.items(), start=1):
         weights = random_reward_weights(small_reward_shape(base.n_vocab), seed=seed, scale=1.0)
-        path = write_reward(folder / f"{name}.onnx", weights, vocabulary_fingerprint=base.vocabulary_fingerprint,
-                            base_name=base.name)
+        path = write_reward(
+            folder / f"{name}.onnx", weights, vocabulary_fingerprint=base.vocabulary_fingerprint, base_name=base.name
+        )
         card = RewardCard.load(card_path(path))
         card.label = label
         write_card(path, card)
@@ -62,8 +65,7 @@ def open_dialog(qtbot, engine, store, **options) -> StyleDialog:
 
 
 def wait_for_question(qtbot, dialog) -> None:
-    qtbot.waitUntil(lambda: dialog.answer_buttons["a"].isEnabled() or dialog.pages.currentIndex() == 2,
-                    timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: dialog.answer_buttons["a"].isEnabled() or dialog.pages.currentIndex() == 2, timeout=WAIT_MS)
 
 
 def test_the_answers_set_the_dials_through_the_real_model(qtbot, store, real_engine):
@@ -122,10 +124,19 @@ def test_the_rewards_panel_shows_the_profile_with_labels_and_negative_dials(qtbo
     window = MainWindow(real_engine, store, settings=AppSettings())
     qtbot.addWidget(window)
     panel = window.rewards_panel
-    assert panel.profile_label.text().startswith("No style profile yet") and panel.style_button.text() == "Find my style…"
-    profile = {"name": "My style", "weights": {"brief": -1.0, "warm": 0.5}, "prior_var": 1.0,
-               "answers": [{"v": [1.0, 0.0], "answer": "b"}], "format_version": 1}
-    store.save_style_profile({"profile": profile}, picks=[], dials={paths[0]: ("brief", -1.5), paths[1]: ("warm", 0.75)})
+    assert (
+        panel.profile_label.text().startswith("No style profile yet") and panel.style_button.text() == "Find my style…"
+    )
+    profile = {
+        "name": "My style",
+        "weights": {"brief": -1.0, "warm": 0.5},
+        "prior_var": 1.0,
+        "answers": [{"v": [1.0, 0.0], "answer": "b"}],
+        "format_version": 1,
+    }
+    store.save_style_profile(
+        {"profile": profile}, picks=[], dials={paths[0]: ("brief", -1.5), paths[1]: ("warm", 0.75)}
+    )
     panel.refresh()
     assert panel.profile_label.text() == "Style: My style, from 1 answer."
     assert panel.style_button.text() == "Retune my style…"
@@ -173,8 +184,9 @@ def test_a_failed_build_says_why_and_closing_cancels_a_running_one(qtbot, store,
     qtbot.waitUntil(lambda: not dialog._build.running, timeout=WAIT_MS)
     assert dialog.build_label.text() == "prt: error: The disk is full." and dialog.build_button.isEnabled()
 
-    sleeping = open_dialog(qtbot, real_engine, store,
-                           build_command=lambda **_: [sys.executable, "-c", "import time; time.sleep(60)"])
+    sleeping = open_dialog(
+        qtbot, real_engine, store, build_command=lambda **_: [sys.executable, "-c", "import time; time.sleep(60)"]
+    )
     sleeping.build_button.click()
     assert sleeping._build.running and not sleeping.build_button.isEnabled()
     sleeping.reject()

@@ -8,16 +8,20 @@ import sqlite3
 import numpy as np
 import pytest
 
-from engine.runtime.files import file_sha256
 from engine.app.models import teacher_cache_path
+from engine.runtime.files import file_sha256
+from helpers import other_prompts, prt
 from rewards_onnx import teacher_cache
 from rewards_onnx.data import Demonstration, PreferencePair
 from rewards_onnx.teacher import TRAIN_TOP_K, TeacherData, teacher_pass
 from rewards_onnx.teacher_cache import TeacherCache
-from helpers import other_prompts, prt
 
-EXAMPLES = [Demonstration("Hi", "Hello."), Demonstration("Hey", "Hi there!", teacher_system="Be brief."),
-            PreferencePair("Yo", "Hello there.", "Go away."), Demonstration("Hello", "Good day to you.")]
+EXAMPLES = [
+    Demonstration("Hi", "Hello."),
+    Demonstration("Hey", "Hi there!", teacher_system="Be brief."),
+    PreferencePair("Yo", "Hello there.", "Go away."),
+    Demonstration("Hello", "Good day to you."),
+]
 
 
 @pytest.fixture
@@ -25,6 +29,7 @@ def open_cache(tmp_path, tiny_base):
     def opened(**changes) -> TeacherCache:
         settings = {"model_sha256": file_sha256(tiny_base.path), "k": TRAIN_TOP_K} | changes
         return TeacherCache(tmp_path / "cache.sqlite", **settings)
+
     return opened
 
 
@@ -59,6 +64,7 @@ def test_a_second_pass_comes_from_the_file_without_the_base(open_cache, tiny_bas
 
     def no_base(*_):
         raise AssertionError("the base was evaluated")
+
     monkeypatch.setattr(tiny_base, "next_token_logits", no_base)
     with open_cache() as cache:
         again, evaluated = passes_made(cache, tiny_base, list(reversed(EXAMPLES)))
@@ -86,6 +92,7 @@ def test_a_stopped_pass_keeps_the_examples_it_finished(open_cache, tiny_base, mo
     def stop_after_three(done: int, total: int) -> None:
         if done == 3:
             raise KeyboardInterrupt
+
     with open_cache() as cache, pytest.raises(KeyboardInterrupt):
         cache.teacher_pass(tiny_base, examples, progress=stop_after_three)
     with open_cache() as cache:
@@ -132,8 +139,22 @@ def test_cli_tune_reuses_its_teacher_passes_and_trains_the_same_reward(tmp_path,
     data.write_text("\n".join(json.dumps({"prompt": p, "response": "Fine, thanks."}) for p in other_prompts(8)))
 
     def tuned(name: str, *options: str) -> dict:
-        result = prt("tune", "--model", str(tiny_gguf), "--data", str(data), "--out", str(tmp_path / name),
-                     "--epochs", "2", "--ctx", "512", "--json", "--progress-json", *options)
+        result = prt(
+            "tune",
+            "--model",
+            str(tiny_gguf),
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / name),
+            "--epochs",
+            "2",
+            "--ctx",
+            "512",
+            "--json",
+            "--progress-json",
+            *options,
+        )
         assert result.returncode == 0, result.stderr
         teacher_lines = [line for line in result.stderr.splitlines() if '"teacher"' in line]
         return json.loads(result.stdout)["held_out"] | {"teacher_lines": len(teacher_lines)}

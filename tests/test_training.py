@@ -20,19 +20,22 @@ from engine.runtime.errors import RewardFileError, VocabularyMismatchError
 from engine.runtime.reward_graph import RewardNetworkShape, read_reward_weights
 from engine.runtime.rewards import RewardCard, RewardModel, card_path
 from engine.runtime.steering import CandidateSelector, SamplingConfig
+from helpers import assert_one_line_error, other_prompts, prt
 from rewards_onnx.data import DatasetError, Demonstration, PreferencePair, load_jsonl, read_documents, read_jsonl
 from rewards_onnx.evaluate import compare_replies, evaluate_reward, sentence_count
 from rewards_onnx.metrics import reply_part
 from rewards_onnx.network import RewardNet
 from rewards_onnx.teacher import TRAIN_TOP_K, response_sequence, teacher_pass
 from rewards_onnx.train import ExportParityError, TuneConfig, _initial_model, check_export_parity, split_held_out, tune
-from helpers import assert_one_line_error, other_prompts, prt
 from tiny_models import small_reward_shape, write_reward
+
+pytestmark = pytest.mark.slow
 
 TEST_PROMPT = "Tell me about your day."
 GREEDY = SamplingConfig(temperature=0.0, max_tokens=8)
-FAST = TuneConfig(epochs=30, patience=5, held_out_fraction=0.2, width=32, layers=1, heads=4, learning_rate=1e-2,
-                  batch_size=16)
+FAST = TuneConfig(
+    epochs=30, patience=5, held_out_fraction=0.2, width=32, layers=1, heads=4, learning_rate=1e-2, batch_size=16
+)
 
 
 def phrase_in_top_k(base, prompt_tokens, rank: int, length: int = 5) -> list[int]:
@@ -54,8 +57,9 @@ def test_a_reward_trained_on_a_fixed_phrase_makes_the_model_say_it(tmp_path, tin
     examples = [Demonstration(prompt, phrase) for prompt in [TEST_PROMPT, *other_prompts(19)]]
     report = tune(tiny_base, examples, tmp_path / "phrase.onnx", config=FAST)
     plain = Generation(tiny_base, prompt_tokens, config=GREEDY).run()
-    steered = Generation(tiny_base, prompt_tokens, rewards=attach_rewards(tiny_base, [(report.path, 1.0)]),
-                         config=GREEDY).run()
+    steered = Generation(
+        tiny_base, prompt_tokens, rewards=attach_rewards(tiny_base, [(report.path, 1.0)]), config=GREEDY
+    ).run()
     assert phrase not in plain.text
     assert steered.text.startswith(phrase)
     assert report.held_out.steered_nll < 0.1 * report.held_out.base_nll
@@ -110,8 +114,12 @@ def test_export_equals_torch_through_the_engines_kv_path(tmp_path, tiny_base):
     with torch.no_grad():  # a trained-looking reward: nonzero head and biases
         model.head.normal_(0, 0.1)
         model.token_bias.normal_(0, 1.0)
-    path = write_reward(tmp_path / "export.onnx", model.export(), vocabulary_fingerprint=tiny_base.vocabulary_fingerprint,
-                        base_name=tiny_base.name)
+    path = write_reward(
+        tmp_path / "export.onnx",
+        model.export(),
+        vocabulary_fingerprint=tiny_base.vocabulary_fingerprint,
+        base_name=tiny_base.name,
+    )
     assert check_export_parity(model, path, seed=1) < 1e-3
     with torch.no_grad():
         model.token_bias.add_(0.01)  # the file no longer matches the model: the check must say so
@@ -161,8 +169,9 @@ def test_eval_through_onnx_matches_the_training_figures(tiny_base, phrase_reward
     assert evaluated.tokens > 0
     assert evaluated.steered_nll < 0.2 * evaluated.base_nll
     assert evaluated.teacher_nll is not None
-    assert evaluated.gap_closed == pytest.approx((evaluated.base_nll - evaluated.steered_nll)
-                                                 / (evaluated.base_nll - evaluated.teacher_nll))
+    assert evaluated.gap_closed == pytest.approx(
+        (evaluated.base_nll - evaluated.steered_nll) / (evaluated.base_nll - evaluated.teacher_nll)
+    )
     parts = evaluated.parts  # where the gap lies: the parts add up to the whole
     assert parts["last"].tokens == len(held_out) and sum(p.tokens for p in parts.values()) == evaluated.tokens
     for figure in ("base_nll", "steered_nll", "teacher_nll"):
@@ -174,8 +183,9 @@ def test_eval_through_onnx_matches_the_training_figures(tiny_base, phrase_reward
 def test_replies_compared_on_the_same_prompts_through_the_real_parts(tiny_base, phrase_reward):
     path, phrase, _ = phrase_reward
     asked = [Demonstration(TEST_PROMPT, phrase)] * 2  # the phrase is in the base's top-K after this prompt
-    replies = compare_replies(tiny_base, RewardModel(path), asked, count=2, max_tokens=12,
-                              teacher_system="Say the phrase.")
+    replies = compare_replies(
+        tiny_base, RewardModel(path), asked, count=2, max_tokens=12, teacher_system="Say the phrase."
+    )
     assert list(replies) == ["data", "base", "steered", "teacher"]
     assert replies["data"].texts == [phrase] * 2 and replies["data"].ended is None
     assert replies["data"].mean_tokens == len(tiny_base.tokenize(phrase))
@@ -188,7 +198,12 @@ def test_replies_compared_on_the_same_prompts_through_the_real_parts(tiny_base, 
 
 
 def test_sentences_are_counted_at_their_ends():
-    assert [sentence_count(text) for text in ("", "One.", "It costs 3.5 euros. Fine! Right", " Yes?  No. ")] == [0, 1, 3, 2]
+    assert [sentence_count(text) for text in ("", "One.", "It costs 3.5 euros. Fine! Right", " Yes?  No. ")] == [
+        0,
+        1,
+        3,
+        2,
+    ]
 
 
 def test_reply_parts_are_the_first_token_the_next_three_the_body_and_the_last():
@@ -198,23 +213,34 @@ def test_reply_parts_are_the_first_token_the_next_three_the_body_and_the_last():
 
 def test_eval_refuses_a_reward_for_another_vocabulary(tmp_path, tiny_base):
     from engine.runtime.reward_graph import random_reward_weights
-    path = write_reward(tmp_path / "foreign.onnx", random_reward_weights(small_reward_shape(49152), seed=0),
-                        vocabulary_fingerprint="sha256:" + "1" * 64, base_name="another-family")
+
+    path = write_reward(
+        tmp_path / "foreign.onnx",
+        random_reward_weights(small_reward_shape(49152), seed=0),
+        vocabulary_fingerprint="sha256:" + "1" * 64,
+        base_name="another-family",
+    )
     with pytest.raises(VocabularyMismatchError, match="another-family"):
         evaluate_reward(tiny_base, RewardModel(path), [Demonstration("Hi", "Hello")])
 
 
-@pytest.mark.parametrize("line, where, reason", [
-    ('{"prompt": "hi", "response": "yo"', ":1, column 34", "not valid JSON"),
-    ('["prompt", "response"]', ":1", "not a JSON object"),
-    ('{"prompt": "hi"}', ":1", "'chosen' is missing"),
-    ('{"prompt": "hi", "response": ""}', ":1", "'response' is empty or not a string"),
-    ('{"prompt": "hi", "response": "yo", "extra": 1}', ":1, fields 'extra'", "has unknown fields"),
-    ('{"prompt": "hi", "response": "yo", "chosen": "a", "rejected": "b"}', ":1", "has both 'response' and"),
-    ('{"prompt": "hi", "response": "yo", "teacher_temperature": 0.7}', ":1", "'teacher_temperature' is not a"),
-    ('{"prompt": "hi", "response": "yo", "teacher_system": "s", "teacher_temperature": -1}', ":1",
-     "'teacher_temperature' is not a number from 0.01 to 100"),
-])
+@pytest.mark.parametrize(
+    "line, where, reason",
+    [
+        ('{"prompt": "hi", "response": "yo"', ":1, column 34", "not valid JSON"),
+        ('["prompt", "response"]', ":1", "not a JSON object"),
+        ('{"prompt": "hi"}', ":1", "'chosen' is missing"),
+        ('{"prompt": "hi", "response": ""}', ":1", "'response' is empty or not a string"),
+        ('{"prompt": "hi", "response": "yo", "extra": 1}', ":1, fields 'extra'", "has unknown fields"),
+        ('{"prompt": "hi", "response": "yo", "chosen": "a", "rejected": "b"}', ":1", "has both 'response' and"),
+        ('{"prompt": "hi", "response": "yo", "teacher_temperature": 0.7}', ":1", "'teacher_temperature' is not a"),
+        (
+            '{"prompt": "hi", "response": "yo", "teacher_system": "s", "teacher_temperature": -1}',
+            ":1",
+            "'teacher_temperature' is not a number from 0.01 to 100",
+        ),
+    ],
+)
 def test_a_malformed_line_is_skipped_naming_the_line_and_the_problem(tmp_path, line, where, reason):
     path = tmp_path / "data.jsonl"
     path.write_text(line + "\n")
@@ -227,7 +253,9 @@ def test_a_malformed_line_is_skipped_naming_the_line_and_the_problem(tmp_path, l
 
 def test_a_bad_line_is_skipped_with_its_line_number_and_the_good_ones_kept(tmp_path):
     path = tmp_path / "data.jsonl"
-    path.write_text('{"prompt": "a", "response": "b"}\n\n{"prompt": "a", "response": 3}\n{"prompt": "c", "response": "d"}\n')
+    path.write_text(
+        '{"prompt": "a", "response": "b"}\n\n{"prompt": "a", "response": 3}\n{"prompt": "c", "response": "d"}\n'
+    )
     source = read_jsonl(path)
     assert source.examples == [Demonstration("a", "b"), Demonstration("c", "d")]
     assert source.places == [f"{path}:1", f"{path}:4"]
@@ -284,25 +312,74 @@ def test_cli_tune_and_eval_json(tmp_path, tiny_gguf):
     data = tmp_path / "data.jsonl"
     data.write_text("\n".join(json.dumps({"prompt": p, "response": "Fine, thanks."}) for p in other_prompts(8)))
     out = tmp_path / "cli.onnx"
-    tuned = prt("tune", "--model", str(tiny_gguf), "--data", str(data), "--out", str(out), "--epochs", "2",
-                "--ctx", "512", "--json")
+    tuned = prt(
+        "tune",
+        "--model",
+        str(tiny_gguf),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--epochs",
+        "2",
+        "--ctx",
+        "512",
+        "--json",
+    )
     assert tuned.returncode == 0, tuned.stderr
     summary = json.loads(tuned.stdout)
     assert summary["path"] == str(out) and out.exists() and card_path(out).exists()
     assert summary["parity_max_abs_diff"] < 1e-3 and summary["held_out"]["tokens"] > 0
-    evaluated = prt("eval", "--model", str(tiny_gguf), "--reward", str(out), "--data", str(data), "--ctx", "512", "--json")
+    evaluated = prt(
+        "eval", "--model", str(tiny_gguf), "--reward", str(out), "--data", str(data), "--ctx", "512", "--json"
+    )
     assert evaluated.returncode == 0, evaluated.stderr
-    assert set(json.loads(evaluated.stdout)) >= {"tokens", "base_nll", "steered_nll", "teacher_nll", "gap_closed",
-                                                 "parts"}
-    taught = prt("eval", "--model", str(tiny_gguf), "--reward", str(out), "--data", str(data), "--ctx", "512",
-                 "--teacher-system", "Say it is fine.", "--samples", "2", "--sample-tokens", "6")
+    assert set(json.loads(evaluated.stdout)) >= {
+        "tokens",
+        "base_nll",
+        "steered_nll",
+        "teacher_nll",
+        "gap_closed",
+        "parts",
+    }
+    taught = prt(
+        "eval",
+        "--model",
+        str(tiny_gguf),
+        "--reward",
+        str(out),
+        "--data",
+        str(data),
+        "--ctx",
+        "512",
+        "--teacher-system",
+        "Say it is fine.",
+        "--samples",
+        "2",
+        "--sample-tokens",
+        "6",
+    )
     assert taught.returncode == 0, taught.stderr
     lines = taught.stdout.splitlines()
     assert "teacher_nll" in lines[0] and "of the gap" in lines[-11]
     assert lines[-10].startswith("Replies to the first 2 prompts") and lines[-5].startswith("The first prompt's")
     assert [line.split()[0] for line in lines[-9:-5] + lines[-4:]] == ["data", "base", "steered", "teacher"] * 2
-    sampled = prt("eval", "--model", str(tiny_gguf), "--reward", str(out), "--data", str(data), "--ctx", "512",
-                  "--samples", "1", "--sample-tokens", "4", "--json")
+    sampled = prt(
+        "eval",
+        "--model",
+        str(tiny_gguf),
+        "--reward",
+        str(out),
+        "--data",
+        str(data),
+        "--ctx",
+        "512",
+        "--samples",
+        "1",
+        "--sample-tokens",
+        "4",
+        "--json",
+    )
     assert sampled.returncode == 0, sampled.stderr
     replies = json.loads(sampled.stdout)["replies"]
     assert list(replies) == ["data", "base", "steered"] and len(replies["base"]["texts"]) == 1
@@ -311,21 +388,43 @@ def test_cli_tune_and_eval_json(tmp_path, tiny_gguf):
 def test_cli_tune_with_too_few_good_lines_says_what_was_skipped(tmp_path, tiny_gguf):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"prompt": "a", "response": "b"}\nnot json\n')
-    result = prt("tune", "--model", str(tiny_gguf), "--data", str(data), "--out", str(tmp_path / "r.onnx"),
-                 "--ctx", "512")
-    assert_one_line_error(result, "needs at least 2 usable examples; skipped 1 of 2 examples: 1 not valid JSON "
-                                  f"({data}:2, column 1)")
+    result = prt(
+        "tune", "--model", str(tiny_gguf), "--data", str(data), "--out", str(tmp_path / "r.onnx"), "--ctx", "512"
+    )
+    assert_one_line_error(
+        result, f"needs at least 2 usable examples; skipped 1 of 2 examples: 1 not valid JSON ({data}:2, column 1)"
+    )
     assert not (tmp_path / "r.onnx").exists()
 
 
+@pytest.mark.subprocess
 def test_ctrl_c_during_tuning_leaves_no_file(tmp_path, tiny_gguf):
     data = tmp_path / "data.jsonl"
-    data.write_text("\n".join(json.dumps({"prompt": p, "response": "A reply of a few words here."})
-                              for p in other_prompts(60)))
+    data.write_text(
+        "\n".join(json.dumps({"prompt": p, "response": "A reply of a few words here."}) for p in other_prompts(60))
+    )
     out = tmp_path / "cancelled.onnx"
-    process = subprocess.Popen([sys.executable, "-m", "engine.cli", "tune", "--model", str(tiny_gguf), "--data",
-                                str(data), "--out", str(out), "--epochs", "200", "--ctx", "512"],
-                               stderr=subprocess.PIPE, text=True, env=os.environ | {"PRT_PROGRESS": "1"})
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "engine.cli",
+            "tune",
+            "--model",
+            str(tiny_gguf),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--epochs",
+            "200",
+            "--ctx",
+            "512",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ | {"PRT_PROGRESS": "1"},
+    )
     seen = ""
     deadline = time.monotonic() + 120
     while "train" not in seen and time.monotonic() < deadline:
@@ -337,8 +436,11 @@ def test_ctrl_c_during_tuning_leaves_no_file(tmp_path, tiny_gguf):
 
 
 def test_teacher_pass_progress_counts_every_evaluation_of_the_base(tiny_base):
-    examples = [Demonstration("Hi", "Hello."), Demonstration("Hey", "Hi!", teacher_system="Be brief."),
-                PreferencePair("Yo", "Hello there.", "Go away.")]
+    examples = [
+        Demonstration("Hi", "Hello."),
+        Demonstration("Hey", "Hi!", teacher_system="Be brief."),
+        PreferencePair("Yo", "Hello there.", "Go away."),
+    ]
     reports = []
     data = teacher_pass(tiny_base, examples, progress=lambda done, total: reports.append((done, total)))
     assert reports == [(1, 5), (2, 5), (4, 5), (5, 5)]  # a pair is two replies; the teacher's context comes last
@@ -346,9 +448,13 @@ def test_teacher_pass_progress_counts_every_evaluation_of_the_base(tiny_base):
 
 
 def test_distilled_examples_carry_the_teachers_distribution_on_the_same_support(tiny_base):
-    plain, distilled = teacher_pass(tiny_base, [Demonstration("Hi", "Hello there, friend."),
-                                                Demonstration("Hi", "Hello there, friend.", teacher_system="Be a pirate.")
-                                                ]).demonstrations
+    plain, distilled = teacher_pass(
+        tiny_base,
+        [
+            Demonstration("Hi", "Hello there, friend."),
+            Demonstration("Hi", "Hello there, friend.", teacher_system="Be a pirate."),
+        ],
+    ).demonstrations
     assert plain.teacher_logprobs is None
     teacher = distilled.teacher_logprobs
     assert teacher.shape == distilled.base_logprobs.shape
@@ -357,19 +463,20 @@ def test_distilled_examples_carry_the_teachers_distribution_on_the_same_support(
     assert np.all(teacher[finite] <= 0) and np.abs(teacher[finite] - distilled.base_logprobs[finite]).max() > 1e-3
 
 
-
 def test_distill_refuses_to_write_nothing(tiny_base):
     from rewards_onnx.distill import distill
+
     with pytest.raises(DatasetError, match="No teacher answer ended within 4 tokens"):
         distill(tiny_base, "Be brief.", 2, max_tokens=4)
 
 
 def test_example_prompts_never_repeat_and_keep_the_first_topics_first():
     from rewards_onnx.distill import MORE_TOPICS, QUESTION_FORMS, TOPICS, example_prompts
+
     prompts = example_prompts(0)
     assert len(set(prompts)) == len(prompts) == (len(TOPICS) + len(MORE_TOPICS)) * len(QUESTION_FORMS)
     first = {form.format(topic) for topic in TOPICS for form in QUESTION_FORMS}
-    assert set(prompts[:len(first)]) == first  # data distilled from the first prompts is unchanged by MORE_TOPICS
+    assert set(prompts[: len(first)]) == first  # data distilled from the first prompts is unchanged by MORE_TOPICS
     assert prompts == example_prompts(0) != example_prompts(1)
 
 
@@ -383,6 +490,7 @@ def test_a_bad_destination_is_refused_before_any_work(tmp_path, tiny_base):
 
 def test_distilled_targets_are_the_teachers_distribution_at_its_sampling_temperature(tiny_base):
     from rewards_onnx.train import _target_distribution
+
     example = Demonstration("Hi", "Hello there.", teacher_system="Be a pirate.", teacher_temperature=0.5)
     sequence = teacher_pass(tiny_base, [example]).demonstrations[0]
     assert sequence.teacher_temperature == 0.5
@@ -402,8 +510,21 @@ def test_cli_tunes_from_the_apps_feedback_with_json_progress(tmp_path, tiny_gguf
             store.add_feedback("thumbs_up", prompt=prompt, chosen="Fine, thanks.")
             store.add_feedback("edit", prompt=prompt, chosen="Fine.", rejected="Well, let me think about it.")
     out = tmp_path / "from-feedback.onnx"
-    tuned = prt("tune", "--model", str(tiny_gguf), "--feedback", str(database), "--out", str(out), "--epochs", "2",
-                "--ctx", "512", "--json", "--progress-json")
+    tuned = prt(
+        "tune",
+        "--model",
+        str(tiny_gguf),
+        "--feedback",
+        str(database),
+        "--out",
+        str(out),
+        "--epochs",
+        "2",
+        "--ctx",
+        "512",
+        "--json",
+        "--progress-json",
+    )
     assert tuned.returncode == 0, tuned.stderr
     progress = [JobProgress.parse(line) for line in tuned.stderr.splitlines()]
     assert progress and all(progress), tuned.stderr  # every stderr line is a progress record
@@ -416,6 +537,7 @@ def test_cli_tunes_from_the_apps_feedback_with_json_progress(tmp_path, tiny_gguf
 
 
 def test_cli_tune_without_a_chat_database_says_so(tmp_path, tiny_gguf):
-    result = prt("tune", "--model", str(tiny_gguf), "--feedback", str(tmp_path / "none.db"),
-                 "--out", str(tmp_path / "r.onnx"))
+    result = prt(
+        "tune", "--model", str(tiny_gguf), "--feedback", str(tmp_path / "none.db"), "--out", str(tmp_path / "r.onnx")
+    )
     assert_one_line_error(result, "No chat database")

@@ -35,14 +35,28 @@ def read_tokenizer(gguf_path: Path) -> Tokenizer:
     def value(key: str):
         return fields[key].contents()
 
-    return Tokenizer(tokens=value("tokenizer.ggml.tokens"), token_types=value("tokenizer.ggml.token_type"),
-                     merges=value("tokenizer.ggml.merges"), chat_template=value("tokenizer.chat_template"),
-                     bos=value("tokenizer.ggml.bos_token_id"), eos=value("tokenizer.ggml.eos_token_id"),
-                     pre=value("tokenizer.ggml.pre"))
+    return Tokenizer(
+        tokens=value("tokenizer.ggml.tokens"),
+        token_types=value("tokenizer.ggml.token_type"),
+        merges=value("tokenizer.ggml.merges"),
+        chat_template=value("tokenizer.chat_template"),
+        bos=value("tokenizer.ggml.bos_token_id"),
+        eos=value("tokenizer.ggml.eos_token_id"),
+        pre=value("tokenizer.ggml.pre"),
+    )
 
 
-def write_tiny_llama(path: Path, tokenizer: Tokenizer, *, seed: int, n_embd: int = 64, n_layers: int = 2,
-                     n_heads: int = 4, n_ff: int = 128, n_ctx: int = 2048) -> Path:
+def write_tiny_llama(
+    path: Path,
+    tokenizer: Tokenizer,
+    *,
+    seed: int,
+    n_embd: int = 64,
+    n_layers: int = 2,
+    n_heads: int = 4,
+    n_ff: int = 128,
+    n_ctx: int = 2048,
+) -> Path:
     rng = np.random.default_rng(seed)
     n_vocab = len(tokenizer.tokens)
 
@@ -92,12 +106,16 @@ def write_tiny_llama(path: Path, tokenizer: Tokenizer, *, seed: int, n_embd: int
     return path
 
 
-def write_reward(path: Path, weights: RewardWeights, *, vocabulary_fingerprint: str, base_name: str,
-                 name: str | None = None) -> Path:
-    card = RewardCard(name=name or path.stem, vocabulary_fingerprint=vocabulary_fingerprint,
-                      vocabulary_size=weights.shape.vocab_size, base_model_name=base_name,
-                      network={"width": weights.shape.width, "layers": weights.shape.layers,
-                               "heads": weights.shape.heads})
+def write_reward(
+    path: Path, weights: RewardWeights, *, vocabulary_fingerprint: str, base_name: str, name: str | None = None
+) -> Path:
+    card = RewardCard(
+        name=name or path.stem,
+        vocabulary_fingerprint=vocabulary_fingerprint,
+        vocabulary_size=weights.shape.vocab_size,
+        base_model_name=base_name,
+        network={"width": weights.shape.width, "layers": weights.shape.layers, "heads": weights.shape.heads},
+    )
     return save_reward(path, build_reward_model(weights), card)
 
 

@@ -9,8 +9,9 @@ What the window only reads is a read-only property here, so an implementation ma
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Protocol, Sequence, TypeVar, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 from engine.app.chat import RewardInfo
 from engine.runtime.base_model import BaseModel, BaseModelConfig, ChatMessage

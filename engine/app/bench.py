@@ -27,9 +27,9 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterable, Sequence, Union
 
 import numpy as np
 import onnx
@@ -38,7 +38,12 @@ import psutil
 from engine.runtime.base_model import BaseModel
 from engine.runtime.decode import Generation, RewardSlot, attach_rewards
 from engine.runtime.mixing import stacked_model
-from engine.runtime.reward_graph import RewardNetworkShape, build_reward_model, random_reward_weights, read_reward_weights
+from engine.runtime.reward_graph import (
+    RewardNetworkShape,
+    build_reward_model,
+    random_reward_weights,
+    read_reward_weights,
+)
 from engine.runtime.rewards import RewardCard, RewardModel, RewardSession, open_session, save_reward
 from engine.runtime.steering import SamplingConfig
 
@@ -50,7 +55,7 @@ PROMPTS = (
 REFERENCE_SHAPE = dict(width=128, layers=2, heads=4)
 SHORT_CONTEXT = 16
 TIMED_REWARD_STEPS = 200
-RewardRuntime = Union[RewardModel, RewardSession]  # both: reset, sync, advance, rewind
+RewardRuntime = RewardModel | RewardSession  # both: reset, sync, advance, rewind
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,8 +88,9 @@ def run_bench(base: BaseModel, config: BenchConfig = BenchConfig(), library: Seq
         }
         if library_slots:
             runners["library_merged"] = lambda prompt: _engine_decode_seconds(base, prompt, library_slots, config)
-            runners["library_separate"] = lambda prompt: _engine_decode_seconds(base, prompt, library_slots, config,
-                                                                                merge=False)
+            runners["library_separate"] = lambda prompt: _engine_decode_seconds(
+                base, prompt, library_slots, config, merge=False
+            )
         seconds: dict[str, list[float]] = {name: [] for name in runners}
         for prompt in prompts[:1]:  # warm-up: page in weights, build ORT kernels
             for run in runners.values():
@@ -96,8 +102,10 @@ def run_bench(base: BaseModel, config: BenchConfig = BenchConfig(), library: Seq
                     seconds[name].append(runners[name](prompt))
         timed_tokens = (config.tokens - 1) * config.rounds * len(prompts)
         tokens_per_second = {name: timed_tokens / sum(runs) for name, runs in seconds.items()}
-        reward_ms = {f"reward_ms_per_step_at_{n}": _reward_step_ms(slot.reward, n, config.top_k)
-                     for n in (SHORT_CONTEXT, config.long_context)}
+        reward_ms = {
+            f"reward_ms_per_step_at_{n}": _reward_step_ms(slot.reward, n, config.top_k)
+            for n in (SHORT_CONTEXT, config.long_context)
+        }
     return {
         "model": {"name": base.name, "path": str(base.path), "n_vocab": base.n_vocab},
         "reward": {**REFERENCE_SHAPE, "vocab_size": base.n_vocab, "file_bytes": reward_file_bytes},
@@ -108,39 +116,54 @@ def run_bench(base: BaseModel, config: BenchConfig = BenchConfig(), library: Seq
         **(_library_ratios(seconds, library_slots) if library_slots else {}),
         **{key: round(value, 4) for key, value in reward_ms.items()},
         "peak_rss_mb": round(peak_rss_bytes() / 2**20, 1),
-        "machine": {"platform": platform.platform(), "cpus_logical": psutil.cpu_count(),
-                    "cpus_physical": psutil.cpu_count(logical=False), "python": platform.python_version()},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus_logical": psutil.cpu_count(),
+            "cpus_physical": psutil.cpu_count(logical=False),
+            "python": platform.python_version(),
+        },
     }
 
 
 def _library_ratios(seconds: dict[str, list[float]], slots: list[RewardSlot]) -> dict:
-    return {"library": {"rewards": [slot.reward.name for slot in slots], "weight": LIBRARY_WEIGHT,
-                        "ratio_merged_over_separate": _paired_speed_ratio(seconds["library_separate"],
-                                                                          seconds["library_merged"]),
-                        "ratio_merged_over_plain": _paired_speed_ratio(seconds["plain"], seconds["library_merged"])}}
+    return {
+        "library": {
+            "rewards": [slot.reward.name for slot in slots],
+            "weight": LIBRARY_WEIGHT,
+            "ratio_merged_over_separate": _paired_speed_ratio(seconds["library_separate"], seconds["library_merged"]),
+            "ratio_merged_over_plain": _paired_speed_ratio(seconds["plain"], seconds["library_merged"]),
+        }
+    }
 
 
 def format_report(report: dict) -> str:
     speeds = report["tokens_per_second"]
-    long_key = next(key for key in report if key.startswith("reward_ms_per_step_at_") and
-                    not key.endswith(f"_{SHORT_CONTEXT}"))
+    long_key = next(
+        key for key in report if key.startswith("reward_ms_per_step_at_") and not key.endswith(f"_{SHORT_CONTEXT}")
+    )
     library = report.get("library")
-    library_lines = [
-        f"library ({len(library['rewards'])} rewards at {library['weight']}) tok/s   merged "
-        f"{speeds['library_merged']:.1f}   separate {speeds['library_separate']:.1f}",
-        f"library        merged/separate {library['ratio_merged_over_separate']:.3f}   "
-        f"merged/plain {library['ratio_merged_over_plain']:.3f}",
-    ] if library else []
-    return "\n".join([
-        f"model: {report['model']['name']}   reward: 2 layers x 128 wide ({report['reward']['file_bytes'] / 1e6:.1f} MB)",
-        f"decode tok/s   plain {speeds['plain']:.1f}   engine (no reward) {speeds['engine']:.1f}   "
-        f"steered {speeds['steered']:.1f}",
-        f"steered/plain  {report['ratio_steered_over_plain']:.3f}   engine/plain {report['ratio_engine_over_plain']:.3f}",
-        f"reward step    {report[f'reward_ms_per_step_at_{SHORT_CONTEXT}']:.3f} ms at {SHORT_CONTEXT} tokens, "
-        f"{report[long_key]:.3f} ms at {long_key.rsplit('_', 1)[1]} tokens",
-        *library_lines,
-        f"peak RSS       {report['peak_rss_mb']:.0f} MB",
-    ])
+    library_lines = (
+        [
+            f"library ({len(library['rewards'])} rewards at {library['weight']}) tok/s   merged "
+            f"{speeds['library_merged']:.1f}   separate {speeds['library_separate']:.1f}",
+            f"library        merged/separate {library['ratio_merged_over_separate']:.3f}   "
+            f"merged/plain {library['ratio_merged_over_plain']:.3f}",
+        ]
+        if library
+        else []
+    )
+    return "\n".join(
+        [
+            f"model: {report['model']['name']}   reward: 2 layers x 128 wide ({report['reward']['file_bytes'] / 1e6:.1f} MB)",
+            f"decode tok/s   plain {speeds['plain']:.1f}   engine (no reward) {speeds['engine']:.1f}   "
+            f"steered {speeds['steered']:.1f}",
+            f"steered/plain  {report['ratio_steered_over_plain']:.3f}   engine/plain {report['ratio_engine_over_plain']:.3f}",
+            f"reward step    {report[f'reward_ms_per_step_at_{SHORT_CONTEXT}']:.3f} ms at {SHORT_CONTEXT} tokens, "
+            f"{report[long_key]:.3f} ms at {long_key.rsplit('_', 1)[1]} tokens",
+            *library_lines,
+            f"peak RSS       {report['peak_rss_mb']:.0f} MB",
+        ]
+    )
 
 
 def _paired_speed_ratio(reference_seconds: list[float], other_seconds: list[float]) -> float:
@@ -155,9 +178,14 @@ def _rotated(names: list[str], shift: int) -> list[str]:
 
 def _write_reference_reward(base: BaseModel, path: Path) -> Path:
     shape = RewardNetworkShape(vocab_size=base.n_vocab, **REFERENCE_SHAPE)
-    card = RewardCard(name="reference-reward", description="random weights, for benchmarking only",
-                      vocabulary_fingerprint=base.vocabulary_fingerprint, vocabulary_size=base.n_vocab,
-                      base_model_name=base.name, network=REFERENCE_SHAPE)
+    card = RewardCard(
+        name="reference-reward",
+        description="random weights, for benchmarking only",
+        vocabulary_fingerprint=base.vocabulary_fingerprint,
+        vocabulary_size=base.n_vocab,
+        base_model_name=base.name,
+        network=REFERENCE_SHAPE,
+    )
     return save_reward(path, build_reward_model(random_reward_weights(shape, seed=0)), card)
 
 
@@ -177,12 +205,15 @@ def _plain_decode_seconds(base: BaseModel, prompt: list[int], tokens: int) -> fl
     llama = base.llama
     llama.reset()
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    texts = (decoder.decode(llama.detokenize([token])) for token in llama.generate(prompt, top_k=1, temp=0.0, reset=False))
+    texts = (
+        decoder.decode(llama.detokenize([token])) for token in llama.generate(prompt, top_k=1, temp=0.0, reset=False)
+    )
     return _first_to_last_seconds(texts, tokens)
 
 
-def _engine_decode_seconds(base: BaseModel, prompt: list[int], slots: list[RewardSlot], config: BenchConfig, *,
-                           merge: bool = True) -> float:
+def _engine_decode_seconds(
+    base: BaseModel, prompt: list[int], slots: list[RewardSlot], config: BenchConfig, *, merge: bool = True
+) -> float:
     base.llama.reset()  # same cold prefill as the plain run
     for slot in slots:
         slot.reward.reset()
@@ -196,8 +227,9 @@ def _reward_step_ms(reward: RewardModel, context: int, top_k: int) -> float:
     return _interleaved_step_ms({"one": [reward]}, context, top_k, reward.card.vocabulary_size)["one"]
 
 
-def _interleaved_step_ms(ways: dict[str, Sequence[RewardRuntime]], context: int, top_k: int,
-                         vocab_size: int) -> dict[str, float]:
+def _interleaved_step_ms(
+    ways: dict[str, Sequence[RewardRuntime]], context: int, top_k: int, vocab_size: int
+) -> dict[str, float]:
     """Median ms of one decode step at ``context`` tokens, for each way of scoring (all its runtimes in turn);
     the ways take turns at every step, so a machine that changes speed hits each equally."""
     rng = np.random.default_rng(context)
@@ -223,37 +255,51 @@ def run_merge_bench(*, rewards: int = 4, vocab_size: int = 49152, top_k: int = 4
     """Per-step cost and memory of ``rewards`` reference-size rewards sharing one embedding (as rewards tuned for
     one base do): one session each vs one merged session, measured warm in one run."""
     if rewards < 2 or vocab_size < 2 or top_k < 1 or long_context < SHORT_CONTEXT:
-        raise ValueError(f"the merge bench needs rewards >= 2, vocab_size >= 2, top_k >= 1, long_context >= {SHORT_CONTEXT}")
+        raise ValueError(
+            f"the merge bench needs rewards >= 2, vocab_size >= 2, top_k >= 1, long_context >= {SHORT_CONTEXT}"
+        )
     with tempfile.TemporaryDirectory(prefix="prt-bench-") as folder:
         paths = _write_sharing_rewards(Path(folder), rewards, vocab_size)
         merged_model = stacked_model([read_reward_weights(onnx.load(str(path))) for path in paths])
         separate = [RewardModel(path) for path in paths]
         merged = RewardSession(open_session(merged_model, threads=1), title="merged", source="merged")
         ways: dict[str, Sequence[RewardRuntime]] = {"separate": separate, "merged": [merged]}
-        step_ms = {context: _interleaved_step_ms(ways, context, top_k, vocab_size)
-                   for context in (SHORT_CONTEXT, long_context)}
+        step_ms = {
+            context: _interleaved_step_ms(ways, context, top_k, vocab_size) for context in (SHORT_CONTEXT, long_context)
+        }
         separate_bytes, merged_bytes = sum(path.stat().st_size for path in paths), len(merged_model)
     return {
         "rewards": rewards,
         "reward": {**REFERENCE_SHAPE, "vocab_size": vocab_size, "top_k": top_k},
-        "ms_per_step": {str(context): {name: round(ms, 4) for name, ms in timings.items()}
-                        for context, timings in step_ms.items()},
-        "ratio_merged_over_separate": {str(context): round(timings["merged"] / timings["separate"], 3)
-                                       for context, timings in step_ms.items()},
-        "model_bytes": {"separate": separate_bytes, "merged": merged_bytes,  # the initializers, nearly all of it
-                        "ratio": round(merged_bytes / separate_bytes, 3)},
+        "ms_per_step": {
+            str(context): {name: round(ms, 4) for name, ms in timings.items()} for context, timings in step_ms.items()
+        },
+        "ratio_merged_over_separate": {
+            str(context): round(timings["merged"] / timings["separate"], 3) for context, timings in step_ms.items()
+        },
+        "model_bytes": {
+            "separate": separate_bytes,
+            "merged": merged_bytes,  # the initializers, nearly all of it
+            "ratio": round(merged_bytes / separate_bytes, 3),
+        },
     }
 
 
 def format_merge_report(report: dict) -> str:
-    lines = [f"{report['rewards']} rewards, each 2 layers x 128 wide, vocabulary {report['reward']['vocab_size']}, "
-             f"top-{report['reward']['top_k']}"]
+    lines = [
+        f"{report['rewards']} rewards, each 2 layers x 128 wide, vocabulary {report['reward']['vocab_size']}, "
+        f"top-{report['reward']['top_k']}"
+    ]
     for context, timings in report["ms_per_step"].items():
-        lines.append(f"step at {context:>5} tokens   separate {timings['separate']:.3f} ms   merged "
-                     f"{timings['merged']:.3f} ms   merged/separate {report['ratio_merged_over_separate'][context]:.3f}")
+        lines.append(
+            f"step at {context:>5} tokens   separate {timings['separate']:.3f} ms   merged "
+            f"{timings['merged']:.3f} ms   merged/separate {report['ratio_merged_over_separate'][context]:.3f}"
+        )
     sizes = report["model_bytes"]
-    lines.append(f"model bytes         separate {sizes['separate'] / 1e6:.1f} MB   merged {sizes['merged'] / 1e6:.1f} MB"
-                 f"   merged/separate {sizes['ratio']:.3f}")
+    lines.append(
+        f"model bytes         separate {sizes['separate'] / 1e6:.1f} MB   merged {sizes['merged'] / 1e6:.1f} MB"
+        f"   merged/separate {sizes['ratio']:.3f}"
+    )
     return "\n".join(lines)
 
 
@@ -264,9 +310,14 @@ def _write_sharing_rewards(folder: Path, count: int, vocab_size: int) -> list[Pa
     paths = []
     for seed in range(count):
         weights = replace(random_reward_weights(shape, seed=seed), embedding=embedding)
-        card = RewardCard(name=f"reference-{seed}", description="random weights, for benchmarking only",
-                          vocabulary_fingerprint="sha256:bench", vocabulary_size=vocab_size,
-                          base_model_name="none", network=REFERENCE_SHAPE)
+        card = RewardCard(
+            name=f"reference-{seed}",
+            description="random weights, for benchmarking only",
+            vocabulary_fingerprint="sha256:bench",
+            vocabulary_size=vocab_size,
+            base_model_name="none",
+            network=REFERENCE_SHAPE,
+        )
         paths.append(save_reward(folder / f"reference-{seed}.onnx", build_reward_model(weights), card))
     return paths
 

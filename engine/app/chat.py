@@ -8,9 +8,10 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from engine.runtime.base_model import BaseModel, BaseModelConfig, ChatMessage
 from engine.runtime.decode import FinishReason, Generation, GenerationResult, RewardSlot, TokenEvent, attach_rewards
@@ -98,8 +99,12 @@ class ChatEngine:
         if self.base is None:
             return RewardInfo(path, card, None)
         if card.vocabulary_fingerprint != self.base.vocabulary_fingerprint:
-            return RewardInfo(path, card, False, f"Trained for '{card.base_model_name}', whose vocabulary differs "
-                                                 f"from '{self.base.name}'.")
+            return RewardInfo(
+                path,
+                card,
+                False,
+                f"Trained for '{card.base_model_name}', whose vocabulary differs from '{self.base.name}'.",
+            )
         return RewardInfo(path, card, True)
 
     def set_active_rewards(self, weights: Mapping[Path | str, float]) -> None:
@@ -145,8 +150,13 @@ class ChatEngine:
         if self.base is None:
             raise PrtError("No model is loaded yet; pick one in the model list.")
         prompt = self.base.chat_prompt_tokens(messages)
-        return Generation(self.base, prompt, rewards=list(self._slots.values()),
-                          config=replace(config, alpha=1.0), merged_sessions=self.merged_sessions)
+        return Generation(
+            self.base,
+            prompt,
+            rewards=list(self._slots.values()),
+            config=replace(config, alpha=1.0),
+            merged_sessions=self.merged_sessions,
+        )
 
     def run_locked(self, generation: ReplyStream, on_event: Callable[[TokenEvent], None]) -> GenerationResult:
         """Iterate ``generation`` while no model change can happen, calling ``on_event`` per event."""
@@ -176,7 +186,12 @@ class ReplyRecorder:
     """
 
     FINAL_STATUS: dict[FinishReason, MessageStatus] = {
-        "stop": "complete", "length": "complete", "context": "complete", "cancelled": "stopped", "error": "error"}
+        "stop": "complete",
+        "length": "complete",
+        "context": "complete",
+        "cancelled": "stopped",
+        "error": "error",
+    }
 
     def __init__(self, store, message_id: int, *, interval: float = 0.25) -> None:
         self._store = store
@@ -196,12 +211,16 @@ class ReplyRecorder:
             self._write(content=self._text, status="streaming")
             self._last_write = time.monotonic()
 
-    def finish(self, result: GenerationResult, reward_names: Sequence[str] = (),
-               error: str | None = None) -> MessageStatus:
+    def finish(
+        self, result: GenerationResult, reward_names: Sequence[str] = (), error: str | None = None
+    ) -> MessageStatus:
         status: MessageStatus = "error" if error else self.FINAL_STATUS.get(result.finish_reason, "complete")
-        stats: dict[str, object] = {"tokens": len(result.token_ids),
-                                    "tokens_per_second": round(result.tokens_per_second, 2),
-                                    "finish_reason": result.finish_reason, "rewards": list(reward_names)}
+        stats: dict[str, object] = {
+            "tokens": len(result.token_ids),
+            "tokens_per_second": round(result.tokens_per_second, 2),
+            "finish_reason": result.finish_reason,
+            "rewards": list(reward_names),
+        }
         if error:
             stats["error"] = error
         self._write(content=self._text, status=status, stats=stats)
@@ -218,16 +237,34 @@ class ReplyRecorder:
 
 
 # -- tuning runs in a child process: torch stays out of the app, and cancel is a clean kill -------------
-def tune_command(*, model_path: Path | str, out_path: Path | str, data_files: Sequence[Path | str] = (),
-                 documents: Sequence[Path | str] = (), feedback_db: Path | str | None = None,
-                 name: str | None = None, epochs: int | None = None,
-                 data_folder: Path | str | None = None) -> list[str]:
+def tune_command(
+    *,
+    model_path: Path | str,
+    out_path: Path | str,
+    data_files: Sequence[Path | str] = (),
+    documents: Sequence[Path | str] = (),
+    feedback_db: Path | str | None = None,
+    name: str | None = None,
+    epochs: int | None = None,
+    data_folder: Path | str | None = None,
+) -> list[str]:
     """The argv that tunes a reward with progress as JSON lines on stderr and a JSON summary on stdout.
 
     ``data_folder``: the app's (AppPaths.data), for the teacher passes; None: the child resolves its own.
     """
-    argv = [sys.executable, "-m", "engine.cli", "tune", "--model", str(model_path), "--out", str(out_path),
-            "--json", "--progress-json", *_data_folder_flag(data_folder)]
+    argv = [
+        sys.executable,
+        "-m",
+        "engine.cli",
+        "tune",
+        "--model",
+        str(model_path),
+        "--out",
+        str(out_path),
+        "--json",
+        "--progress-json",
+        *_data_folder_flag(data_folder),
+    ]
     for path in data_files:
         argv += ["--data", str(path)]
     for folder in documents:
@@ -241,11 +278,24 @@ def tune_command(*, model_path: Path | str, out_path: Path | str, data_files: Se
     return argv
 
 
-def library_build_command(*, model_path: Path | str, out_dir: Path | str,
-                          data_folder: Path | str | None = None) -> list[str]:
+def library_build_command(
+    *, model_path: Path | str, out_dir: Path | str, data_folder: Path | str | None = None
+) -> list[str]:
     """The argv that builds the base style rewards for a model, reporting like ``tune_command``."""
-    return [sys.executable, "-m", "engine.cli", "library", "build", "--model", str(model_path), "--out", str(out_dir),
-            "--json", "--progress-json", *_data_folder_flag(data_folder)]
+    return [
+        sys.executable,
+        "-m",
+        "engine.cli",
+        "library",
+        "build",
+        "--model",
+        str(model_path),
+        "--out",
+        str(out_dir),
+        "--json",
+        "--progress-json",
+        *_data_folder_flag(data_folder),
+    ]
 
 
 def _data_folder_flag(data_folder: Path | str | None) -> list[str]:

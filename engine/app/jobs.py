@@ -29,16 +29,28 @@ class JobProgress:
     message: str = ""
 
     def to_json(self) -> str:
-        return json.dumps({"phase": self.phase, "done": self.done, "total": self.total,
-                           "eta_seconds": self.eta_seconds, "message": self.message})
+        return json.dumps(
+            {
+                "phase": self.phase,
+                "done": self.done,
+                "total": self.total,
+                "eta_seconds": self.eta_seconds,
+                "message": self.message,
+            }
+        )
 
     @classmethod
     def parse(cls, line: str) -> JobProgress | None:
         """A progress line from a job, or None for any other line."""
         try:
             data = json.loads(line)
-            return cls(str(data["phase"]), int(data["done"]), int(data["total"]), data.get("eta_seconds"),
-                       str(data.get("message", "")))
+            return cls(
+                str(data["phase"]),
+                int(data["done"]),
+                int(data["total"]),
+                data.get("eta_seconds"),
+                str(data.get("message", "")),
+            )
         except (ValueError, KeyError, TypeError):
             return None
 
@@ -85,8 +97,12 @@ class ProgressBar(ProgressReport):
         width = 24
         filled = int(width * done / total) if total else width
         eta_text = f" ETA {int(eta) // 60}m{int(eta) % 60:02d}s" if eta is not None and done < total else ""
-        print(f"\r{phase:>8} {done}/{total} [{'#' * filled}{'.' * (width - filled)}]{eta_text} {message}".ljust(79),
-              end="", file=sys.stderr, flush=True)
+        print(
+            f"\r{phase:>8} {done}/{total} [{'#' * filled}{'.' * (width - filled)}]{eta_text} {message}".ljust(79),
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def close(self) -> None:
         if self._enabled and self._phase:

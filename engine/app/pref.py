@@ -18,9 +18,10 @@ from __future__ import annotations
 import json
 import math
 import tokenize
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence, TypeAlias
+from typing import Any, TypeAlias
 
 import numpy as np
 
@@ -82,7 +83,7 @@ class PreferencePosterior:
         """Add one answer to the question with feature difference v = f(A) - f(B), and refit."""
         self._set_answers([*self.observations, (v, answer)])
 
-    def fit(self, observations: Iterable[tuple[FeatureDifference, str]]) -> "PreferencePosterior":
+    def fit(self, observations: Iterable[tuple[FeatureDifference, str]]) -> PreferencePosterior:
         """Replace all answers by these (v, answer) pairs and refit once."""
         self._set_answers(list(observations))
         return self
@@ -106,8 +107,9 @@ class PreferencePosterior:
         self._precision = negative_log_posterior_hessian(self._questions, self._mean, 1.0 / self.prior_var)
 
 
-def negative_log_posterior(questions: np.ndarray, labels: np.ndarray, prior_precision: float,
-                           weights: np.ndarray) -> float:
+def negative_log_posterior(
+    questions: np.ndarray, labels: np.ndarray, prior_precision: float, weights: np.ndarray
+) -> float:
     z = questions @ weights
     log_likelihood = labels * -np.logaddexp(0.0, -z) + (1 - labels) * -np.logaddexp(0.0, z)
     return float(-log_likelihood.sum() + 0.5 * prior_precision * weights @ weights)
@@ -118,8 +120,15 @@ def negative_log_posterior_hessian(questions: np.ndarray, weights: np.ndarray, p
     return (questions.T * (p * (1 - p))) @ questions + prior_precision * np.eye(questions.shape[1])
 
 
-def newton_map(questions: np.ndarray, labels: np.ndarray, prior_precision: float, *, start: np.ndarray,
-               tolerance: float = 1e-10, max_steps: int = 100) -> np.ndarray:
+def newton_map(
+    questions: np.ndarray,
+    labels: np.ndarray,
+    prior_precision: float,
+    *,
+    start: np.ndarray,
+    tolerance: float = 1e-10,
+    max_steps: int = 100,
+) -> np.ndarray:
     """The MAP of Bayesian logistic regression: Newton steps, halved until the objective decreases.
 
     The objective is strictly convex (the Gaussian prior), so this converges from any start.
@@ -159,11 +168,17 @@ def informativeness(posterior: PreferencePosterior, pool: np.ndarray) -> np.ndar
     slope = sigmoid(pool @ posterior.mean)
     slope = slope * (1 - slope)
     spread = np.einsum("nd,de,ne->n", pool, posterior.covariance, pool)
-    return slope ** 2 * spread
+    return slope**2 * spread
 
 
-def choose_question(posterior: PreferencePosterior, pool: np.ndarray, asked: set[int], *, strategy: str = "adaptive",
-                    rng: np.random.Generator | None = None) -> int:
+def choose_question(
+    posterior: PreferencePosterior,
+    pool: np.ndarray,
+    asked: set[int],
+    *,
+    strategy: str = "adaptive",
+    rng: np.random.Generator | None = None,
+) -> int:
     """Index (into pool) of the next question; never one in ``asked``."""
     open_questions = np.setdiff1d(np.arange(len(pool)), np.fromiter(asked, dtype=int, count=len(asked)))
     if open_questions.size == 0:
@@ -197,39 +212,57 @@ class Profile:
     format_version: int = PROFILE_FORMAT_VERSION
 
     @classmethod
-    def from_posterior(cls, name: str, reward_names: Sequence[str], posterior: PreferencePosterior) -> "Profile":
+    def from_posterior(cls, name: str, reward_names: Sequence[str], posterior: PreferencePosterior) -> Profile:
         if len(reward_names) != posterior.dim:
             raise ValueError(f"reward_names has {len(reward_names)} names for {posterior.dim} weights")
         mean = posterior.mean
         largest = np.max(np.abs(mean))
         scaled = mean / largest if largest > 0 else mean
-        return cls(name=name, weights={reward: float(w) for reward, w in zip(reward_names, scaled)},
-                   answers=[(v.tolist(), answer) for v, answer in posterior.observations],
-                   prior_var=posterior.prior_var)
+        return cls(
+            name=name,
+            weights={reward: float(w) for reward, w in zip(reward_names, scaled)},
+            answers=[(v.tolist(), answer) for v, answer in posterior.observations],
+            prior_var=posterior.prior_var,
+        )
 
     def posterior(self) -> PreferencePosterior:
         return PreferencePosterior(len(self.weights), prior_var=self.prior_var).fit(self.answers)
 
     def to_json(self) -> str:
-        return json.dumps({"name": self.name, "weights": self.weights, "prior_var": self.prior_var,
-                           "answers": [{"v": v, "answer": answer} for v, answer in self.answers],
-                           "format_version": self.format_version}, indent=2)
+        return json.dumps(
+            {
+                "name": self.name,
+                "weights": self.weights,
+                "prior_var": self.prior_var,
+                "answers": [{"v": v, "answer": answer} for v, answer in self.answers],
+                "format_version": self.format_version,
+            },
+            indent=2,
+        )
 
     @classmethod
-    def from_json(cls, text: str) -> "Profile":
+    def from_json(cls, text: str) -> Profile:
         try:
             data = json.loads(text)
-            profile = cls(name=str(data["name"]), weights={str(k): _finite(w) for k, w in data["weights"].items()},
-                          answers=[([_finite(x) for x in _typed(a["v"], list)], checked_answer(a["answer"]))
-                                   for a in _typed(data["answers"], list)],
-                          prior_var=_finite(data["prior_var"]), format_version=_typed(data["format_version"], int))
+            profile = cls(
+                name=str(data["name"]),
+                weights={str(k): _finite(w) for k, w in data["weights"].items()},
+                answers=[
+                    ([_finite(x) for x in _typed(a["v"], list)], checked_answer(a["answer"]))
+                    for a in _typed(data["answers"], list)
+                ],
+                prior_var=_finite(data["prior_var"]),
+                format_version=_typed(data["format_version"], int),
+            )
             if profile.format_version <= PROFILE_FORMAT_VERSION:  # a newer format may change what is valid
                 profile.posterior()  # checks each answer against the weights and the prior variance
         except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as error:
             raise ProfileError(f"Not a preference profile ({error}); answer the questions again.") from error
         if profile.format_version > PROFILE_FORMAT_VERSION:
-            raise ProfileError(f"The profile has format {profile.format_version}; this app reads up to "
-                               f"{PROFILE_FORMAT_VERSION}. Update the app.")
+            raise ProfileError(
+                f"The profile has format {profile.format_version}; this app reads up to "
+                f"{PROFILE_FORMAT_VERSION}. Update the app."
+            )
         return profile
 
 
@@ -260,7 +293,7 @@ class SimulatedUser:
     scale: float
 
     @classmethod
-    def draw(cls, dim: int, rng: np.random.Generator, *, scale: float) -> "SimulatedUser":
+    def draw(cls, dim: int, rng: np.random.Generator, *, scale: float) -> SimulatedUser:
         direction = rng.standard_normal(dim)
         return cls(direction / np.linalg.norm(direction), scale)
 
@@ -301,8 +334,15 @@ FEATURE_CORRELATION = 0.5
 REFERENCE_QUESTIONS = 10
 
 
-def run_pref_bench(*, users: int = 100, dims: int = 4, questions: Sequence[int] = (5, 10, 20, 30), seed: int = 0,
-                   features: np.ndarray | None = None, noise_scale: float = NOISE_SCALE) -> dict:
+def run_pref_bench(
+    *,
+    users: int = 100,
+    dims: int = 4,
+    questions: Sequence[int] = (5, 10, 20, 30),
+    seed: int = 0,
+    features: np.ndarray | None = None,
+    noise_scale: float = NOISE_SCALE,
+) -> dict:
     """Simulated users answer adaptive and random questions; cosine(lambda*, posterior mean) per question count.
 
     Each user gets its own lambda* and pool (synthetic replies, or pairs of the given real reply features
@@ -313,26 +353,40 @@ def run_pref_bench(*, users: int = 100, dims: int = 4, questions: Sequence[int] 
     questions = sorted(set(questions))
     features = _checked_bench_arguments(users, dims, questions, features, noise_scale)
     dims = dims if features is None else features.shape[1]
-    prior_var = noise_scale ** 2 / dims  # the prior the simulated users are drawn from: E|lambda|^2 = beta^2
+    prior_var = noise_scale**2 / dims  # the prior the simulated users are drawn from: E|lambda|^2 = beta^2
     curves = {strategy: np.empty((users, questions[-1])) for strategy in STRATEGIES}
     agreement = np.empty(users)
     for index in range(users):
         user_rng = np.random.default_rng([seed, index])
         user = SimulatedUser.draw(dims, user_rng, scale=noise_scale)
-        replies = features if features is not None else \
-            synthetic_features(SYNTHETIC_REPLIES, dims, user_rng, correlation=FEATURE_CORRELATION)
+        replies = (
+            features
+            if features is not None
+            else synthetic_features(SYNTHETIC_REPLIES, dims, user_rng, correlation=FEATURE_CORRELATION)
+        )
         pool = question_pool(replies, user_rng, max_questions=POOL_QUESTIONS)
         agreement[index] = sigmoid(noise_scale * np.abs(pool @ user.weights)).mean()
         for number, strategy in enumerate(STRATEGIES):  # same user and pool, own answer stream per strategy
-            curves[strategy][index] = cosine_curve(user, pool, strategy, questions[-1], prior_var,
-                                                   np.random.default_rng([seed, index, number]))
-    return _bench_report(curves, questions, users=users, dims=dims, seed=seed, noise_scale=noise_scale,
-                         prior_var=round(prior_var, 6), agreement=round(float(agreement.mean()), 4),
-                         pool="synthetic" if features is None else "features", pool_questions=len(pool))
+            curves[strategy][index] = cosine_curve(
+                user, pool, strategy, questions[-1], prior_var, np.random.default_rng([seed, index, number])
+            )
+    return _bench_report(
+        curves,
+        questions,
+        users=users,
+        dims=dims,
+        seed=seed,
+        noise_scale=noise_scale,
+        prior_var=round(prior_var, 6),
+        agreement=round(float(agreement.mean()), 4),
+        pool="synthetic" if features is None else "features",
+        pool_questions=len(pool),
+    )
 
 
-def cosine_curve(user: SimulatedUser, pool: np.ndarray, strategy: str, max_questions: int, prior_var: float,
-                 rng: np.random.Generator) -> np.ndarray:
+def cosine_curve(
+    user: SimulatedUser, pool: np.ndarray, strategy: str, max_questions: int, prior_var: float, rng: np.random.Generator
+) -> np.ndarray:
     """cosine(lambda*, posterior mean) after each of 1..max_questions answers [max_questions]."""
     posterior = PreferencePosterior(len(user.weights), prior_var=prior_var)
     asked: set[int] = set()
@@ -350,8 +404,9 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / norms) if norms > 0 else 0.0
 
 
-def _checked_bench_arguments(users: int, dims: int, questions: list[int], features: np.ndarray | None,
-                             noise_scale: float) -> np.ndarray | None:
+def _checked_bench_arguments(
+    users: int, dims: int, questions: list[int], features: np.ndarray | None, noise_scale: float
+) -> np.ndarray | None:
     """Raise ValueError naming the bad argument; return the features standardized (or None)."""
     if users < 2:
         raise ValueError(f"users must be >= 2 (a 95% interval needs two), got {users}")
@@ -368,8 +423,10 @@ def _checked_bench_arguments(users: int, dims: int, questions: list[int], featur
         raise ValueError(f"features must be a finite numeric array [n_replies, n_rewards], got shape {features.shape}")
     pairs = len(features) * (len(features) - 1) // 2
     if features.shape[1] < 1 or min(pairs, POOL_QUESTIONS) < questions[-1]:
-        raise ValueError(f"features {features.shape} give {pairs} reply pairs; the bench asks up to {questions[-1]} "
-                         "questions, so it needs more replies and at least one reward")
+        raise ValueError(
+            f"features {features.shape} give {pairs} reply pairs; the bench asks up to {questions[-1]} "
+            "questions, so it needs more replies and at least one reward"
+        )
     return standardized(features.astype(float))
 
 
@@ -379,8 +436,10 @@ def _bench_report(curves: dict[str, np.ndarray], questions: list[int], **setting
     return {
         **settings,
         "questions": questions,
-        "cosine": {strategy: {str(count): _mean_and_interval(curve[:, count - 1]) for count in questions}
-                   for strategy, curve in curves.items()},
+        "cosine": {
+            strategy: {str(count): _mean_and_interval(curve[:, count - 1]) for count in questions}
+            for strategy, curve in curves.items()
+        },
         "reference_questions": REFERENCE_QUESTIONS,
         "random_questions_to_match_adaptive": int(reaching[0]) + 1 if reaching.size else f">{questions[-1]}",
     }
@@ -389,22 +448,28 @@ def _bench_report(curves: dict[str, np.ndarray], questions: list[int], **setting
 def _mean_and_interval(values: np.ndarray) -> dict:
     mean = values.mean()
     half_width = 1.96 * values.std(ddof=1) / np.sqrt(len(values))
-    return {"mean": round(float(mean), 4), "ci95": [round(float(mean - half_width), 4),
-                                                     round(float(mean + half_width), 4)]}
+    return {
+        "mean": round(float(mean), 4),
+        "ci95": [round(float(mean - half_width), 4), round(float(mean + half_width), 4)],
+    }
 
 
 def format_pref_report(report: dict) -> str:
     def cell(summary: dict) -> str:
         return f"{summary['mean']:.3f} [{summary['ci95'][0]:.3f}, {summary['ci95'][1]:.3f}]".ljust(26)
 
-    lines = [f"PReF bench: {report['users']} simulated users, {report['dims']} rewards, {report['pool']} pool of "
-             f"{report['pool_questions']} questions, noise scale {report['noise_scale']:g} "
-             f"(answers agree with lambda* {report['agreement']:.0%})",
-             f"{'questions':>9}  {'adaptive cosine [95% CI]':<26}{'random cosine [95% CI]':<26}"]
+    lines = [
+        f"PReF bench: {report['users']} simulated users, {report['dims']} rewards, {report['pool']} pool of "
+        f"{report['pool_questions']} questions, noise scale {report['noise_scale']:g} "
+        f"(answers agree with lambda* {report['agreement']:.0%})",
+        f"{'questions':>9}  {'adaptive cosine [95% CI]':<26}{'random cosine [95% CI]':<26}",
+    ]
     for count in report["questions"]:
         lines.append(f"{count:>9}  " + "".join(cell(report["cosine"][strategy][str(count)]) for strategy in STRATEGIES))
-    lines.append(f"random needs {report['random_questions_to_match_adaptive']} questions to reach adaptive's "
-                 f"{report['reference_questions']}-question cosine")
+    lines.append(
+        f"random needs {report['random_questions_to_match_adaptive']} questions to reach adaptive's "
+        f"{report['reference_questions']}-question cosine"
+    )
     return "\n".join(lines)
 
 

@@ -21,18 +21,19 @@ import re
 import sqlite3
 import threading
 import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence, cast, get_args
+from typing import Any, Literal, cast, get_args
 
 import sqlite_utils
 from sqlite_utils.db import NotFoundError
 
+from engine.app.paths import AppPaths
 from engine.runtime.errors import StoreError
 from engine.runtime.files import write_atomically
-from engine.app.paths import AppPaths
 from engine.runtime.user_json import parse_user_json
 
 BUSY_TIMEOUT_S = 10.0
@@ -211,6 +212,7 @@ def default_store_path() -> Path:
 def _synchronized(method):
     """Hold the store's lock for the whole call (one connection, shared by the GUI thread and workers), and turn
     what a damaged, locked or full database raises into a StoreError."""
+
     @functools.wraps(method)
     def locked(self, *args, **kwargs):
         with self._lock:
@@ -219,16 +221,21 @@ def _synchronized(method):
             except Exception as error:
                 if not _is_database_failure(error):
                     raise
-                raise StoreError(f"The chat database {self.path} failed ({error}); close other programs using it "
-                                 "and free disk space, or, if it is damaged, move it aside and restart.") from error
+                raise StoreError(
+                    f"The chat database {self.path} failed ({error}); close other programs using it "
+                    "and free disk space, or, if it is damaged, move it aside and restart."
+                ) from error
+
     return locked
 
 
 def _is_database_failure(error: Exception) -> bool:
     """Whether the file or its disk is at fault: damaged pages, text that is not UTF-8, a damaged JSON column,
     a lock held elsewhere, a full disk. Constraint and API misuse errors stay bugs."""
-    return (isinstance(error, (sqlite3.OperationalError, sqlite3.DataError, UnicodeDecodeError, _DamagedColumn))
-            or type(error) is sqlite3.DatabaseError)  # "database disk image is malformed"
+    return (
+        isinstance(error, (sqlite3.OperationalError, sqlite3.DataError, UnicodeDecodeError, _DamagedColumn))
+        or type(error) is sqlite3.DatabaseError
+    )  # "database disk image is malformed"
 
 
 class _DamagedColumn(Exception):
@@ -256,8 +263,10 @@ class Store:
             self._migrate()
         except sqlite3.OperationalError as error:  # locked by another program, read-only, disk full
             self._conn.close()
-            raise StoreError(f"Cannot open the chat database {self.path} ({error}); close other programs using it, "
-                             "or choose another data folder.") from error
+            raise StoreError(
+                f"Cannot open the chat database {self.path} ({error}); close other programs using it, "
+                "or choose another data folder."
+            ) from error
         except (sqlite3.DatabaseError, UnicodeDecodeError) as error:
             self._conn.close()
             raise StoreError(_not_a_chat_database(self.path)) from error
@@ -271,16 +280,20 @@ class Store:
             # isolation_level=None: no implicit transactions; every write goes through _transaction()
             return sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, check_same_thread=False, isolation_level=None)
         except (OSError, sqlite3.Error) as error:
-            raise StoreError(f"Cannot open the chat database {self.path} ({error}); "
-                             "check that its folder is writable, or choose another data folder.") from error
+            raise StoreError(
+                f"Cannot open the chat database {self.path} ({error}); "
+                "check that its folder is writable, or choose another data folder."
+            ) from error
 
     def _migrate(self) -> None:
         while True:
             with self._transaction():
                 version = self._db.execute("PRAGMA user_version").fetchone()[0]
                 if version > SCHEMA_VERSION:
-                    raise StoreError(f"{self.path} was written by a newer version of the app (schema {version}; "
-                                     f"this one knows up to {SCHEMA_VERSION}); update the app.")
+                    raise StoreError(
+                        f"{self.path} was written by a newer version of the app (schema {version}; "
+                        f"this one knows up to {SCHEMA_VERSION}); update the app."
+                    )
                 if version < 0 or (version == 0 and self._db.table_names()):
                     raise StoreError(_not_a_chat_database(self.path))
                 if version == SCHEMA_VERSION:
@@ -299,9 +312,11 @@ class Store:
             except BaseException as error:
                 self._db.rollback()
                 if _is_disk_full(error):
-                    raise StoreError(f"The disk is full: the chat database {self.path} could not save the last "
-                                     "change (everything saved before is kept); free some space, then try "
-                                     "again.") from error
+                    raise StoreError(
+                        f"The disk is full: the chat database {self.path} could not save the last "
+                        "change (everything saved before is kept); free some space, then try "
+                        "again."
+                    ) from error
                 raise
 
     def _now(self) -> str:
@@ -314,7 +329,7 @@ class Store:
     def close(self) -> None:
         self._conn.close()
 
-    def __enter__(self) -> "Store":
+    def __enter__(self) -> Store:
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -326,9 +341,18 @@ class Store:
     def create_conversation(self, title: str = "New chat", system_prompt: str = "", model_name: str = "") -> int:
         now = self._now()
         with self._transaction():
-            return _new_row_id(self._db.table("conversations").insert({
-                "uid": uuid.uuid4().hex, "title": title, "system_prompt": system_prompt,
-                "model_name": model_name, "created": now, "updated": now}))
+            return _new_row_id(
+                self._db.table("conversations").insert(
+                    {
+                        "uid": uuid.uuid4().hex,
+                        "title": title,
+                        "system_prompt": system_prompt,
+                        "model_name": model_name,
+                        "created": now,
+                        "updated": now,
+                    }
+                )
+            )
 
     @_synchronized
     def conversation(self, conversation_id: int) -> Conversation:
@@ -366,33 +390,62 @@ class Store:
     # messages, ordered by position
 
     @_synchronized
-    def add_message(self, conversation_id: int, role: str, content: str, *, status: MessageStatus = "complete",
-                    stats: dict | None = None) -> int:
+    def add_message(
+        self,
+        conversation_id: int,
+        role: str,
+        content: str,
+        *,
+        status: MessageStatus = "complete",
+        stats: dict | None = None,
+    ) -> int:
         _check_choice("role", role, ROLES)
         _check_choice("status", status, MESSAGE_STATUSES)
         now = self._now()
         with self._transaction():
             self._get("conversations", conversation_id)  # a clear error if it was deleted meanwhile
-            position = self._db.execute("SELECT COALESCE(MAX(position) + 1, 0) FROM messages "
-                                        "WHERE conversation_id = ?", [conversation_id]).fetchone()[0]
-            message_id = self._insert_message(conversation_id, {
-                "position": position, "role": role, "content": content, "status": status,
-                "stats": stats or {}, "created": now, "updated": now})
+            position = self._db.execute(
+                "SELECT COALESCE(MAX(position) + 1, 0) FROM messages WHERE conversation_id = ?", [conversation_id]
+            ).fetchone()[0]
+            message_id = self._insert_message(
+                conversation_id,
+                {
+                    "position": position,
+                    "role": role,
+                    "content": content,
+                    "status": status,
+                    "stats": stats or {},
+                    "created": now,
+                    "updated": now,
+                },
+            )
             self._touch(conversation_id, now)
             return message_id
 
     def _insert_message(self, conversation_id: int, message: dict) -> int:
         columns = ("position", "role", "content", "status", "created", "updated")
-        return _new_row_id(self._db.table("messages").insert({"conversation_id": conversation_id,
-                                                               **{k: message[k] for k in columns},
-                                                               "stats": _json(message["stats"], "stats")}))
+        return _new_row_id(
+            self._db.table("messages").insert(
+                {
+                    "conversation_id": conversation_id,
+                    **{k: message[k] for k in columns},
+                    "stats": _json(message["stats"], "stats"),
+                }
+            )
+        )
 
     def _touch(self, conversation_id: int, now: str) -> None:
         self._db.execute("UPDATE conversations SET updated = ? WHERE id = ?", [now, conversation_id])
 
     @_synchronized
-    def update_message(self, message_id: int, *, content: str | None = None, status: MessageStatus | None = None,
-                       stats: dict | None = None) -> None:
+    def update_message(
+        self,
+        message_id: int,
+        *,
+        content: str | None = None,
+        status: MessageStatus | None = None,
+        stats: dict | None = None,
+    ) -> None:
         """Change what is given; committed at once, so a streamed reply keeps its text through a crash."""
         if status is not None:
             _check_choice("status", status, MESSAGE_STATUSES)
@@ -414,45 +467,76 @@ class Store:
     def delete_messages_from(self, conversation_id: int, position: int) -> None:
         """Delete the messages at position and after (an edited or regenerated turn replaces them)."""
         with self._transaction():
-            self._db.execute("DELETE FROM messages WHERE conversation_id = ? AND position >= ?",
-                             [conversation_id, position])
+            self._db.execute(
+                "DELETE FROM messages WHERE conversation_id = ? AND position >= ?", [conversation_id, position]
+            )
             self._touch(conversation_id, self._now())
 
     # feedback: the user's judgements, kept as training data
 
     @_synchronized
-    def add_feedback(self, kind: str, *, prompt: str, system: str = "", chosen: str | None = None,
-                     rejected: str | None = None, conversation_id: int | None = None,
-                     message_id: int | None = None) -> int:
+    def add_feedback(
+        self,
+        kind: str,
+        *,
+        prompt: str,
+        system: str = "",
+        chosen: str | None = None,
+        rejected: str | None = None,
+        conversation_id: int | None = None,
+        message_id: int | None = None,
+    ) -> int:
         problem = _feedback_problem(kind, prompt, chosen, rejected)
         if problem:
             raise StoreError(problem)
         now = self._now()
         with self._transaction():
-            return _new_row_id(self._db.table("feedback").insert({
-                "conversation_id": conversation_id, "message_id": message_id, "kind": kind, "prompt": prompt,
-                "system": system, "chosen": chosen, "rejected": rejected, "created": now}))
+            return _new_row_id(
+                self._db.table("feedback").insert(
+                    {
+                        "conversation_id": conversation_id,
+                        "message_id": message_id,
+                        "kind": kind,
+                        "prompt": prompt,
+                        "system": system,
+                        "chosen": chosen,
+                        "rejected": rejected,
+                        "created": now,
+                    }
+                )
+            )
 
     @_synchronized
-    def save_style_profile(self, profile: dict, *, picks: Sequence[tuple[str, str, str]],
-                           dials: Mapping[Path | str, tuple[str, float]]) -> None:
+    def save_style_profile(
+        self, profile: dict, *, picks: Sequence[tuple[str, str, str]], dials: Mapping[Path | str, tuple[str, float]]
+    ) -> None:
         """All or nothing: the profile (setting 'style_profile'), each (prompt, chosen, rejected) pick as 'pick'
         feedback, and each base reward installed with its dial set to the profile's weight (off at 0)."""
-        problems = [problem for prompt, chosen, rejected in picks
-                    if (problem := _feedback_problem("pick", prompt, chosen, rejected))]
+        problems = [
+            problem
+            for prompt, chosen, rejected in picks
+            if (problem := _feedback_problem("pick", prompt, chosen, rejected))
+        ]
         if problems:
             raise StoreError(problems[0])
         if not all(math.isfinite(weight) for _name, weight in dials.values()):
             raise ValueError(f"dial weights must be finite numbers, got {dict(dials)!r}")
         now = self._now()
         with self._transaction():
-            self._db.table("settings").upsert({"key": "style_profile", "value": _json(profile, "style_profile")}, pk="key")
-            self._db.table("feedback").insert_all({"kind": "pick", "prompt": prompt, "chosen": chosen, "rejected": rejected,
-                                             "created": now} for prompt, chosen, rejected in picks)
+            self._db.table("settings").upsert(
+                {"key": "style_profile", "value": _json(profile, "style_profile")}, pk="key"
+            )
+            self._db.table("feedback").insert_all(
+                {"kind": "pick", "prompt": prompt, "chosen": chosen, "rejected": rejected, "created": now}
+                for prompt, chosen, rejected in picks
+            )
             for path, (name, weight) in dials.items():
-                self._db.execute("INSERT INTO rewards (path, name, enabled, weight, added) VALUES (?, ?, ?, ?, ?) "
-                                 "ON CONFLICT (path) DO UPDATE SET name = excluded.name, enabled = excluded.enabled, "
-                                 "weight = excluded.weight", [os.path.abspath(path), name, weight != 0, weight, now])
+                self._db.execute(
+                    "INSERT INTO rewards (path, name, enabled, weight, added) VALUES (?, ?, ?, ?, ?) "
+                    "ON CONFLICT (path) DO UPDATE SET name = excluded.name, enabled = excluded.enabled, "
+                    "weight = excluded.weight",
+                    [os.path.abspath(path), name, weight != 0, weight, now],
+                )
 
     @_synchronized
     def remove_feedback(self, feedback_id: int) -> None:
@@ -477,9 +561,11 @@ class Store:
     def add_reward(self, path: Path | str, name: str) -> None:
         """Install a reward (enabled, weight 1), or rename one already installed keeping its dial state."""
         with self._transaction():
-            self._db.execute("INSERT INTO rewards (path, name, added) VALUES (?, ?, ?) "
-                             "ON CONFLICT (path) DO UPDATE SET name = excluded.name",
-                             [os.path.abspath(path), name, self._now()])
+            self._db.execute(
+                "INSERT INTO rewards (path, name, added) VALUES (?, ?, ?) "
+                "ON CONFLICT (path) DO UPDATE SET name = excluded.name",
+                [os.path.abspath(path), name, self._now()],
+            )
 
     @_synchronized
     def rewards(self) -> list[RewardEntry]:
@@ -503,22 +589,42 @@ class Store:
     @_synchronized
     def start_tuning_run(self, sources: dict) -> int:
         with self._transaction():
-            return _new_row_id(self._db.table("tuning_runs").insert({"started": self._now(), "status": "running",
-                                                                     "sources": _json(sources, "sources")}))
+            return _new_row_id(
+                self._db.table("tuning_runs").insert(
+                    {"started": self._now(), "status": "running", "sources": _json(sources, "sources")}
+                )
+            )
 
     @_synchronized
-    def finish_tuning_run(self, run_id: int, *, status: str, reward_path: Path | str | None = None,
-                          metrics: dict | None = None, error: str | None = None) -> None:
+    def finish_tuning_run(
+        self,
+        run_id: int,
+        *,
+        status: str,
+        reward_path: Path | str | None = None,
+        metrics: dict | None = None,
+        error: str | None = None,
+    ) -> None:
         _check_choice("status", status, RUN_STATUSES[1:])
-        self._update("tuning_runs", run_id, {
-            "finished": self._now(), "status": status, "reward_path": None if reward_path is None else str(reward_path),
-            "metrics": _json(metrics or {}, "metrics"), "error": error})
+        self._update(
+            "tuning_runs",
+            run_id,
+            {
+                "finished": self._now(),
+                "status": status,
+                "reward_path": None if reward_path is None else str(reward_path),
+                "metrics": _json(metrics or {}, "metrics"),
+                "error": error,
+            },
+        )
 
     @_synchronized
     def tuning_runs(self) -> list[TuningRun]:
         rows = self._db.table("tuning_runs").rows_where(order_by="id DESC")
-        return [_record(TuningRun, row, sources=_stored_json(row["sources"]), metrics=_stored_json(row["metrics"]))
-                for row in rows]
+        return [
+            _record(TuningRun, row, sources=_stored_json(row["sources"]), metrics=_stored_json(row["metrics"]))
+            for row in rows
+        ]
 
     # settings: any JSON value under a key
 
@@ -538,21 +644,29 @@ class Store:
     def export_json(self, path: Path | str) -> dict[str, int]:
         """Write every conversation with its messages, and all feedback, to one JSON file (atomically)."""
         with self._transaction("BEGIN"):  # one snapshot, even if another process writes meanwhile
-            data: dict[str, Any] = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "exported": self._now(),
-                    "conversations": self._exported_conversations(),
-                    "feedback": list(self._db.query(_EXPORT_FEEDBACK_SQL))}
+            data: dict[str, Any] = {
+                "format": EXPORT_FORMAT,
+                "version": EXPORT_VERSION,
+                "exported": self._now(),
+                "conversations": self._exported_conversations(),
+                "feedback": list(self._db.query(_EXPORT_FEEDBACK_SQL)),
+            }
         try:
             write_atomically(Path(path), json.dumps(data, ensure_ascii=False, indent=1))
         except OSError as error:
             raise StoreError(f"Cannot write {path} ({error.strerror}); choose another location.") from error
-        return {"conversations": len(data["conversations"]),
-                "messages": sum(len(c["messages"]) for c in data["conversations"]),
-                "feedback": len(data["feedback"])}
+        return {
+            "conversations": len(data["conversations"]),
+            "messages": sum(len(c["messages"]) for c in data["conversations"]),
+            "feedback": len(data["feedback"]),
+        }
 
     def _exported_conversations(self) -> list[dict]:
         columns = ("uid", "title", "system_prompt", "model_name", "created", "updated")
-        conversations = {row["id"]: {**{k: row[k] for k in columns}, "messages": []}
-                         for row in self._db.table("conversations").rows_where(order_by="id")}
+        conversations = {
+            row["id"]: {**{k: row[k] for k in columns}, "messages": []}
+            for row in self._db.table("conversations").rows_where(order_by="id")
+        }
         for row in self._db.table("messages").rows_where(order_by="conversation_id, position"):
             message = {k: row[k] for k in ("position", "role", "content", "status", "created", "updated")}
             conversations[row["conversation_id"]]["messages"].append({**message, "stats": _stored_json(row["stats"])})
@@ -653,8 +767,9 @@ def _feedback_problem(kind: Any, prompt: Any, chosen: Any, rejected: Any) -> str
     needed = ("prompt",) + FEEDBACK_TEXTS[kind]
     missing = [name for name in needed if not (isinstance(texts[name], str) and texts[name].strip())]
     if missing:
-        return (f"Cannot record '{kind}' feedback: the {' and '.join(missing)} text is empty; "
-                "wait for a reply with text.")
+        return (
+            f"Cannot record '{kind}' feedback: the {' and '.join(missing)} text is empty; wait for a reply with text."
+        )
     extra = [name for name in ("chosen", "rejected") if name not in needed and texts[name] is not None]
     if extra:
         return f"'{kind}' feedback takes no {' or '.join(extra)} text."
@@ -678,24 +793,51 @@ def _is_disk_full(error: BaseException) -> bool:
 
 
 def _missing(table: str, key: Any) -> StoreError:
-    noun = {"conversations": "conversation", "messages": "message", "rewards": "installed reward",
-            "tuning_runs": "tuning run"}[table]
+    noun = {
+        "conversations": "conversation",
+        "messages": "message",
+        "rewards": "installed reward",
+        "tuning_runs": "tuning run",
+    }[table]
     return StoreError(f"There is no {noun} {key} (it may have been deleted); reload and try again.")
 
 
 def _not_a_chat_database(path: Path) -> str:
-    return (f"{path} is not a chat database (or it is damaged); move it aside and restart, "
-            "or choose another data folder.")
+    return (
+        f"{path} is not a chat database (or it is damaged); move it aside and restart, or choose another data folder."
+    )
 
 
 # what an export file holds: field -> JSON type(s)
 _NULL = type(None)
-_CONVERSATION_FIELDS = {"uid": str, "title": str, "system_prompt": str, "model_name": str, "created": str,
-                        "updated": str, "messages": list}
-_MESSAGE_FIELDS = {"position": int, "role": str, "content": str, "status": str, "stats": dict, "created": str,
-                   "updated": str}
-_FEEDBACK_FIELDS = {"kind": str, "prompt": str, "system": str, "chosen": (str, _NULL), "rejected": (str, _NULL),
-                    "created": str, "conversation_uid": (str, _NULL), "message_position": (int, _NULL)}
+_CONVERSATION_FIELDS = {
+    "uid": str,
+    "title": str,
+    "system_prompt": str,
+    "model_name": str,
+    "created": str,
+    "updated": str,
+    "messages": list,
+}
+_MESSAGE_FIELDS = {
+    "position": int,
+    "role": str,
+    "content": str,
+    "status": str,
+    "stats": dict,
+    "created": str,
+    "updated": str,
+}
+_FEEDBACK_FIELDS = {
+    "kind": str,
+    "prompt": str,
+    "system": str,
+    "chosen": (str, _NULL),
+    "rejected": (str, _NULL),
+    "created": str,
+    "conversation_uid": (str, _NULL),
+    "message_position": (int, _NULL),
+}
 _JSON_NAMES = {str: "a string", int: "an integer", list: "a list", dict: "an object", _NULL: "null"}
 _MAX_INTEGER = 2**63 - 1  # SQLite's
 
@@ -708,7 +850,7 @@ def _read_export(path: Path) -> dict:
     except ValueError as error:  # not UTF-8, not JSON, too deep
         raise _bad_export(path, error) from error
     if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
-        raise _bad_export(path, f"no \"format\": \"{EXPORT_FORMAT}\" at the top")
+        raise _bad_export(path, f'no "format": "{EXPORT_FORMAT}" at the top')
     if isinstance(data.get("version"), int) and data["version"] > EXPORT_VERSION:
         raise StoreError(f"{path} was exported by a newer version of the app; update the app to import it.")
     try:
@@ -753,5 +895,6 @@ def _check_fields(record: Any, expected: dict, where: str) -> None:
 
 
 def _bad_export(path: Path | str, problem: Any) -> StoreError:
-    return StoreError(f"{path} is not a valid chat export ({problem}); nothing was imported. "
-                      "Choose a file made by Export.")
+    return StoreError(
+        f"{path} is not a valid chat export ({problem}); nothing was imported. Choose a file made by Export."
+    )

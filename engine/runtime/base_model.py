@@ -77,8 +77,12 @@ class BaseModel:
         self.config = config
         threads = config.n_threads or default_thread_count()
         self._open_adapter: LlamaAdapter | None = LlamaAdapter(
-            self.path, n_ctx=config.n_ctx, n_batch=config.n_batch, n_threads=threads,
-            n_gpu_layers=default_gpu_layers() if config.n_gpu_layers is None else config.n_gpu_layers)
+            self.path,
+            n_ctx=config.n_ctx,
+            n_batch=config.n_batch,
+            n_threads=threads,
+            n_gpu_layers=default_gpu_layers() if config.n_gpu_layers is None else config.n_gpu_layers,
+        )
         self.n_vocab = self._adapter.n_vocab
         self.n_ctx = self._adapter.n_ctx
         self.name = self.path.stem  # what the user sees in the file manager; general.name is often a build tag
@@ -152,8 +156,10 @@ class BaseModel:
         try:
             rendered = self._adapter.render_chat(messages, add_generation_prompt=add_generation_prompt)
         except Exception as error:  # the template is code from the model file: whatever it raises
-            raise PromptError(f"The chat template of {self.name} cannot format this conversation ({error}); change "
-                              "the conversation (e.g. remove the system prompt) or pick another model.") from error
+            raise PromptError(
+                f"The chat template of {self.name} cannot format this conversation ({error}); change "
+                "the conversation (e.g. remove the system prompt) or pick another model."
+            ) from error
         return self.tokenize(rendered.text, add_bos=not rendered.added_special, special=True)
 
     def _check_chat_template(self) -> None:
@@ -179,7 +185,8 @@ class BaseModel:
         if n_tokens >= self.n_ctx:
             raise ContextOverflowError(
                 f"The prompt is {n_tokens} tokens but the context holds {self.n_ctx}; "
-                "shorten the conversation or raise the context size (--ctx).")
+                "shorten the conversation or raise the context size (--ctx)."
+            )
 
     def sync(self, tokens: Sequence[int]) -> None:
         """Make the context hold exactly ``tokens``, evaluating only what differs from now.
@@ -222,4 +229,3 @@ class BaseModel:
     def _keep_common_prefix(self, tokens: Sequence[int], *, at_most: int) -> int:
         """Keep what the context shares with ``tokens`` (at most ``at_most`` tokens); returns how many are kept."""
         return self._adapter.truncate(min(common_prefix_length(self.evaluated_tokens, tokens), at_most))
-

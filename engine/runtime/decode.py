@@ -12,9 +12,10 @@ import codecs
 import contextlib
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Literal, Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -82,9 +83,15 @@ class StepTrace:
 
     def to_dict(self, token_text: Callable[[int], str], top_n: int = 5) -> dict:
         def top(order: np.ndarray) -> list[dict]:
-            return [{"token_id": int(self.candidate_ids[i]), "text": token_text(int(self.candidate_ids[i])),
-                     "base_logprob": round(float(self.base_logprobs[i]), 5), "score": round(float(self.scores[i]), 5)}
-                    for i in order[:top_n]]
+            return [
+                {
+                    "token_id": int(self.candidate_ids[i]),
+                    "text": token_text(int(self.candidate_ids[i])),
+                    "base_logprob": round(float(self.base_logprobs[i]), 5),
+                    "score": round(float(self.scores[i]), 5),
+                }
+                for i in order[:top_n]
+            ]
 
         return {
             "token_id": self.token_id,
@@ -144,7 +151,7 @@ class StopStringMatcher:
             self._held = ""
             return buffer[: min(hits)], True
         hold = max((n for stop in self._stops for n in range(1, len(stop)) if buffer.endswith(stop[:n])), default=0)
-        self._held = buffer[len(buffer) - hold:]
+        self._held = buffer[len(buffer) - hold :]
         return buffer[: len(buffer) - hold], False
 
     def flush(self) -> str:
@@ -155,14 +162,23 @@ class StopStringMatcher:
 class Generation:
     """A steered generation from prompt tokens; iterate it to run it."""
 
-    def __init__(self, base: BaseModel, prompt_tokens: Sequence[int], *, rewards: Sequence[RewardSlot] = (),
-                 config: SamplingConfig = SamplingConfig(), merge_rewards: bool = True,
-                 merged_sessions: MergedSessions | None = None) -> None:
+    def __init__(
+        self,
+        base: BaseModel,
+        prompt_tokens: Sequence[int],
+        *,
+        rewards: Sequence[RewardSlot] = (),
+        config: SamplingConfig = SamplingConfig(),
+        merge_rewards: bool = True,
+        merged_sessions: MergedSessions | None = None,
+    ) -> None:
         self.base = base
         self.prompt_tokens = list(prompt_tokens)
         self.rewards = list(rewards)
         self.config = config
-        self.merge_rewards = merge_rewards  # score mergeable rewards with one session per step (engine/runtime/mixing.py)
+        self.merge_rewards = (
+            merge_rewards  # score mergeable rewards with one session per step (engine/runtime/mixing.py)
+        )
         self.merged_sessions = merged_sessions  # the caller's, kept between replies; None: its own, closed at the end
         self._groups: list[ScoringGroup] = []
         self.result = GenerationResult(prompt_tokens=len(self.prompt_tokens))
@@ -212,8 +228,9 @@ class Generation:
                 if base.is_end_of_generation(token) and not config.ignore_eos:
                     result.finish_reason = "stop"
                     break
-                step = StepTrace(token, chosen, candidates.token_ids, candidates.base_logprobs, reward_values,
-                                 scores, names)
+                step = StepTrace(
+                    token, chosen, candidates.token_ids, candidates.base_logprobs, reward_values, scores, names
+                )
                 result.token_ids.append(token)
                 result.trace.append(step)
                 text, hit_stop = stops.feed(decoder.decode(base.token_bytes(token)))

@@ -39,8 +39,10 @@ def write_atomically(path: Path, data: bytes | str) -> None:
         os.replace(partial, path)
     except OSError as error:
         if is_disk_full(error):
-            raise DiskFullError(f"The disk is full: no room in {path.parent} to write {path.name} (nothing there was "
-                                "changed); free some space or choose another folder, then try again.") from error
+            raise DiskFullError(
+                f"The disk is full: no room in {path.parent} to write {path.name} (nothing there was "
+                "changed); free some space or choose another folder, then try again."
+            ) from error
         raise
     finally:
         partial.unlink(missing_ok=True)

@@ -51,8 +51,10 @@ def read_metadata(path: Path) -> dict[str, Any]:
 def metadata_problem(metadata: dict[str, Any]) -> str | None:
     """What is wrong with the values llama.cpp trusts, as 'its KEY is VALUE, expected ...', or None."""
     architecture = metadata.get("general.architecture")
-    whole_numbers = {f"{architecture}.block_count": (1, MAX_LAYERS),
-                     f"{architecture}.context_length": (1, MAX_CONTEXT_LENGTH)}
+    whole_numbers = {
+        f"{architecture}.block_count": (1, MAX_LAYERS),
+        f"{architecture}.context_length": (1, MAX_CONTEXT_LENGTH),
+    }
     for key, (low, high) in whole_numbers.items():
         value = metadata.get(key)
         if key in metadata and not (isinstance(value, int) and low <= value <= high):
@@ -78,7 +80,7 @@ class _Reader:
     def read(self, size: int) -> bytes:
         start = self._offset
         self.skip(size)
-        return self._buffer[start:self._offset]
+        return self._buffer[start : self._offset]
 
     def scalar(self, layout: str) -> Any:
         start = self._offset
@@ -122,14 +124,17 @@ def check_gguf_file(path: Path) -> Path:
         with open(path, "rb") as handle:
             magic = handle.read(4)
         if magic != GGUF_MAGIC:
-            raise ModelFileError(f"{path} is not a GGUF model (it does not start with 'GGUF'); "
-                                 "convert it to GGUF or pick another file.")
+            raise ModelFileError(
+                f"{path} is not a GGUF model (it does not start with 'GGUF'); convert it to GGUF or pick another file."
+            )
         problem = metadata_problem(read_metadata(path))
     except OSError as error:
         raise ModelFileError(f"Cannot read the model file {path}: {error.strerror}.") from error
     except ValueError as error:  # the metadata's structure is broken
-        raise ModelFileError(f"The model {path} could not load: the file is truncated, corrupt, or not a GGUF "
-                             f"model ({error}). Re-download it or pick another GGUF.") from error
+        raise ModelFileError(
+            f"The model {path} could not load: the file is truncated, corrupt, or not a GGUF "
+            f"model ({error}). Re-download it or pick another GGUF."
+        ) from error
     if problem:
         raise ModelFileError(f"The model {path} is damaged: {problem}. Re-download it or pick another GGUF.")
     return path

@@ -41,8 +41,9 @@ def gpu_offload_supported() -> bool:
 
 
 def broken_template_error(path: Path, error: Exception) -> ModelFileError:
-    return ModelFileError(f"The chat template in {path} is broken ({error}); "
-                          "re-download the model or pick another GGUF.")
+    return ModelFileError(
+        f"The chat template in {path} is broken ({error}); re-download the model or pick another GGUF."
+    )
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,7 @@ class LlamaAdapter:
 
     def _chunks(self, tokens: Sequence[int]) -> Iterator[list[int]]:
         for begin in range(0, len(tokens), self._batch_size):
-            yield list(tokens[begin: begin + self._batch_size])
+            yield list(tokens[begin : begin + self._batch_size])
 
     def _decode(self, chunk: list[int], *, first_output: int) -> None:
         """Decode ``chunk`` after ``n_past``, with logits from ``first_output`` on (always for its last token)."""
@@ -193,7 +194,7 @@ class LlamaAdapter:
         status = llama_cpp.llama_decode(self.llama.ctx, batch)
         if status != 0:
             raise RuntimeError(f"llama_decode returned {status}")
-        self.llama.input_ids[start: start + len(chunk)] = chunk
+        self.llama.input_ids[start : start + len(chunk)] = chunk
         self.llama.n_tokens = start + len(chunk)
 
     def _logits_row(self, batch_index: int) -> np.ndarray:
@@ -205,8 +206,16 @@ class LlamaAdapter:
 def _load_llama(path: Path, *, n_ctx: int, n_batch: int, n_threads: int, n_gpu_layers: int) -> Llama:
     try:
         with _quiet_native_stderr():
-            return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
-                         n_threads_batch=n_threads, n_gpu_layers=n_gpu_layers, logits_all=False, verbose=False)
+            return Llama(
+                model_path=str(path),
+                n_ctx=n_ctx,
+                n_batch=n_batch,
+                n_threads=n_threads,
+                n_threads_batch=n_threads,
+                n_gpu_layers=n_gpu_layers,
+                logits_all=False,
+                verbose=False,
+            )
     except jinja2.TemplateError as error:  # llama-cpp-python compiles the file's chat templates while loading
         raise broken_template_error(path, error) from error
     except (ValueError, RuntimeError, OSError) as error:

@@ -13,12 +13,17 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Sequence
 
 import onnx
 
-from engine.runtime.reward_graph import RewardNetworkShape, RewardWeights, build_stacked_reward_model, read_reward_weights
+from engine.runtime.reward_graph import (
+    RewardNetworkShape,
+    RewardWeights,
+    build_stacked_reward_model,
+    read_reward_weights,
+)
 from engine.runtime.rewards import RewardModel, RewardSession, open_session
 
 CACHED_PLANS = 2  # sets of rewards whose plans are kept, with their KV state between replies (and their memory)
@@ -122,8 +127,9 @@ def _plan(rewards: Sequence[RewardModel]) -> list[ScoringGroup]:
     return [_scoring_group(rewards, indices, stackable) for indices in groups.values()]
 
 
-def _scoring_group(rewards: Sequence[RewardModel], indices: list[int],
-                   stackable: dict[int, RewardWeights]) -> ScoringGroup:
+def _scoring_group(
+    rewards: Sequence[RewardModel], indices: list[int], stackable: dict[int, RewardWeights]
+) -> ScoringGroup:
     if len(indices) == 1:
         return ScoringGroup((indices[0],), rewards[indices[0]].session)
     return ScoringGroup(tuple(indices), merged_session([rewards[i] for i in indices], [stackable[i] for i in indices]))
@@ -145,8 +151,11 @@ def stack_key(weights: RewardWeights) -> tuple[RewardNetworkShape, str]:
 def merged_session(rewards: Sequence[RewardModel], weights: Sequence[RewardWeights]) -> RewardSession:
     """One session computing ``rewards`` (equal stack keys) as rows [N, K], in the given order."""
     names = ", ".join(f"'{reward.name}'" for reward in rewards)
-    return RewardSession(open_session(stacked_model(weights), threads=max(r.threads for r in rewards)),
-                         title=f"The rewards {names} (merged)", source=f"merged rewards {names}")
+    return RewardSession(
+        open_session(stacked_model(weights), threads=max(r.threads for r in rewards)),
+        title=f"The rewards {names} (merged)",
+        source=f"merged rewards {names}",
+    )
 
 
 def stacked_model(weights: Sequence[RewardWeights]) -> bytes:

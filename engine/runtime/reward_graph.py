@@ -24,8 +24,9 @@ engine scores them all with one run per step (engine/runtime/mixing.py).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -122,16 +123,32 @@ def random_reward_weights(shape: RewardNetworkShape, *, seed: int, scale: float 
         return np.ones(n, dtype=np.float32)
 
     layers = [
-        LayerWeights(ln1_scale=ones(d), ln1_bias=normal(d), qkv=normal(d, 3 * d), out=normal(d, d),
-                     ln2_scale=ones(d), ln2_bias=normal(d), fc1=normal(d, m), fc1_bias=normal(m),
-                     fc2=normal(m, d), fc2_bias=normal(d))
+        LayerWeights(
+            ln1_scale=ones(d),
+            ln1_bias=normal(d),
+            qkv=normal(d, 3 * d),
+            out=normal(d, d),
+            ln2_scale=ones(d),
+            ln2_bias=normal(d),
+            fc1=normal(d, m),
+            fc1_bias=normal(m),
+            fc2=normal(m, d),
+            fc2_bias=normal(d),
+        )
         for _ in range(shape.layers)
     ]
     # unit-variance embedding and a 1/d head keep rewards O(1), like a trained reward's
     embedding = rng.standard_normal((shape.vocab_size, d)).astype(np.float32)
     head = (rng.standard_normal((d, d)) / d).astype(np.float32)
-    return RewardWeights(shape=shape, embedding=embedding, layers=layers, final_scale=ones(d),
-                         final_bias=normal(d), head=head, token_bias=normal(shape.vocab_size))
+    return RewardWeights(
+        shape=shape,
+        embedding=embedding,
+        layers=layers,
+        final_scale=ones(d),
+        final_bias=normal(d),
+        head=head,
+        token_bias=normal(shape.vocab_size),
+    )
 
 
 def token_preference_weights(shape: RewardNetworkShape, *, token: int, strength: float) -> RewardWeights:
@@ -168,15 +185,23 @@ class _GraphBuilder:
         self.initializers.append(numpy_helper.from_array(np.asarray(value), name))
         return name
 
-    def op(self, op_type: str, inputs: Sequence[str], *, hint: str | None = None,
-           output_name: str | None = None, **attributes: Any) -> str:
+    def op(
+        self,
+        op_type: str,
+        inputs: Sequence[str],
+        *,
+        hint: str | None = None,
+        output_name: str | None = None,
+        **attributes: Any,
+    ) -> str:
         """A node with one output, named ``output_name`` or a fresh name."""
         name = output_name or self.fresh(hint or op_type.lower())
         self.nodes.append(helper.make_node(op_type, inputs, [name], **attributes))
         return name
 
-    def op_outputs(self, op_type: str, inputs: Sequence[str], outputs: int, *, hint: str | None = None,
-                   **attributes: Any) -> list[str]:
+    def op_outputs(
+        self, op_type: str, inputs: Sequence[str], outputs: int, *, hint: str | None = None, **attributes: Any
+    ) -> list[str]:
         """A node with ``outputs`` outputs, each with a fresh name."""
         names = [self.fresh(hint or op_type.lower()) for _ in range(outputs)]
         self.nodes.append(helper.make_node(op_type, inputs, names, **attributes))
@@ -187,8 +212,9 @@ def build_reward_model(weights: RewardWeights, *, metadata: dict[str, str] | Non
     return build_stacked_reward_model([weights], metadata=metadata)
 
 
-def build_stacked_reward_model(stack: Sequence[RewardWeights], *,
-                               metadata: dict[str, str] | None = None) -> onnx.ModelProto:
+def build_stacked_reward_model(
+    stack: Sequence[RewardWeights], *, metadata: dict[str, str] | None = None
+) -> onnx.ModelProto:
     """N rewards of one shape and one embedding in one graph: rewards [N, K], state [N, H, P, D] per layer.
 
     The contract's batch axis is the reward axis; one reward (N = 1) is exactly the graph of the contract.
@@ -214,8 +240,15 @@ def build_stacked_reward_model(stack: Sequence[RewardWeights], *,
         x = _attention_block(g, x, layer, index, bias, heads=heads, head_dim=head_dim)
         x = _mlp_block(g, x, layer)
 
-    last = g.op("Slice", [x, g.const("minus_one", np.array([-1])), g.const("int_max", np.array([2**62])),
-                          g.const("axis_seq", np.array([1]))])  # [N, 1, d]
+    last = g.op(
+        "Slice",
+        [
+            x,
+            g.const("minus_one", np.array([-1])),
+            g.const("int_max", np.array([2**62])),
+            g.const("axis_seq", np.array([1])),
+        ],
+    )  # [N, 1, d]
     last = _layer_norm(g, last, [w.final_scale for w in stack], [w.final_bias for w in stack])
     query = _matmul(g, last, "head", [w.head for w in stack])  # [N, 1, d]
     candidates = embed(CANDIDATE_IDS)  # [1, K, d]
@@ -223,12 +256,21 @@ def build_stacked_reward_model(stack: Sequence[RewardWeights], *,
     dots = g.op("Squeeze", [dots, g.const("axis_last", np.array([2]))])  # [N, K]
     g.op("Add", [dots, _candidate_token_bias(g, [w.token_bias for w in stack])], output_name=REWARDS)
 
-    graph = helper.make_graph(g.nodes, "prt_reward", _graph_inputs(shape, len(stack)),
-                              _graph_outputs(shape, len(stack)), g.initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)], producer_name="prt")
+    graph = helper.make_graph(
+        g.nodes, "prt_reward", _graph_inputs(shape, len(stack)), _graph_outputs(shape, len(stack)), g.initializers
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)], producer_name="prt"
+    )
     model.ir_version = 9
-    properties = {"prt_contract_version": str(CONTRACT_VERSION), "vocab_size": str(shape.vocab_size),
-                  "width": str(width), "layers": str(shape.layers), "heads": str(heads), **(metadata or {})}
+    properties = {
+        "prt_contract_version": str(CONTRACT_VERSION),
+        "vocab_size": str(shape.vocab_size),
+        "width": str(width),
+        "layers": str(shape.layers),
+        "heads": str(heads),
+        **(metadata or {}),
+    }
     helper.set_model_props(model, properties)
     return model
 
@@ -276,20 +318,42 @@ def read_reward_weights(model: onnx.ModelProto) -> RewardWeights:
         arrays.setdefault(tensor.name.rsplit("_", 1)[0], []).append(numpy_helper.to_array(tensor))
     try:
         width, layers = int(properties["width"]), int(properties["layers"])
-        (table,), (row_scale,), (head,), (token_bias,) = (arrays[name] for name in (
-            "embedding_int8", "embedding_scale", "head", "token_bias"))
-        shape = RewardNetworkShape(vocab_size=int(properties["vocab_size"]), width=width, layers=layers,
-                                   heads=int(properties["heads"]), mlp_ratio=arrays["fc1"][0].shape[1] // width)
+        (table,), (row_scale,), (head,), (token_bias,) = (
+            arrays[name] for name in ("embedding_int8", "embedding_scale", "head", "token_bias")
+        )
+        shape = RewardNetworkShape(
+            vocab_size=int(properties["vocab_size"]),
+            width=width,
+            layers=layers,
+            heads=int(properties["heads"]),
+            mlp_ratio=arrays["fc1"][0].shape[1] // width,
+        )
         scales, biases = arrays["ln_scale"], arrays["ln_bias"]  # per layer: ln1, ln2; then the final one
         if properties["prt_contract_version"] != str(CONTRACT_VERSION) or len(scales) != 2 * layers + 1:
             raise ValueError("not a one-reward graph of this contract version")
         return RewardWeights(
-            shape=shape, embedding=table.astype(np.float32) * row_scale, final_scale=scales[-1],
-            final_bias=biases[-1], head=head, token_bias=token_bias,
-            layers=[LayerWeights(ln1_scale=scales[2 * i], ln1_bias=biases[2 * i], qkv=arrays["qkv"][i],
-                                 out=arrays["attn_out"][i], ln2_scale=scales[2 * i + 1], ln2_bias=biases[2 * i + 1],
-                                 fc1=arrays["fc1"][i], fc1_bias=arrays["fc1_bias"][i], fc2=arrays["fc2"][i],
-                                 fc2_bias=arrays["fc2_bias"][i]) for i in range(layers)])
+            shape=shape,
+            embedding=table.astype(np.float32) * row_scale,
+            final_scale=scales[-1],
+            final_bias=biases[-1],
+            head=head,
+            token_bias=token_bias,
+            layers=[
+                LayerWeights(
+                    ln1_scale=scales[2 * i],
+                    ln1_bias=biases[2 * i],
+                    qkv=arrays["qkv"][i],
+                    out=arrays["attn_out"][i],
+                    ln2_scale=scales[2 * i + 1],
+                    ln2_bias=biases[2 * i + 1],
+                    fc1=arrays["fc1"][i],
+                    fc1_bias=arrays["fc1_bias"][i],
+                    fc2=arrays["fc2"][i],
+                    fc2_bias=arrays["fc2_bias"][i],
+                )
+                for i in range(layers)
+            ],
+        )
     except (KeyError, IndexError, ValueError) as error:
         raise ValueError(f"not a reward graph of this builder: {error}") from error
 
@@ -303,8 +367,13 @@ def _alibi_causal_bias(g: _GraphBuilder, heads: int) -> str:
     zero, one = g.const("zero", np.array(0)), g.const("one", np.array(1))
     key_positions = g.op("Range", [zero, g.op("Squeeze", [total, scalar]), one])  # [P+T]
     query_positions = g.op("Range", [g.op("Squeeze", [past, scalar]), g.op("Squeeze", [total, scalar]), one])  # [T]
-    distance = g.op("Sub", [g.op("Unsqueeze", [query_positions, g.const("axis1", np.array([1]))]),
-                            g.op("Unsqueeze", [key_positions, scalar])])  # [T, P+T]
+    distance = g.op(
+        "Sub",
+        [
+            g.op("Unsqueeze", [query_positions, g.const("axis1", np.array([1]))]),
+            g.op("Unsqueeze", [key_positions, scalar]),
+        ],
+    )  # [T, P+T]
     distance_f = g.op("Cast", [distance], to=TensorProto.FLOAT)
     slopes = np.array([2.0 ** (-8.0 * (h + 1) / heads) for h in range(heads)], dtype=np.float32)
     linear = g.op("Mul", [g.const("alibi_slopes", -slopes.reshape(1, heads, 1, 1)), distance_f])  # [1, H, T, P+T]
@@ -314,8 +383,12 @@ def _alibi_causal_bias(g: _GraphBuilder, heads: int) -> str:
 
 def _layer_norm(g: _GraphBuilder, x: str, scales: list[np.ndarray], biases: list[np.ndarray]) -> str:
     if len(scales) == 1:
-        return g.op("LayerNormalization", [x, g.const("ln_scale", scales[0]), g.const("ln_bias", biases[0])],
-                    axis=-1, epsilon=LAYER_NORM_EPS)
+        return g.op(
+            "LayerNormalization",
+            [x, g.const("ln_scale", scales[0]), g.const("ln_bias", biases[0])],
+            axis=-1,
+            epsilon=LAYER_NORM_EPS,
+        )
     # LayerNormalization takes one [d] scale: normalize plainly, then apply each reward's [N, 1, d] affine
     unit = g.const("ln_unit", np.ones_like(scales[0]))
     normed = g.op("LayerNormalization", [x, unit], axis=-1, epsilon=LAYER_NORM_EPS)
@@ -323,38 +396,59 @@ def _layer_norm(g: _GraphBuilder, x: str, scales: list[np.ndarray], biases: list
     return g.op("Add", [scaled, _stacked(g, "ln_bias", biases, per_position=True)])
 
 
-def _attention_block(g: _GraphBuilder, x: str, layer: list[LayerWeights], index: int, bias: str, *,
-                     heads: int, head_dim: int) -> str:
+def _attention_block(
+    g: _GraphBuilder, x: str, layer: list[LayerWeights], index: int, bias: str, *, heads: int, head_dim: int
+) -> str:
     """One fused MultiHeadAttention node: appends K/V to the state, adds the bias, attends."""
     width = heads * head_dim
     normed = _layer_norm(g, x, [w.ln1_scale for w in layer], [w.ln1_bias for w in layer])
     qkv = _matmul(g, normed, "qkv", [w.qkv for w in layer])  # [N, T, 3d]
     q, k, v = g.op_outputs("Split", [qkv, g.const("split3", np.array([width] * 3))], 3, axis=2)  # [N, T, d] each
     attended = g.fresh("attended")
-    g.nodes.append(helper.make_node(
-        "MultiHeadAttention", [q, k, v, "", "", bias, past_key(index), past_value(index)],
-        [attended, present_key(index), present_value(index)], domain=MS_DOMAIN,
-        num_heads=heads, scale=1 / math.sqrt(head_dim)))  # [N, T, d]; present [N, H, P+T, hd]
+    g.nodes.append(
+        helper.make_node(
+            "MultiHeadAttention",
+            [q, k, v, "", "", bias, past_key(index), past_value(index)],
+            [attended, present_key(index), present_value(index)],
+            domain=MS_DOMAIN,
+            num_heads=heads,
+            scale=1 / math.sqrt(head_dim),
+        )
+    )  # [N, T, d]; present [N, H, P+T, hd]
     return g.op("Add", [x, _matmul(g, attended, "attn_out", [w.out for w in layer])])
 
 
 def _mlp_block(g: _GraphBuilder, x: str, layer: list[LayerWeights]) -> str:
     normed = _layer_norm(g, x, [w.ln2_scale for w in layer], [w.ln2_bias for w in layer])
-    hidden = g.op("Add", [_matmul(g, normed, "fc1", [w.fc1 for w in layer]),
-                          _stacked(g, "fc1_bias", [w.fc1_bias for w in layer], per_position=True)])
+    hidden = g.op(
+        "Add",
+        [
+            _matmul(g, normed, "fc1", [w.fc1 for w in layer]),
+            _stacked(g, "fc1_bias", [w.fc1_bias for w in layer], per_position=True),
+        ],
+    )
     gelu = g.op("Gelu", [hidden])  # exact (erf) GELU
-    out = g.op("Add", [_matmul(g, gelu, "fc2", [w.fc2 for w in layer]),
-                       _stacked(g, "fc2_bias", [w.fc2_bias for w in layer], per_position=True)])
+    out = g.op(
+        "Add",
+        [
+            _matmul(g, gelu, "fc2", [w.fc2 for w in layer]),
+            _stacked(g, "fc2_bias", [w.fc2_bias for w in layer], per_position=True),
+        ],
+    )
     return g.op("Add", [x, out])
 
 
 def _graph_inputs(shape: RewardNetworkShape, rewards: int) -> list[onnx.ValueInfoProto]:
-    inputs = [helper.make_tensor_value_info(INPUT_IDS, TensorProto.INT64, [1, "new_tokens"]),
-              helper.make_tensor_value_info(CANDIDATE_IDS, TensorProto.INT64, [1, "candidates"])]
+    inputs = [
+        helper.make_tensor_value_info(INPUT_IDS, TensorProto.INT64, [1, "new_tokens"]),
+        helper.make_tensor_value_info(CANDIDATE_IDS, TensorProto.INT64, [1, "candidates"]),
+    ]
     state: list[int | str] = [rewards, shape.heads, "past_tokens", shape.head_dim]
     for layer in range(shape.layers):
-        inputs += [helper.make_tensor_value_info(past_key(layer), TensorProto.FLOAT, state),
-                   helper.make_tensor_value_info(past_value(layer), TensorProto.FLOAT, state)]
+        inputs += [
+            helper.make_tensor_value_info(past_key(layer), TensorProto.FLOAT, state),
+            helper.make_tensor_value_info(past_value(layer), TensorProto.FLOAT, state),
+        ]
     return inputs
 
 
@@ -362,6 +456,8 @@ def _graph_outputs(shape: RewardNetworkShape, rewards: int) -> list[onnx.ValueIn
     outputs = [helper.make_tensor_value_info(REWARDS, TensorProto.FLOAT, [rewards, "candidates"])]
     state: list[int | str] = [rewards, shape.heads, "total_tokens", shape.head_dim]
     for layer in range(shape.layers):
-        outputs += [helper.make_tensor_value_info(present_key(layer), TensorProto.FLOAT, state),
-                    helper.make_tensor_value_info(present_value(layer), TensorProto.FLOAT, state)]
+        outputs += [
+            helper.make_tensor_value_info(present_key(layer), TensorProto.FLOAT, state),
+            helper.make_tensor_value_info(present_value(layer), TensorProto.FLOAT, state),
+        ]
     return outputs

@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -52,9 +53,11 @@ class RewardCard:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
     @classmethod
-    def load(cls, path: Path) -> "RewardCard":
+    def load(cls, path: Path) -> RewardCard:
         if not path.is_file():
-            raise RewardFileError(f"The reward card {path} is missing; a reward needs its .json card beside the .onnx file.")
+            raise RewardFileError(
+                f"The reward card {path} is missing; a reward needs its .json card beside the .onnx file."
+            )
         try:
             data = parse_user_json(path.read_bytes())
         except OSError as error:
@@ -63,8 +66,10 @@ class RewardCard:
             raise _bad_card(path, str(error)) from error
         version = data.get("format_version") if isinstance(data, dict) else None
         if isinstance(version, int) and version > CARD_FORMAT_VERSION:  # before checking fields a newer app may add
-            raise RewardFileError(f"The reward card {path} has format {version}; this app reads up to "
-                                  f"{CARD_FORMAT_VERSION}. Update the app.")
+            raise RewardFileError(
+                f"The reward card {path} has format {version}; this app reads up to "
+                f"{CARD_FORMAT_VERSION}. Update the app."
+            )
         problem = _card_problem(data)
         if problem:
             raise _bad_card(path, problem)
@@ -72,8 +77,10 @@ class RewardCard:
 
 
 # figures the app shows from a card, as numbers (formatting a text as a number would fail)
-_SHOWN_FIGURES = {"training_data": ("demonstrations", "preference_pairs"),
-                  "held_out": ("tokens", "base_nll", "steered_nll", "gap_closed", "pair_accuracy", "pairs")}
+_SHOWN_FIGURES = {
+    "training_data": ("demonstrations", "preference_pairs"),
+    "held_out": ("tokens", "base_nll", "steered_nll", "gap_closed", "pair_accuracy", "pairs"),
+}
 
 
 def _json_types(hint: Any) -> tuple[type, ...]:
@@ -143,10 +150,14 @@ class RewardSession:
         self.title = title  # names the reward(s) in errors: "The reward 'x'"
         self._session: ort.InferenceSession | None = session  # None once closed
         self.rows, self.layers, self.heads, self.head_dim = _check_contract(session, source)
-        self._output_names = [contract.REWARDS] + [name for layer in range(self.layers)
-                                                   for name in (contract.present_key(layer), contract.present_value(layer))]
-        self._state_names = [name for layer in range(self.layers)
-                             for name in (contract.past_key(layer), contract.past_value(layer))]
+        self._output_names = [contract.REWARDS] + [
+            name
+            for layer in range(self.layers)
+            for name in (contract.present_key(layer), contract.present_value(layer))
+        ]
+        self._state_names = [
+            name for layer in range(self.layers) for name in (contract.past_key(layer), contract.past_value(layer))
+        ]
         self._tokens: list[int] = []
         self._state: list[np.ndarray] = []
         self._check_first_step(session, source)
@@ -158,15 +169,18 @@ class RewardSession:
         try:
             outputs = session.run(self._output_names, self._feeds([0], np.zeros(2, dtype=np.int64)))
         except Exception as error:  # onnxruntime raises its own exception types
-            raise RewardFileError(f"The reward {source} fails on its first token ({_first_line(error)}); "
-                                  "it may be corrupt. Re-export it.") from error
+            raise RewardFileError(
+                f"The reward {source} fails on its first token ({_first_line(error)}); it may be corrupt. Re-export it."
+            ) from error
         state_shape = (self.rows, self.heads, 1, self.head_dim)
         expected = [(self.rows, 2)] + [state_shape] * len(self._state_names)
         actual = [getattr(output, "shape", None) for output in outputs]
         if actual != expected or not all(out.dtype == np.float32 and np.isfinite(out).all() for out in outputs):
-            raise RewardFileError(f"The reward {source} breaks the reward contract: after one token it returned "
-                                  f"shapes {actual} (expected {expected}, finite float32); see "
-                                  "docs/reward-onnx-contract.md.")
+            raise RewardFileError(
+                f"The reward {source} breaks the reward contract: after one token it returned "
+                f"shapes {actual} (expected {expected}, finite float32); see "
+                "docs/reward-onnx-contract.md."
+            )
 
     @property
     def n_past(self) -> int:
@@ -195,23 +209,29 @@ class RewardSession:
     def advance(self, new_tokens: Sequence[int], candidates: np.ndarray) -> np.ndarray:
         """Append ``new_tokens`` to the state and return the rewards [rows, K] of the candidates for the next token."""
         if self._session is None:
-            raise RewardRuntimeError(f"{self.title} cannot score: it was closed (switched off, or its model was "
-                                     "unloaded); load it again to score with it.")
+            raise RewardRuntimeError(
+                f"{self.title} cannot score: it was closed (switched off, or its model was "
+                "unloaded); load it again to score with it."
+            )
         try:
             rewards, *state = self._session.run(self._output_names, self._feeds(new_tokens, candidates))
         except Exception as error:  # onnxruntime raises its own exception types
             raise RewardRuntimeError(f"{self.title} failed at token {self.n_past}: {error}") from error
         if not np.isfinite(rewards).all():  # sampling from NaN scores raises deep in numpy; greedy picks garbage
-            raise RewardRuntimeError(f"{self.title} gave a reward that is not a finite number at token "
-                                     f"{self.n_past}; its file may be damaged: turn it off, or re-export it.")
+            raise RewardRuntimeError(
+                f"{self.title} gave a reward that is not a finite number at token "
+                f"{self.n_past}; its file may be damaged: turn it off, or re-export it."
+            )
         self._state = state
         self._tokens.extend(int(token) for token in new_tokens)
         return rewards
 
     def _feeds(self, new_tokens: Sequence[int], candidates: np.ndarray) -> dict[str, np.ndarray]:
-        return {contract.INPUT_IDS: np.asarray(new_tokens, dtype=np.int64).reshape(1, -1),
-                contract.CANDIDATE_IDS: np.asarray(candidates, dtype=np.int64).reshape(1, -1),
-                **dict(zip(self._state_names, self._state))}
+        return {
+            contract.INPUT_IDS: np.asarray(new_tokens, dtype=np.int64).reshape(1, -1),
+            contract.CANDIDATE_IDS: np.asarray(candidates, dtype=np.int64).reshape(1, -1),
+            **dict(zip(self._state_names, self._state)),
+        }
 
     def sync(self, tokens: Sequence[int], candidates: np.ndarray) -> np.ndarray:
         """Make the state hold ``tokens`` (reusing the common prefix) and score the candidates after them: [rows, K]."""
@@ -235,10 +255,13 @@ class RewardModel:
         self.threads = threads
         actual = file_sha256(self.path)
         if self.card.onnx_sha256 and actual != self.card.onnx_sha256:
-            raise RewardFileError(f"The reward {self.path} does not match its card (sha256 {actual[:12]}... "
-                                  f"vs {self.card.onnx_sha256[:12]}...): it was truncated or changed. Re-export it.")
-        self.session = RewardSession(open_session(self.path, threads=threads), title=f"The reward '{self.name}'",
-                                     source=self.path)
+            raise RewardFileError(
+                f"The reward {self.path} does not match its card (sha256 {actual[:12]}... "
+                f"vs {self.card.onnx_sha256[:12]}...): it was truncated or changed. Re-export it."
+            )
+        self.session = RewardSession(
+            open_session(self.path, threads=threads), title=f"The reward '{self.name}'", source=self.path
+        )
         if self.session.rows != 1:
             raise RewardFileError(f"The reward {self.path} holds {self.session.rows} rewards; a reward file holds one.")
 
@@ -262,7 +285,8 @@ class RewardModel:
                 f"The reward '{self.name}' was trained for '{self.card.base_model_name}' "
                 f"({self.card.vocabulary_size} tokens, vocabulary {self.card.vocabulary_fingerprint[:19]}), "
                 f"but the loaded model '{base_name}' has a different vocabulary ({base_fingerprint[:19]}); "
-                "use a reward trained for this model's family, or tune one with this model.")
+                "use a reward trained for this model's family, or tune one with this model."
+            )
 
     # -- state and scoring: the session's, for this one reward ---------------------------
     @property
@@ -299,8 +323,10 @@ def open_session(model: Path | bytes, *, threads: int) -> ort.InferenceSession:
         return ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"], enable_fallback=0)
     except Exception as error:  # onnxruntime raises its own exception types
         what = "graph built in memory" if isinstance(model, bytes) else model
-        raise RewardFileError(f"The reward {what} is not a readable ONNX model ({_first_line(error)}); "
-                              "it may be truncated or corrupt. Re-export it.") from error
+        raise RewardFileError(
+            f"The reward {what} is not a readable ONNX model ({_first_line(error)}); "
+            "it may be truncated or corrupt. Re-export it."
+        ) from error
 
 
 def _first_line(error: Exception) -> str:
@@ -315,17 +341,22 @@ def _check_contract(session: ort.InferenceSession, path: Path | str) -> tuple[in
     outputs = {node.name for node in session.get_outputs()}
     layers = sum(1 for name in inputs if name.startswith("past_key_"))
     expected_inputs = {contract.INPUT_IDS, contract.CANDIDATE_IDS} | {
-        name for layer in range(layers) for name in (contract.past_key(layer), contract.past_value(layer))}
+        name for layer in range(layers) for name in (contract.past_key(layer), contract.past_value(layer))
+    }
     expected_outputs = {contract.REWARDS} | {
-        name for layer in range(layers) for name in (contract.present_key(layer), contract.present_value(layer))}
+        name for layer in range(layers) for name in (contract.present_key(layer), contract.present_value(layer))
+    }
     if layers == 0 or set(inputs) != expected_inputs or not expected_outputs <= outputs:
         raise RewardFileError(
             f"The reward {path} does not follow the reward contract (inputs {sorted(inputs)}, outputs "
-            f"{sorted(outputs)}); see docs/reward-onnx-contract.md.")
+            f"{sorted(outputs)}); see docs/reward-onnx-contract.md."
+        )
     state_shape = inputs[contract.past_key(0)].shape
     if len(state_shape or ()) != 4:
-        raise RewardFileError(f"The reward {path} declares its state with shape {state_shape}, not "
-                              "[batch, heads, tokens, head size]; see docs/reward-onnx-contract.md.")
+        raise RewardFileError(
+            f"The reward {path} declares its state with shape {state_shape}, not "
+            "[batch, heads, tokens, head size]; see docs/reward-onnx-contract.md."
+        )
     rows, heads, _, head_dim = state_shape
     if not isinstance(heads, int) or not isinstance(head_dim, int):
         raise RewardFileError(f"The reward {path} must declare fixed head count and head size in its state inputs.")

@@ -62,7 +62,7 @@ class CandidateSelector:
         self._scratch = np.empty(n_vocab, dtype=np.float32)
 
     def __call__(self, logits: np.ndarray) -> Candidates:
-        top = np.argpartition(logits, -self.k)[-self.k:]
+        top = np.argpartition(logits, -self.k)[-self.k :]
         top = top[np.lexsort((top, -logits[top]))]  # by logit; ties: lower token id first, like argmax
         normalizer = log_normalizer(logits, peak=logits[top[0]], scratch=self._scratch)
         return Candidates(token_ids=top, base_logprobs=(logits[top] - normalizer).astype(np.float32))
@@ -77,8 +77,9 @@ def log_normalizer(logits: np.ndarray, *, peak: float | None = None, scratch: np
     return float(peak + np.log(scratch.sum(dtype=np.float64)))
 
 
-def steered_scores(base_logprobs: np.ndarray, reward_values: np.ndarray, weights: np.ndarray,
-                   alpha: float) -> np.ndarray:
+def steered_scores(
+    base_logprobs: np.ndarray, reward_values: np.ndarray, weights: np.ndarray, alpha: float
+) -> np.ndarray:
     """base_logprobs [K], reward_values [R, K], weights [R] -> scores [K]."""
     if reward_values.shape[0] == 0:
         return base_logprobs
