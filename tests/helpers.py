@@ -1,4 +1,5 @@
-"""What several test files share: running ``prt`` as a user does, and the one-line error check.
+"""What several test files share: running ``prt`` as a user does, the one-line error check, llama-cpp-python's own
+greedy decoding as a reference.
 
 ``prt`` runs the command in this process, through the same ``engine.cli.main`` the installed command calls (the
 same parser, commands, error handling and exit codes), without a new interpreter per call. ``prt_process`` runs it
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from engine.cli import main
+from engine.runtime.base_model import BaseModel
 
 
 @dataclass(frozen=True)
@@ -66,3 +68,14 @@ def assert_one_line_error(result: Ran | subprocess.CompletedProcess, fragment: s
 
 def other_prompts(n: int) -> list[str]:
     return [f"Question number {i}: what do you think about item {i}?" for i in range(n)]
+
+
+def reference_greedy(base: BaseModel, prompt: list[int], n_tokens: int) -> list[int]:
+    """llama-cpp-python's own greedy completion, token by token."""
+    base.llama.reset()
+    tokens = []
+    for token in base.llama.generate(prompt, top_k=1, temp=0.0, reset=False):
+        tokens.append(token)
+        if len(tokens) == n_tokens:
+            return tokens
+    return tokens

@@ -10,19 +10,9 @@ from engine.runtime.base_model import BaseModel, common_prefix_length
 from engine.runtime.decode import Generation
 from engine.runtime.errors import ContextOverflowError, ModelFileError, PromptError
 from engine.runtime.steering import SamplingConfig
+from helpers import reference_greedy
 
 GREEDY = SamplingConfig(temperature=0.0, max_tokens=40, ignore_eos=True)
-
-
-def reference_greedy(base: BaseModel, prompt: list[int], n_tokens: int) -> list[int]:
-    """llama-cpp-python's own greedy completion, token by token."""
-    base.llama.reset()
-    tokens = []
-    for token in base.llama.generate(prompt, top_k=1, temp=0.0, reset=False):
-        tokens.append(token)
-        if len(tokens) == n_tokens:
-            return tokens
-    return tokens
 
 
 @pytest.mark.parametrize("text", ["Hello there", "Write a poem about the sea, please."])

@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-from test_base_model import reference_greedy
 
 from engine.app.models import DefaultModelManifest, installed_models, resolve_model
 from engine.app.paths import AppPaths
@@ -14,7 +13,7 @@ from engine.runtime.base_model import BaseModel, BaseModelConfig
 from engine.runtime.decode import Generation, attach_rewards
 from engine.runtime.reward_graph import RewardNetworkShape, token_preference_weights
 from engine.runtime.steering import SamplingConfig
-from helpers import prt
+from helpers import prt, reference_greedy
 from tiny_models import write_reward
 
 pytestmark = pytest.mark.slow

@@ -7,8 +7,8 @@ import sys
 import threading
 
 import pytest
+from fake_engine import FakeEngine
 from PySide6.QtWidgets import QDialog
-from test_desktop import FakeEngine
 
 from conftest import TINY_CONFIG
 from desktop.main_window import MainWindow
