@@ -11,7 +11,7 @@ from PySide6.QtCore import QByteArray, QObject, QProcess, QProcessEnvironment, S
 from PySide6.QtWidgets import QLabel, QProgressBar
 
 from desktop.formatting import duration_text
-from engine.app.jobs import ERROR_PREFIX, JobProgress, summary_from
+from engine.app.jobs import ERROR_PREFIX, JobProgress, LibrarySummary, TuneSummary, summary_from
 
 
 def _bytes(array: QByteArray) -> bytes:
@@ -32,13 +32,13 @@ class ProgressProcess(QObject):
     """Runs one command at a time; ends with exactly one of ``succeeded``, ``failed`` or ``cancelled``."""
 
     progress = Signal(object)  # JobProgress
-    succeeded = Signal(dict)  # the summary
+    succeeded = Signal(object)  # the summary: a TuneSummary or LibrarySummary
     failed = Signal(str)  # one line: the CLI's error, or what went wrong
     cancelled = Signal()
 
-    def __init__(self, parent: QObject, *, summary_key: str, what: str) -> None:
+    def __init__(self, parent: QObject, *, summary: type[TuneSummary] | type[LibrarySummary], what: str) -> None:
         super().__init__(parent)
-        self._summary_key = summary_key  # a summary without it is a failure
+        self._summary_type = summary  # a last line that is not one is a failure
         self._what = what  # "tuning process", for messages
         self._process: QProcess | None = None
         self._cancelled = False
@@ -94,7 +94,7 @@ class ProgressProcess(QObject):
         process = self._detach()
         self._take_stderr(_bytes(process.readAllStandardError()), final=True)
         summary = summary_from(
-            _bytes(process.readAllStandardOutput()).decode("utf-8", errors="replace"), self._summary_key
+            _bytes(process.readAllStandardOutput()).decode("utf-8", errors="replace"), self._summary_type
         )
         if self._cancelled:
             self.cancelled.emit()

@@ -28,6 +28,7 @@ from desktop.child_process import ProgressProcess, show_progress
 from desktop.workers import run_in_background
 from engine.app.backend import ChatBackend
 from engine.app.chat import library_build_command
+from engine.app.jobs import LibrarySummary
 from engine.app.onboarding import (
     DEFAULT_QUESTIONS,
     StyleQuestion,
@@ -97,7 +98,7 @@ class StyleDialog(QDialog):
         self._labels: dict[str, str] = {}
         self._relay = _ProgressRelay(self)
         self._relay.progress.connect(self._show_writing)
-        self._build = ProgressProcess(self, summary_key="folder", what="style reward build")
+        self._build = ProgressProcess(self, summary=LibrarySummary, what="style reward build")
         self._build.progress.connect(
             lambda progress: show_progress(self.build_bar, self.build_label, progress, BUILD_PHASES)
         )

@@ -30,7 +30,7 @@ from desktop.child_process import ProgressProcess, show_progress
 from desktop.formatting import duration_text, held_out_text, sentence
 from engine.app.backend import ChatBackend
 from engine.app.chat import tune_command
-from engine.app.jobs import JobProgress
+from engine.app.jobs import JobProgress, TuneSummary
 from engine.app.paths import AppPaths
 from engine.app.store import Store
 
@@ -54,7 +54,7 @@ def skipped_text(skipped: dict | None) -> str:
     if not skipped or not skipped.get("count"):
         return ""
     count = skipped["count"]
-    by_reason = sorted(skipped.get("by_reason", {}).items(), key=lambda item: -item[1])  # a Qt signal sorts keys
+    by_reason = sorted(skipped.get("by_reason", {}).items(), key=lambda item: (-item[1], item[0]))  # most first
     reasons = ", ".join(f"{number} {reason}" for reason, number in by_reason)
     example = f", e.g. {skipped['items'][0]['where']}" if skipped.get("items") else ""
     return f"{count} example{'s' if count != 1 else ''} skipped ({reasons}){example}."
@@ -76,7 +76,7 @@ class TunePanel(QWidget):
         self._engine, self._store = engine, store
         self._paths = paths or AppPaths.resolve()
         self._command_factory = command_factory or partial(tune_command, data_folder=self._paths.data)
-        self._process = ProgressProcess(self, summary_key="path", what="tuning process")
+        self._process = ProgressProcess(self, summary=TuneSummary, what="tuning process")
         self._process.progress.connect(self._show_progress)
         self._process.succeeded.connect(self._succeeded)
         self._process.failed.connect(lambda message: self._end_run("failed", message))
@@ -221,19 +221,18 @@ class TunePanel(QWidget):
     def _show_progress(self, progress: JobProgress) -> None:
         show_progress(self.progress, self.phase_label, progress, PHASES)
 
-    def _succeeded(self, summary: dict) -> None:
+    def _succeeded(self, summary: TuneSummary) -> None:
         self._show_running(False)
-        held_out = summary.get("held_out", {})
-        self._store.add_reward(summary["path"], self._name)
-        self._store.finish_tuning_run(self._run_id, status="done", reward_path=summary["path"], metrics=held_out)
-        took = f" in {duration_text(summary['seconds'])}" if "seconds" in summary else ""
-        skipped = skipped_text(summary.get("skipped"))
+        self._store.add_reward(summary.path, self._name)
+        self._store.finish_tuning_run(self._run_id, status="done", reward_path=summary.path, metrics=summary.held_out)
+        took = f" in {duration_text(summary.seconds)}" if summary.seconds is not None else ""
+        skipped = skipped_text(summary.skipped)
         self._show_result(
-            f"Saved {self._name}{took}. {sentence(held_out_text(held_out))}. "
+            f"Saved {self._name}{took}. {sentence(held_out_text(summary.held_out))}. "
             + (f"{skipped} " if skipped else "")
             + "Switch it on in the Rewards panel."
         )
-        self.reward_tuned.emit(summary["path"])
+        self.reward_tuned.emit(summary.path)
 
     def _end_run(self, status: str, message: str) -> None:
         self._show_running(False)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from engine.app.jobs import ProgressBar, progress_report
+from engine.app.jobs import LibrarySummary, ProgressBar, TuneSummary, progress_report, summary_json
 from engine.app.onboarding import REPLY_TOKENS, library_reward_paths
 from engine.cli import UsageError, add_model_arguments, library_folder, load_base
 from engine.runtime.files import write_atomically
@@ -201,22 +201,22 @@ def cmd_tune(args: argparse.Namespace) -> int:
             on_progress=lambda p: bar(p.phase, p.done, p.total, p.eta_seconds, p.message),
             cache_path=None if args.no_cache else args.paths.teacher_cache,
         )
-    summary = {
-        "path": str(report.path),
-        "held_out": report.held_out.to_json(),
-        "epochs_run": report.epochs_run,
-        "best_epoch": report.best_epoch,
-        "parity_max_abs_diff": report.parity_max_abs_diff,
-        "seconds": round(report.seconds, 1),
-        "teacher_seconds": round(report.teacher_seconds, 1),
-        "train_examples": report.train_examples,
-        "held_out_examples": report.held_out_examples,
-        "sources": [source.to_json() for source in report.data.sources],
-        "skipped": report.data.skipped_json(),
-    }
+    summary = TuneSummary(
+        path=str(report.path),
+        held_out=report.held_out.to_json(),
+        epochs_run=report.epochs_run,
+        best_epoch=report.best_epoch,
+        parity_max_abs_diff=report.parity_max_abs_diff,
+        seconds=round(report.seconds, 1),
+        teacher_seconds=round(report.teacher_seconds, 1),
+        train_examples=report.train_examples,
+        held_out_examples=report.held_out_examples,
+        sources=[source.to_json() for source in report.data.sources],
+        skipped=report.data.skipped_json(),
+    )
     _report_skipped(report.data)
     if args.json:
-        print(json.dumps(summary))
+        print(summary_json(summary))
     else:
         held = report.held_out
         print(
@@ -361,7 +361,7 @@ def cmd_library_build(args: argparse.Namespace) -> int:
                 on_progress=lambda p: bar(p.phase, p.done, p.total, p.eta_seconds, p.message),
             )
     if args.json:
-        print(json.dumps({"folder": str(out_dir), "rewards": [entry.to_json() for entry in built]}))
+        print(summary_json(LibrarySummary(folder=str(out_dir), rewards=[entry.to_json() for entry in built])))
     else:
         for entry in built:
             gap = entry.tuned.held_out.gap_closed

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import TINY_CONFIG
 from engine.app.chat import ChatEngine, ReplyRecorder, tune_command
-from engine.app.jobs import JobProgress
+from engine.app.jobs import JobProgress, LibrarySummary, TuneSummary, summary_from, summary_json
 from engine.app.store import Store
 from engine.runtime.errors import PrtError, VocabularyMismatchError
 from engine.runtime.reward_graph import random_reward_weights, token_preference_weights
@@ -106,6 +106,15 @@ def test_tune_command_and_progress_lines_round_trip(tmp_path):
     progress = JobProgress("train", 3, 10, 12.5, "epoch 1")
     assert JobProgress.parse(progress.to_json()) == progress
     assert JobProgress.parse("prt: error: something") is None
+
+
+def test_job_summaries_round_trip_and_a_summary_without_its_key_field_is_none():
+    tuned = TuneSummary(path="r.onnx", held_out={"tokens": 3}, seconds=1.5, skipped={"count": 0})
+    assert summary_from(f"some output\n{summary_json(tuned)}\n\n", TuneSummary) == tuned
+    newer = '{"folder": "lib", "rewards": [], "from_a_newer_version": 1}'
+    assert summary_from(newer, LibrarySummary) == LibrarySummary(folder="lib")
+    for stdout in ('{"held_out": {}}', "[1, 2]", "not json", ""):
+        assert summary_from(stdout, TuneSummary) is None
 
 
 GENERATING_CHILD = textwrap.dedent("""

@@ -2,7 +2,7 @@
 
 The window runs ``prt tune`` and ``prt library build`` as child processes (desktop/child_process.py). A job
 - prints its progress as one JobProgress per stderr line (``--progress-json``), or as a bar on a terminal;
-- prints its summary as one JSON object on its last stdout line (``--json``);
+- prints its summary (a TuneSummary or LibrarySummary) as one JSON object on its last stdout line (``--json``);
 - prints an error as one stderr line that starts with ERROR_PREFIX;
 - exits with EXIT_OK, EXIT_USER_ERROR or EXIT_INTERRUPTED.
 """
@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 ERROR_PREFIX = "prt: error: "
 EXIT_OK = 0
@@ -55,14 +56,49 @@ class JobProgress:
             return None
 
 
-def summary_from(stdout: str, key: str) -> dict | None:
-    """The JSON summary on the last non-empty stdout line, if there is one and it has ``key``."""
+@dataclass(frozen=True)
+class TuneSummary:
+    """What ``prt tune --json`` prints last: the reward it wrote, its held-out figures, what it used and skipped."""
+
+    path: str
+    held_out: dict[str, Any] = field(default_factory=dict)  # rewards_onnx.metrics.Metrics.to_json()
+    seconds: float | None = None
+    teacher_seconds: float | None = None
+    epochs_run: int | None = None
+    best_epoch: int | None = None
+    parity_max_abs_diff: float | None = None
+    train_examples: int | None = None
+    held_out_examples: int | None = None
+    sources: list[dict[str, Any]] = field(default_factory=list)  # per file: examples, skipped, characters
+    skipped: dict[str, Any] | None = None  # count, by_reason, items (rewards_onnx.data.Dataset.skipped_json())
+
+
+@dataclass(frozen=True)
+class LibrarySummary:
+    """What ``prt library build --json`` prints last: the folder of the style rewards and each one's card."""
+
+    folder: str
+    rewards: list[dict[str, Any]] = field(default_factory=list)
+
+
+JobSummary = TuneSummary | LibrarySummary
+
+
+def summary_json(summary: JobSummary) -> str:
+    return json.dumps(asdict(summary))
+
+
+def summary_from(stdout: str, kind: type[TuneSummary] | type[LibrarySummary]) -> JobSummary | None:
+    """The summary on the last non-empty stdout line, if it is one of ``kind`` (fields it does not know are
+    ignored, so a newer job's summary still reads)."""
     lines = [line for line in stdout.splitlines() if line.strip()]
     try:
-        summary = json.loads(lines[-1]) if lines else None
-    except ValueError:
+        data = json.loads(lines[-1]) if lines else None
+        if not isinstance(data, dict):
+            return None
+        return kind(**{known.name: data[known.name] for known in fields(kind) if known.name in data})
+    except (ValueError, TypeError):  # not JSON, or a required field missing
         return None
-    return summary if isinstance(summary, dict) and key in summary else None
 
 
 class ProgressReport:
