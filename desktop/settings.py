@@ -65,7 +65,6 @@ class AppSettings:
         )
 
 
-# the ranges of the numbers (the settings dialog's, and the strength slider's for alpha)
 # What the settings dialog and the strength slider can set; a saved value outside is not one the app wrote.
 SETTING_RANGES = {
     "n_threads": (1, 256),

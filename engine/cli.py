@@ -36,8 +36,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.passed_through = passed_through
     elif passed_through:
         parser.error(f"unrecognized arguments: {' '.join(passed_through)}")
-    args.paths = AppPaths.resolve(args.data_folder)  # once: the commands find every file of the app through it
     try:
+        args.paths = AppPaths.resolve(args.data_folder)  # once: the commands find every file of the app through it
         return args.handler(args)
     except PrtError as error:
         print(f"{ERROR_PREFIX}{error}", file=sys.stderr)
