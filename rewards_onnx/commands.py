@@ -33,22 +33,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     tune = commands.add_parser("tune", help="train a reward from your data (Portable Reward Tuning)")
     add_model_arguments(tune)
-    tune.add_argument(
-        "--data",
-        action="append",
-        default=[],
-        metavar="FILE.jsonl",
-        help="demonstrations {prompt, response} or pairs {prompt, chosen, rejected}; repeatable",
-    )
-    tune.add_argument("--documents", action="append", default=[], metavar="DIR", help="a folder of .txt/.md files")
-    tune.add_argument(
-        "--feedback",
-        nargs="?",
-        const="",
-        default=None,
-        metavar="CHATS.db",
-        help="the chat app's feedback (thumbs, edits, picks); default: the app's own database",
-    )
+    _add_data_arguments(tune)
     tune.add_argument("--out", required=True, help="where to write the reward (.onnx; its card goes beside it)")
     tune.add_argument("--name", default=None, help="the reward's name (default: the file name)")
     tune.add_argument("--epochs", type=int, default=None, help="at most this many epochs (default: 20)")
@@ -65,7 +50,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     evaluate = commands.add_parser("eval", help="held-out NLL of a reward on data: base vs steered")
     add_model_arguments(evaluate)
     evaluate.add_argument("--reward", required=True)
-    evaluate.add_argument("--data", action="append", required=True, metavar="FILE.jsonl")
+    _add_data_arguments(evaluate)
     evaluate.add_argument("--alpha", type=float, default=1.0)
     evaluate.add_argument(
         "--teacher-system",
@@ -85,6 +70,29 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(handler=cmd_eval)
+
+    compare = commands.add_parser(
+        "compare", help="benchmark: a reward against a per-user fine-tune on the same data, and knowledge kept"
+    )
+    add_model_arguments(compare)
+    _add_data_arguments(compare)
+    compare.add_argument(
+        "--train-examples", type=int, default=None, metavar="N", help="train on the first N (default: all)"
+    )
+    compare.add_argument("--out-dir", required=True, help="a folder for the reward it trains (reward.onnx)")
+    compare.add_argument("--facts", default=None, metavar="FILE.jsonl", help="the knowledge probe (default: shipped)")
+    compare.add_argument(
+        "--facts-asked", type=int, default=200, help="probe questions asked of the base (default: %(default)s)"
+    )
+    compare.add_argument(
+        "--finetune-epochs", type=int, default=4, help="at most this many fine-tune epochs (default: %(default)s)"
+    )
+    compare.add_argument(
+        "--samples", type=int, default=0, metavar="N", help="greedy replies of the three to N held-out prompts"
+    )
+    compare.add_argument("--seed", type=int, default=0)
+    compare.add_argument("--json", action="store_true")
+    compare.set_defaults(handler=cmd_compare)
 
     distill = commands.add_parser("distill", help="make example data: answers under a system prompt, kept without it")
     add_model_arguments(distill)
@@ -142,6 +150,25 @@ def register(commands: argparse._SubParsersAction) -> None:
     library_features.set_defaults(handler=cmd_library_features)
 
 
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="FILE.jsonl",
+        help="demonstrations {prompt, response} or pairs {prompt, chosen, rejected}; repeatable",
+    )
+    parser.add_argument("--documents", action="append", default=[], metavar="DIR", help="a folder of .txt/.md files")
+    parser.add_argument(
+        "--feedback",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="CHATS.db",
+        help="the chat app's feedback (thumbs, edits, picks); default: the app's own database",
+    )
+
+
 def _training_modules():
     try:
         from rewards_onnx import train
@@ -157,8 +184,8 @@ def _load_examples(args: argparse.Namespace) -> Dataset:
     from rewards_onnx.data import Dataset, DatasetError, read_documents, read_jsonl
 
     sources = [read_jsonl(Path(path)) for path in args.data]
-    sources += [source for folder in getattr(args, "documents", []) for source in read_documents(Path(folder))]
-    if getattr(args, "feedback", None) is not None:
+    sources += [source for folder in args.documents for source in read_documents(Path(folder))]
+    if args.feedback is not None:
         sources.append(_feedback_examples(Path(args.feedback) if args.feedback else args.paths.store))
     if not sources:
         raise DatasetError("No training data given; add --data FILE.jsonl, --documents FOLDER or --feedback.")
@@ -316,6 +343,65 @@ def _print_reply_stats(replies: dict[str, ReplyStats], max_tokens: int) -> None:
     print("The first prompt's replies (all of them are in --json):")
     for name, stats in replies.items():
         print(f"  {name:<7} {textwrap.shorten(stats.texts[0], 160)!r}")
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    train = _training_modules()
+    from rewards_onnx.compare import CompareConfig, compare
+    from rewards_onnx.finetune import FinetuneConfig
+    from rewards_onnx.knowledge import SHIPPED_FACTS, read_facts
+
+    out_dir = Path(args.out_dir)
+    if not out_dir.is_dir():
+        raise UsageError(f"The folder {out_dir} does not exist; create it or choose another --out-dir.")
+    if args.train_examples is not None and args.train_examples < 2 or args.finetune_epochs < 1 or args.samples < 0:
+        raise UsageError("--train-examples must be >= 2, --finetune-epochs >= 1 and --samples >= 0")
+    facts = read_facts(Path(args.facts) if args.facts else SHIPPED_FACTS)
+    config = CompareConfig(
+        train_examples=args.train_examples,
+        tune=train.TuneConfig(seed=args.seed),
+        finetune=FinetuneConfig(seed=args.seed, epochs=args.finetune_epochs),
+        facts=args.facts_asked,
+        samples=args.samples,
+    )
+    data = _load_examples(args)
+    bar = ProgressBar()
+    with load_base(args) as base, bar:
+        report = compare(
+            base,
+            data,
+            out_dir,
+            facts=facts,
+            config=config,
+            progress=lambda phase, done, total, message: bar(phase, done, total, None, message),
+        )
+    _report_skipped(data)
+    print(json.dumps(report.to_json()) if args.json else _compare_table(report))
+    return 0
+
+
+def _compare_table(report) -> str:
+    nll, seconds, knowledge = report.nll, report.seconds, report.knowledge
+    share = report.share_of_finetune_gain
+    lines = [
+        f"{report.train_examples} training examples, {report.held_out_examples} held out "
+        f"({report.held_out_tokens} tokens); NLL per token, whole vocabulary:",
+        f"  base        {nll['base']:.3f}   (torch copy {nll['torch_base']:.3f}; "
+        f"log-probs differ by {report.base_logprob_agreement['mean']:.3f} on average)",
+        f"  steered     {nll['steered']:.3f}   reward trained in {seconds['reward']:.0f}s",
+        f"  fine-tuned  {nll['finetuned']:.3f}   in {seconds['finetune']:.0f}s (best epoch {report.finetune_best_epoch})",
+        f"  the reward reaches {share:.0%} of the fine-tune's gain, in "
+        f"{seconds['reward'] / seconds['finetune']:.0%} of its time"
+        if share is not None
+        else "  no gain to compare",
+    ]
+    if knowledge.get("known"):
+        lines.append(f"Facts the base answers correctly: {knowledge['known']} of {knowledge['asked']}; still correct:")
+        lines += [
+            f"  {name:<11} {knowledge[name]['correct']:.1%}  (mean log-prob of the answer {knowledge[name]['answer_logprob']:.3f})"
+            for name in ("base", "steered", "torch_base", "finetuned")
+        ]
+    return "\n".join(lines)
 
 
 def cmd_distill(args: argparse.Namespace) -> int:

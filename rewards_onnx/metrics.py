@@ -153,3 +153,22 @@ def _log_ratio(sequence: SequenceTargets, rewards: np.ndarray, alpha: float) -> 
     """log p_prt(y) - log p_base(y) on the supports."""
     base, steered = target_logprobs(sequence, rewards, alpha)
     return float((steered - base).sum())
+
+
+def full_vocabulary_logprobs(support: SequenceTargets, rewards: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(base, steered) log-prob of each target over the whole vocabulary: the reward moves the top-K candidates,
+    as in decoding, and every other token keeps the base's probability. [N] each."""
+    base = support.base_logprobs.astype(np.float64)
+    top, reward = base[:, :k], rewards[:, :k].astype(np.float64)
+    rest = np.clip(-np.expm1(_logsumexp(top)), 1e-30, None)  # the base's mass outside the top-K
+    log_normalizer = np.logaddexp(_logsumexp(top + reward), np.log(rest))
+    rows = np.arange(len(support.target_index))
+    target = base[rows, support.target_index]
+    in_top = support.target_index < k
+    moved = np.where(in_top, reward[rows, np.minimum(support.target_index, k - 1)], 0.0)
+    return target, target + moved - log_normalizer
+
+
+def _logsumexp(values: np.ndarray) -> np.ndarray:
+    peak = values.max(-1)
+    return peak + np.log(np.exp(values - peak[:, None]).sum(-1))

@@ -103,10 +103,12 @@ def tune(
     name: str | None = None,
     on_progress: Callable[[Progress], None] | None = None,
     cache_path: Path | None = None,
+    held_out: Sequence[Example] | None = None,
 ) -> TuneReport:
     """Train, export and check a reward on the examples the teacher pass can take (the others are skipped and
     counted). With ``cache_path``, teacher passes are kept there and reused (rewards_onnx/teacher_cache.py): the
-    same examples give the same reward, minus the passes' time."""
+    same examples give the same reward, minus the passes' time. Early stopping watches ``held_out``, if given
+    (``prt compare`` holds out the same examples for every model), else a split of the examples."""
     started = time.perf_counter()
     out_path = _checked_destination(Path(out_path))
     report = on_progress or (lambda progress: None)
@@ -114,9 +116,12 @@ def tune(
     model_sha256 = file_sha256(base.path)
     data = fitting(base, as_dataset(examples))
     examples = data.examples
-    if len(examples) < 2 and data.skipped:  # say what was skipped before split_held_out refuses
+    if len(examples) < 2 and data.skipped and held_out is None:  # say what was skipped before split_held_out refuses
         raise DatasetError(f"Tuning needs at least 2 usable examples; {data.skipped_summary()}.")
-    train_examples, held_examples = split_held_out(examples, config)
+    if held_out is None:
+        train_examples, held_examples = split_held_out(examples, config)
+    else:
+        train_examples, held_examples = list(examples), list(held_out)
     with _teacher_cache(cache_path, model_sha256, config.top_k) as cache:
         train_data, held_data = _teacher_data(base, train_examples, held_examples, config, report, cache)
     teacher_seconds = time.perf_counter() - started
