@@ -94,8 +94,7 @@ def compare(
     reward = RewardModel(tuned.path)
     rewards_for = onnx_rewards(reward)
     llama_base, steered = (
-        np.concatenate(parts)
-        for parts in zip(*(full_vocabulary_logprobs(s, rewards_for(s), config.tune.top_k) for s in held_support))
+        np.concatenate(parts) for parts in zip(*(full_vocabulary_logprobs(s, rewards_for(s)) for s in held_support))
     )
 
     held_tokens: list[TokenSequence] = [(s.tokens.tolist(), s.first_target) for s in held_support]

@@ -109,7 +109,7 @@ def ask_engine(
         reply = Generation(base, prompt, rewards=slots, config=config).run().text
         support = reduce_to_support(base, *answer_sequence(base, fact), TRAIN_TOP_K)
         rewards = rewards_for(support) if rewards_for else np.zeros(support.candidate_ids.shape, dtype=np.float32)
-        answers.add(fact, reply, float(full_vocabulary_logprobs(support, rewards, TRAIN_TOP_K)[1].sum()))
+        answers.add(fact, reply, float(full_vocabulary_logprobs(support, rewards)[1].sum()))
         on_fact()
     return answers
 

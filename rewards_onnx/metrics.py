@@ -155,18 +155,30 @@ def _log_ratio(sequence: SequenceTargets, rewards: np.ndarray, alpha: float) -> 
     return float((steered - base).sum())
 
 
-def full_vocabulary_logprobs(support: SequenceTargets, rewards: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def with_rest_slot(sequence: SequenceTargets) -> np.ndarray:
+    """The base's log-probs [N, K+1] on the top-K, and in the last slot the log of the base's mass on every other
+    token (a target outside the top-K is one of them). A softmax over these slots is the softmax over the whole
+    vocabulary with the tokens outside the top-K merged into one, which the reward cannot move."""
+    base = sequence.base_logprobs.astype(np.float64)
+    k = base.shape[1] - 1
+    rest = -np.expm1(_logsumexp(base[:, :k]))
+    outside = sequence.target_index == k
+    rest = np.where(outside, np.maximum(rest, np.exp(base[:, k])), rest)  # never below the target's own share
+    slots = base.copy()
+    slots[:, k] = np.log(np.clip(rest, 1e-30, None))
+    return slots
+
+
+def full_vocabulary_logprobs(support: SequenceTargets, rewards: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(base, steered) log-prob of each target over the whole vocabulary: the reward moves the top-K candidates,
-    as in decoding, and every other token keeps the base's probability. [N] each."""
-    base = support.base_logprobs.astype(np.float64)
-    top, reward = base[:, :k], rewards[:, :k].astype(np.float64)
-    rest = np.clip(-np.expm1(_logsumexp(top)), 1e-30, None)  # the base's mass outside the top-K
-    log_normalizer = np.logaddexp(_logsumexp(top + reward), np.log(rest))
+    as in decoding, and every other token keeps its share of the base's probability. [N] each."""
+    slots = with_rest_slot(support)
+    moved = slots + rewards.astype(np.float64)
+    moved[:, -1] = slots[:, -1]  # the rest of the vocabulary: no reward
     rows = np.arange(len(support.target_index))
-    target = base[rows, support.target_index]
-    in_top = support.target_index < k
-    moved = np.where(in_top, reward[rows, np.minimum(support.target_index, k - 1)], 0.0)
-    return target, target + moved - log_normalizer
+    base = support.base_logprobs.astype(np.float64)[rows, support.target_index]
+    change = log_softmax(moved) - slots  # the slots are log-probs already
+    return base, base + change[rows, support.target_index]
 
 
 def _logsumexp(values: np.ndarray) -> np.ndarray:

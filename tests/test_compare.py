@@ -84,14 +84,14 @@ def test_full_vocabulary_log_probs_move_only_the_top_k():
         target_index=np.array([2, 0, k]),
     )
     rewards = rng.standard_normal((3, k + 1)).astype(np.float32)
-    base, steered = full_vocabulary_logprobs(support, rewards, k)
+    base, steered = full_vocabulary_logprobs(support, rewards)
     moved = log_probs.copy()  # the same by hand: the reward added to the top-K, normalized over every token
     np.put_along_axis(moved, top, np.take_along_axis(log_probs, top, 1) + rewards[:, :k], 1)
     moved -= np.log(np.exp(moved).sum(-1, keepdims=True))
     rows = np.arange(3)
     assert base == pytest.approx(log_probs[rows, targets], abs=1e-5)
     assert steered == pytest.approx(moved[rows, targets], abs=1e-5)
-    assert full_vocabulary_logprobs(support, np.zeros_like(rewards), k)[1] == pytest.approx(base, abs=1e-6)
+    assert full_vocabulary_logprobs(support, np.zeros_like(rewards))[1] == pytest.approx(base, abs=1e-6)
 
 
 def test_the_probe_reads_the_shipped_facts_and_judges_whole_words(tiny_base, torch_copy):
@@ -103,7 +103,7 @@ def test_the_probe_reads_the_shipped_facts_and_judges_whole_words(tiny_base, tor
     tokens, first = answer_sequence(tiny_base, fact)
     assert tiny_base.detokenize(tokens[first:]) == " Paris"
     support = reduce_to_support(tiny_base, tokens, first, 40)
-    engine_side = full_vocabulary_logprobs(support, np.zeros(support.candidate_ids.shape), 40)[1].sum()
+    engine_side = full_vocabulary_logprobs(support, np.zeros(support.candidate_ids.shape))[1].sum()
     with torch.no_grad():
         torch_side = reply_log_probs(torch_copy, [(tokens, first)]).sum().item()
     assert torch_side == pytest.approx(engine_side, abs=1e-3)
