@@ -181,6 +181,17 @@ def test_tune_then_eval_stay_on_the_machine(sandbox, tiny_gguf):
     assert json.loads(evaluated.stdout)["tokens"] > 0
 
 
+def test_compare_with_its_fine_tune_and_fact_probe_stays_on_the_machine(sandbox, tiny_gguf):
+    data = sandbox.inputs / "mine.jsonl"
+    data.write_text("".join(json.dumps(line) + "\n" for line in TUNE_DATA))
+    compared = sandbox.prt(
+        *("compare", "--model", str(tiny_gguf), "--data", str(data), "--out-dir", str(sandbox.outputs)),
+        *("--ctx", "512", "--train-examples", "4", "--finetune-epochs", "1", "--facts-asked", "3", "--json"),
+    )
+    assert_private(compared)
+    assert json.loads(compared.stdout)["knowledge"]["asked"] == 3
+
+
 def test_the_window_streams_a_reply_and_stays_on_the_machine(sandbox, tiny_gguf):
     watched = sandbox.run(str(TESTS / "egress_window.py"), "--model", str(tiny_gguf))
     assert_private(watched)
