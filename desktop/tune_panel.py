@@ -35,7 +35,13 @@ from engine.app.paths import AppPaths
 from engine.app.store import Store
 
 PHASES = {"teacher": "Scoring your data with the model", "train": "Training", "export": "Exporting and checking"}
-FEEDBACK_LABELS = {"thumbs_up": "thumbs up", "thumbs_down": "thumbs down", "pick": "picks", "edit": "edits"}
+FEEDBACK_LABELS = {
+    "thumbs_up": "thumbs up",
+    "thumbs_down": "thumbs down",
+    "pick": "picks",
+    "edit": "edits",
+    "alternative": "pairs from regenerated replies",
+}
 
 
 def safe_file_name(name: str) -> str:

@@ -410,9 +410,10 @@ def examples_from_store(store: Store) -> tuple[list[Example], dict[str, int]]:
     """Training data from chat feedback, oldest first, with counts of demonstrations, pairs and unused feedback.
 
     thumbs up -> a demonstration; edit -> a demonstration of the edit and a pair (edit over original);
-    pick -> a pair; thumbs down -> a pair with the latest reply chosen for the same prompt, else unused.
+    pick, alternative (a regenerated reply passed over) -> a pair; thumbs down -> a pair with the latest reply
+    chosen for the same prompt, else unused.
     """
-    used, unused = _feedback_examples(store.feedback())
+    used, unused = _feedback_examples(store.training_feedback())
     examples = [example for example, _ in used]
     if not examples:
         raise DatasetError(
@@ -430,7 +431,7 @@ def examples_from_store(store: Store) -> tuple[list[Example], dict[str, int]]:
 def read_feedback(store: Store, name: str) -> Source:
     """The feedback's examples, each placed by its kind and prompt; a thumbs down with no better reply is skipped."""
     source = Source(name)
-    used, unused = _feedback_examples(store.feedback())
+    used, unused = _feedback_examples(store.training_feedback())
     for example, record in used:
         source.add(example, _feedback_place(name, record))
     source.skipped += [
@@ -450,7 +451,7 @@ def _feedback_examples(records: Sequence[Feedback]) -> tuple[list[tuple[Example,
         # the store keeps the texts each kind needs (engine/app/store.py, FEEDBACK_TEXTS): the checks only narrow
         if record.kind in ("thumbs_up", "edit") and record.chosen is not None:
             used.append((Demonstration(record.prompt, record.chosen, system), record))
-        if record.kind in ("pick", "edit") and record.chosen is not None and record.rejected is not None:
+        if record.kind != "thumbs_down" and record.chosen is not None and record.rejected is not None:
             used.append((PreferencePair(record.prompt, record.chosen, record.rejected, system), record))
         if record.kind == "thumbs_down" and record.rejected is not None:
             chosen = chosen_for_prompt.get(record.prompt)

@@ -78,11 +78,11 @@ def test_conversations_most_recently_updated_first(store):
     assert [c.id for c in store.conversations()] == [newer, older]
     store.add_message(older, "user", "bump")
     assert [c.id for c in store.conversations()] == [older, newer]
-    store.delete_messages_from(newer, 0)
+    store.add_message(newer, "user", "bump")
     assert [c.id for c in store.conversations()] == [newer, older]
 
 
-def test_messages_round_trip_in_order_and_truncate(store):
+def test_messages_round_trip_in_order(store):
     conversation_id = store.create_conversation()
     ids = [
         store.add_message(conversation_id, role, f"text {i}", stats={"i": i})
@@ -92,10 +92,8 @@ def test_messages_round_trip_in_order_and_truncate(store):
     assert [m.id for m in messages] == ids
     assert [m.position for m in messages] == [0, 1, 2, 3]
     assert [m.stats for m in messages] == [{"i": i} for i in range(4)]
+    assert [m.parent_id for m in messages] == [None, *ids[:3]]
     assert store.message(ids[1]).role == "assistant" and store.message(ids[1]).status == "complete"
-    store.delete_messages_from(conversation_id, 2)
-    assert [m.id for m in store.messages(conversation_id)] == ids[:2]
-    assert store.message(store.add_message(conversation_id, "user", "again")).position == 2
     with pytest.raises(ValueError, match="role"):
         store.add_message(conversation_id, "system", "no")
     with pytest.raises(ValueError, match="status"):
@@ -158,11 +156,19 @@ def test_search_follows_edits_and_deletes(store):
     assert store.conversations(search="plans") == [] and len(store.conversations(search="fruit")) == 1
     store.delete_conversation(conversation_id)
     assert store.conversations(search="banana") == [] and store.conversations(search="fruit") == []
+    store.restore_conversation(conversation_id)
+    assert [c.id for c in store.conversations(search="banana")] == [conversation_id]
 
 
-def test_delete_conversation_cascades_messages_and_keeps_feedback(store):
+def test_a_deleted_conversation_waits_in_the_trash_until_emptied(store):
     ids = fill(store)
     store.delete_conversation(ids["first"])
+    assert ids["first"] not in [c.id for c in store.conversations()]
+    assert store.messages(ids["first"]) != []  # still there: the window can undo
+    store.restore_conversation(ids["first"])
+    assert ids["first"] in [c.id for c in store.conversations()]
+    store.delete_conversation(ids["first"])
+    assert store.empty_trash() == 1 and store.empty_trash() == 0
     assert store.messages(ids["first"]) == []
     with pytest.raises(StoreError):
         store.message(ids["answer"])
@@ -175,7 +181,7 @@ def test_delete_conversation_cascades_messages_and_keeps_feedback(store):
 
 def test_feedback_is_validated_listed_counted_and_removed(store):
     ids = fill(store)
-    assert store.feedback_counts() == {"thumbs_up": 1, "thumbs_down": 1, "pick": 1, "edit": 0}
+    assert store.feedback_counts() == {"thumbs_up": 1, "thumbs_down": 1, "pick": 1, "edit": 0, "alternative": 0}
     assert [f.kind for f in store.feedback()] == ["thumbs_up", "thumbs_down", "pick"]
     [on_reply] = store.feedback(message_id=ids["reply"])
     assert (on_reply.kind, on_reply.rejected, on_reply.chosen) == ("thumbs_down", "Some", None)
@@ -320,12 +326,15 @@ def exported(path: Path) -> dict:
 
 
 def test_export_delete_all_import_round_trip(store, db_path, tmp_path):
-    fill(store)
+    ids = fill(store)
     store.add_reward(tmp_path / "r.onnx", "r")
     store.set_setting("theme", "dark")
     store.start_tuning_run({})
+    preset = store.save_preset("Work", system_prompt="Be formal.", dials={"/r.onnx": 0.5}, strength=1.2, sampling={})
+    store.set_conversation_preset(ids["first"], preset)
+    store.add_message(ids["first"], "assistant", "Another answer.", alternative_to=ids["answer"])
     before = tmp_path / "before.json"
-    assert store.export_json(before) == {"conversations": 2, "messages": 4, "feedback": 3}
+    assert store.export_json(before) == {"conversations": 2, "messages": 5, "feedback": 3, "presets": 1}
 
     store.delete_all()
     assert store.conversations() == [] and store.feedback() == [] and store.rewards() == []
@@ -334,7 +343,13 @@ def test_export_delete_all_import_round_trip(store, db_path, tmp_path):
     for file in db_path.parent.iterdir():  # the database, its WAL and shared memory: the text is gone from disk
         assert b"borrow" not in file.read_bytes()
 
-    assert store.import_json(before) == {"conversations": 2, "messages": 4, "skipped": 0, "feedback": 3}
+    assert store.import_json(before) == {
+        "conversations": 2,
+        "messages": 5,
+        "skipped": 0,
+        "feedback": 3,
+        "presets": 1,
+    }
     after = tmp_path / "after.json"
     store.export_json(after)
     assert exported(after) == exported(before)
@@ -348,8 +363,10 @@ def test_importing_the_same_file_twice_adds_nothing(store, tmp_path):
     export = tmp_path / "export.json"
     store.export_json(export)
     with Store(tmp_path / "fresh.db") as fresh:
-        assert fresh.import_json(export) == {"conversations": 2, "messages": 4, "skipped": 0, "feedback": 3}
-        assert fresh.import_json(export) == {"conversations": 0, "messages": 0, "skipped": 2, "feedback": 0}
+        added = {"conversations": 2, "messages": 4, "skipped": 0, "feedback": 3, "presets": 0}
+        assert fresh.import_json(export) == added
+        skipped = {"conversations": 0, "messages": 0, "skipped": 2, "feedback": 0, "presets": 0}
+        assert fresh.import_json(export) == skipped
         assert len(fresh.conversations()) == 2 and len(fresh.feedback()) == 3
     assert store.import_json(export)["skipped"] == 2 and len(store.feedback()) == 3
 

@@ -13,6 +13,7 @@ other processes (the CLI) using the same file. Timestamps are ISO-8601 UTC.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -38,7 +39,7 @@ from engine.runtime.user_json import parse_user_json
 
 BUSY_TIMEOUT_S = 10.0
 ROLES = ("user", "assistant")
-MessageStatus = Literal["complete", "streaming", "stopped", "error"]
+MessageStatus = Literal["complete", "streaming", "stopped", "error", "interrupted"]
 MESSAGE_STATUSES: tuple[MessageStatus, ...] = get_args(MessageStatus)
 RUN_STATUSES = ("running", "done", "failed", "cancelled")
 FEEDBACK_TEXTS = {  # the reply texts each kind of feedback needs, besides the prompt
@@ -47,9 +48,11 @@ FEEDBACK_TEXTS = {  # the reply texts each kind of feedback needs, besides the p
     "pick": ("chosen", "rejected"),
     "edit": ("chosen", "rejected"),
 }
+ALTERNATIVE = "alternative"  # the kind of a pair read off regenerated replies (Store.training_feedback)
 EXPORT_FORMAT = "prt-chat-export"
-EXPORT_VERSION = 1
-_TABLES = ("feedback", "messages", "conversations", "rewards", "tuning_runs", "settings")
+EXPORT_VERSION = 2  # 2: messages form a tree (alternatives, branches); presets
+_TABLES = ("feedback", "messages", "conversations", "presets", "rewards", "tuning_runs", "settings")
+INTERRUPTED_AFTER_S = 30.0  # a reply still "streaming" this long after its last write died with its process
 
 
 @dataclass(frozen=True)
@@ -61,24 +64,29 @@ class Conversation:
     model_name: str
     created: str
     updated: str
+    preset_id: int | None  # the preset the chat uses, if any
 
 
 @dataclass(frozen=True)
 class Message:
+    """One node of a conversation's tree: alternatives share a parent; the chat shows one path from a root."""
+
     id: int
     conversation_id: int
-    position: int  # 0, 1, 2, ... within the conversation
+    position: int  # 0, 1, 2, ... in the order the conversation's messages were written; a child's is above its parent's
+    parent_id: int | None  # the message it answers or follows; None for a first message
     role: str  # "user" | "assistant"
     content: str
     status: MessageStatus
     stats: dict  # e.g. {"tokens", "tokens_per_second", "finish_reason", "rewards": [names]}
+    seen: bool  # shown to the user; an alternative never seen is never training data
     created: str
     updated: str
 
 
 @dataclass(frozen=True)
 class Feedback:
-    id: int
+    id: int | None  # None for a pair read off the chats' alternatives (Store.training_feedback), not stored
     conversation_id: int | None  # None once the conversation is deleted: the texts stay as training data
     message_id: int | None
     kind: str  # "thumbs_up" | "thumbs_down" | "pick" | "edit"
@@ -96,6 +104,20 @@ class RewardEntry:
     enabled: bool
     weight: float
     added: str
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named bundle a chat can use: system prompt, reward dials, overall strength and sampling settings."""
+
+    id: int
+    name: str
+    system_prompt: str
+    dials: dict  # absolute reward path -> weight (0: off)
+    strength: float
+    sampling: dict  # the window's sampling settings by name (temperature, top_k, top_p, min_p, max_tokens, stop)
+    created: str
+    updated: str
 
 
 @dataclass(frozen=True)
@@ -175,15 +197,61 @@ def add_search_and_settings(db: sqlite_utils.Database) -> None:
     db.execute("CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [create_first_schema, add_search_and_settings]
+def add_branches_presets_and_trash(db: sqlite_utils.Database) -> None:
+    """Schema 3: messages form a tree (each has a parent; ``active`` marks the alternative shown among its
+    siblings, ``seen`` whether it was ever shown), presets a chat can use, and conversations in the trash
+    (``deleted``: when) until the app closes. Existing chats become single paths."""
+    db.executescript("""
+        CREATE TABLE presets (
+            id INTEGER PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            system_prompt TEXT NOT NULL DEFAULT '',
+            dials TEXT NOT NULL DEFAULT '{}',
+            strength REAL NOT NULL DEFAULT 1.0,
+            sampling TEXT NOT NULL DEFAULT '{}',
+            created TEXT NOT NULL,
+            updated TEXT NOT NULL
+        );
+        ALTER TABLE conversations ADD COLUMN preset_id INTEGER REFERENCES presets (id) ON DELETE SET NULL;
+        ALTER TABLE conversations ADD COLUMN deleted TEXT;
+        ALTER TABLE messages ADD COLUMN parent_id INTEGER REFERENCES messages (id) ON DELETE CASCADE;
+        ALTER TABLE messages ADD COLUMN active INTEGER NOT NULL DEFAULT 1;
+        ALTER TABLE messages ADD COLUMN seen INTEGER NOT NULL DEFAULT 1;
+        UPDATE messages SET parent_id = (
+            SELECT previous.id FROM messages previous
+            WHERE previous.conversation_id = messages.conversation_id AND previous.position < messages.position
+            ORDER BY previous.position DESC LIMIT 1
+        );
+        CREATE INDEX messages_by_parent ON messages (conversation_id, parent_id);
+    """)
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
+    create_first_schema,
+    add_search_and_settings,
+    add_branches_presets_and_trash,
+]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _SEARCH_SQL = """
     SELECT * FROM conversations
-    WHERE id IN (SELECT rowid FROM conversations_fts WHERE conversations_fts MATCH :query)
-       OR id IN (SELECT conversation_id FROM messages
-                 WHERE id IN (SELECT rowid FROM messages_fts WHERE messages_fts MATCH :query))
+    WHERE deleted IS NULL
+      AND (id IN (SELECT rowid FROM conversations_fts WHERE conversations_fts MATCH :query)
+           OR id IN (SELECT conversation_id FROM messages
+                     WHERE id IN (SELECT rowid FROM messages_fts WHERE messages_fts MATCH :query)))
     ORDER BY updated DESC, id DESC
+"""
+# assistant replies that have siblings, with the question they answer and whether the chat goes on after them
+_ALTERNATIVES_SQL = """
+    SELECT m.id, m.conversation_id, m.parent_id, m.content, m.status, m.seen, m.created,
+           q.content AS prompt, c.system_prompt,
+           EXISTS (SELECT 1 FROM messages after WHERE after.parent_id = m.id) AS continued
+    FROM messages m
+    JOIN messages q ON q.id = m.parent_id AND q.role = 'user'
+    JOIN conversations c ON c.id = m.conversation_id AND c.deleted IS NULL
+    WHERE m.role = 'assistant'
+      AND (SELECT COUNT(*) FROM messages s WHERE s.parent_id = m.parent_id AND s.role = 'assistant') > 1
+    ORDER BY m.parent_id, m.position
 """
 _EXPORT_FEEDBACK_SQL = """
     SELECT f.kind, f.prompt, f.system, f.chosen, f.rejected, f.created,
@@ -197,6 +265,7 @@ _SAME_FEEDBACK_SQL = """
     SELECT 1 FROM feedback WHERE kind = :kind AND prompt = :prompt AND system = :system AND chosen IS :chosen
                              AND rejected IS :rejected AND created = :created
 """
+_CONVERSATION_COLUMNS = ("uid", "title", "system_prompt", "model_name", "created", "updated")
 _LOCATE_SQL = """
     SELECT c.id, m.id FROM conversations c
     LEFT JOIN messages m ON m.conversation_id = c.id AND m.position = ?
@@ -286,6 +355,9 @@ class Store:
             ) from error
 
     def _migrate(self) -> None:
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if 0 < version < SCHEMA_VERSION:
+            self._snapshot(self.path.with_name(f"{self.path.name}.schema-{version}.bak"))
         while True:
             with self._transaction():
                 version = self._db.execute("PRAGMA user_version").fetchone()[0]
@@ -300,6 +372,20 @@ class Store:
                     return
                 MIGRATIONS[version](self._db)
                 self._db.execute(f"PRAGMA user_version = {version + 1}")
+
+    def _snapshot(self, target: Path) -> None:
+        """A consistent copy of the database at ``target`` (SQLite's online backup), written whole or not at all."""
+        partial = target.with_name(target.name + ".partial")
+        try:
+            with contextlib.closing(sqlite3.connect(partial)) as copy:
+                self._conn.backup(copy)
+            os.replace(partial, target)
+        except (OSError, sqlite3.Error) as error:
+            partial.unlink(missing_ok=True)
+            raise StoreError(
+                f"Cannot save a copy of {self.path} before upgrading it ({error}); free some disk space "
+                "and start again. The database was not changed."
+            ) from error
 
     @contextmanager
     def _transaction(self, begin: str = "BEGIN IMMEDIATE") -> Iterator[None]:
@@ -363,7 +449,7 @@ class Store:
         """All, or those whose title or one of whose messages holds every word of search (as word prefixes)."""
         rows: Iterable[dict[str, Any]]
         if not search.strip():
-            rows = self._db.table("conversations").rows_where(order_by="updated DESC, id DESC")
+            rows = self._db.table("conversations").rows_where("deleted IS NULL", order_by="updated DESC, id DESC")
         else:
             query = _fts_query(search)
             rows = self._db.query(_SEARCH_SQL, {"query": query}) if query else []
@@ -382,12 +468,27 @@ class Store:
         self._update("conversations", conversation_id, {"model_name": model_name})
 
     @_synchronized
-    def delete_conversation(self, conversation_id: int) -> None:
-        """Its messages go with it; its feedback stays (training data) with the links set to NULL."""
-        with self._transaction():
-            self._db.execute("DELETE FROM conversations WHERE id = ?", [conversation_id])
+    def set_conversation_preset(self, conversation_id: int, preset_id: int | None) -> None:
+        self._update("conversations", conversation_id, {"preset_id": preset_id})
 
-    # messages, ordered by position
+    @_synchronized
+    def delete_conversation(self, conversation_id: int) -> None:
+        """Move it to the trash: hidden from the list and search until ``restore_conversation`` or
+        ``empty_trash`` (the window empties it when it closes)."""
+        self._update("conversations", conversation_id, {"deleted": self._now()})
+
+    @_synchronized
+    def restore_conversation(self, conversation_id: int) -> None:
+        self._update("conversations", conversation_id, {"deleted": None})
+
+    @_synchronized
+    def empty_trash(self) -> int:
+        """Delete the conversations in the trash for good: their messages go with them; their feedback stays
+        (training data) with the links set to NULL. Returns how many were deleted."""
+        with self._transaction():
+            return self._db.execute("DELETE FROM conversations WHERE deleted IS NOT NULL").rowcount
+
+    # messages: a tree per conversation; the chat shows one path through it
 
     @_synchronized
     def add_message(
@@ -398,23 +499,35 @@ class Store:
         *,
         status: MessageStatus = "complete",
         stats: dict | None = None,
+        alternative_to: int | None = None,
     ) -> int:
+        """Add a message after the last one on the shown path, or, with ``alternative_to``, beside that message
+        (a regenerated reply, an edited question: same parent). The new message is the one shown."""
         _check_choice("role", role, ROLES)
         _check_choice("status", status, MESSAGE_STATUSES)
         now = self._now()
         with self._transaction():
             self._get("conversations", conversation_id)  # a clear error if it was deleted meanwhile
+            if alternative_to is None:
+                path = self._path(conversation_id)
+                parent_id = path[-1]["id"] if path else None
+            else:
+                parent_id = self._sibling_of(conversation_id, alternative_to)["parent_id"]
             position = self._db.execute(
                 "SELECT COALESCE(MAX(position) + 1, 0) FROM messages WHERE conversation_id = ?", [conversation_id]
             ).fetchone()[0]
+            self._deactivate_children(conversation_id, parent_id)
             message_id = self._insert_message(
                 conversation_id,
                 {
                     "position": position,
+                    "parent_id": parent_id,
                     "role": role,
                     "content": content,
                     "status": status,
                     "stats": stats or {},
+                    "active": True,
+                    "seen": False,
                     "created": now,
                     "updated": now,
                 },
@@ -422,13 +535,26 @@ class Store:
             self._touch(conversation_id, now)
             return message_id
 
+    def _sibling_of(self, conversation_id: int, message_id: int) -> dict:
+        row = self._get("messages", message_id)
+        if row["conversation_id"] != conversation_id:
+            raise StoreError(f"Message {message_id} is not in conversation {conversation_id}; reload and try again.")
+        return row
+
+    def _deactivate_children(self, conversation_id: int, parent_id: int | None) -> None:
+        self._db.execute(
+            "UPDATE messages SET active = 0 WHERE conversation_id = ? AND parent_id IS ?", [conversation_id, parent_id]
+        )
+
     def _insert_message(self, conversation_id: int, message: dict) -> int:
-        columns = ("position", "role", "content", "status", "created", "updated")
+        columns = ("position", "parent_id", "role", "content", "status", "created", "updated")
         return _new_row_id(
             self._db.table("messages").insert(
                 {
                     "conversation_id": conversation_id,
                     **{k: message[k] for k in columns},
+                    "active": int(message["active"]),
+                    "seen": int(message["seen"]),
                     "stats": _json(message["stats"], "stats"),
                 }
             )
@@ -456,21 +582,69 @@ class Store:
 
     @_synchronized
     def messages(self, conversation_id: int) -> list[Message]:
+        """The path the chat shows: from the first message, at each step the alternative chosen last."""
+        return [_message(row) for row in self._path(conversation_id)]
+
+    @_synchronized
+    def message_tree(self, conversation_id: int) -> list[Message]:
+        """Every message of the conversation, alternatives and branches included, in the order written."""
         rows = self._db.table("messages").rows_where("conversation_id = ?", [conversation_id], order_by="position")
         return [_message(row) for row in rows]
+
+    def _path(self, conversation_id: int) -> list[dict]:
+        rows = list(
+            self._db.table("messages").rows_where("conversation_id = ?", [conversation_id], order_by="position")
+        )
+        children: dict[int | None, list[dict]] = {}
+        for row in rows:
+            children.setdefault(row["parent_id"], []).append(row)
+        path: list[dict] = []
+        below = children.get(None)
+        while below:
+            shown = [row for row in below if row["active"]] or below  # several active: a crash mid-update
+            path.append(shown[-1])
+            below = children.get(shown[-1]["id"])
+        return path
 
     @_synchronized
     def message(self, message_id: int) -> Message:
         return _message(self._get("messages", message_id))
 
     @_synchronized
-    def delete_messages_from(self, conversation_id: int, position: int) -> None:
-        """Delete the messages at position and after (an edited or regenerated turn replaces them)."""
+    def alternatives(self, message_id: int) -> list[Message]:
+        """The message and its siblings (the replies regenerated for one question, or a question's edits), in the
+        order written."""
+        row = self._get("messages", message_id)
+        rows = self._db.table("messages").rows_where(
+            "conversation_id = ? AND parent_id IS ?", [row["conversation_id"], row["parent_id"]], order_by="position"
+        )
+        return [_message(sibling) for sibling in rows]
+
+    @_synchronized
+    def show_alternative(self, message_id: int) -> None:
+        """Show this alternative instead of its siblings; below it, its own branch as it was last shown."""
+        row = self._get("messages", message_id)
         with self._transaction():
-            self._db.execute(
-                "DELETE FROM messages WHERE conversation_id = ? AND position >= ?", [conversation_id, position]
-            )
-            self._touch(conversation_id, self._now())
+            self._deactivate_children(row["conversation_id"], row["parent_id"])
+            self._db.execute("UPDATE messages SET active = 1 WHERE id = ?", [message_id])
+
+    @_synchronized
+    def mark_seen(self, message_ids: Iterable[int]) -> None:
+        """The messages were shown to the user (only an alternative the user saw becomes training data)."""
+        ids = list(message_ids)
+        if ids:
+            with self._transaction():
+                self._conn.executemany("UPDATE messages SET seen = 1 WHERE id = ? AND seen = 0", [[i] for i in ids])
+
+    @_synchronized
+    def mark_interrupted(self, *, older_than_s: float = INTERRUPTED_AFTER_S) -> int:
+        """Replies still "streaming" though nothing has written them for ``older_than_s`` seconds were cut off
+        by a crash or a kill: mark them "interrupted" (their text is kept). Returns how many."""
+        cutoff = (datetime.now(timezone.utc) - timedelta(seconds=older_than_s)).isoformat(timespec="microseconds")
+        with self._transaction():
+            return self._db.execute(
+                "UPDATE messages SET status = 'interrupted' WHERE status = 'streaming' AND updated < ?", [cutoff]
+            ).rowcount
 
     # feedback: the user's judgements, kept as training data
 
@@ -551,9 +725,45 @@ class Store:
 
     @_synchronized
     def feedback_counts(self) -> dict[str, int]:
+        """Stored feedback by kind, and "alternative": the pairs the chats' alternatives yield."""
         counts = dict.fromkeys(FEEDBACK_TEXTS, 0)
         counts.update(self._db.execute("SELECT kind, COUNT(*) FROM feedback GROUP BY kind").fetchall())
-        return counts
+        return counts | {ALTERNATIVE: len(self._alternative_pairs())}
+
+    @_synchronized
+    def training_feedback(self) -> list[Feedback]:
+        """What tuning learns from: the stored feedback, then the pairs read off the chats' alternatives."""
+        return self.feedback() + self._alternative_pairs()
+
+    def _alternative_pairs(self) -> list[Feedback]:
+        """For each question answered more than once, the reply the user continued the chat from, over each
+        other reply to it the user saw. No pair when no reply, or more than one, was continued from."""
+        rows = self._db.query(_ALTERNATIVES_SQL)
+        groups: dict[int, list[dict]] = {}
+        for row in rows:
+            groups.setdefault(row["parent_id"], []).append(row)
+        pairs = []
+        for replies in groups.values():
+            continued = [reply for reply in replies if reply["continued"]]
+            if len(continued) != 1:
+                continue
+            chosen = continued[0]
+            pairs += [
+                Feedback(
+                    id=None,
+                    conversation_id=chosen["conversation_id"],
+                    message_id=chosen["id"],
+                    kind=ALTERNATIVE,
+                    prompt=chosen["prompt"],
+                    system=chosen["system_prompt"],
+                    chosen=chosen["content"],
+                    rejected=other["content"],
+                    created=max(chosen["created"], other["created"]),
+                )
+                for other in replies
+                if other is not chosen and other["seen"] and other["content"].strip() and other["status"] != "error"
+            ]
+        return pairs
 
     # rewards the user installed, with their dial state; keyed by absolute path
 
@@ -583,6 +793,62 @@ class Store:
     def remove_reward(self, path: Path | str) -> None:
         with self._transaction():
             self._db.execute("DELETE FROM rewards WHERE path = ?", [os.path.abspath(path)])
+
+    @_synchronized
+    def relocate_rewards(self, moved: Mapping[str, str]) -> None:
+        """Reward files now at other paths (a restored backup): each old absolute path -> its new one, in the
+        installed rewards and in every preset's dials."""
+        with self._transaction():
+            for old, new in moved.items():
+                self._db.execute("UPDATE rewards SET path = ? WHERE path = ?", [os.path.abspath(new), old])
+            for row in list(self._db.table("presets").rows):
+                dials = _stored_json(row["dials"])
+                relocated = {os.path.abspath(moved.get(path, path)): weight for path, weight in dials.items()}
+                self._db.table("presets").update(row["id"], {"dials": _json(relocated, "dials")})
+
+    # presets, by name
+
+    @_synchronized
+    def save_preset(
+        self, name: str, *, system_prompt: str, dials: Mapping[str, float], strength: float, sampling: Mapping
+    ) -> int:
+        """Create the preset ``name``, or replace what it holds; returns its id."""
+        if not name.strip():
+            raise StoreError("A preset needs a name; type one.")
+        weights = [strength, *dials.values()]
+        if not all(isinstance(w, (int, float)) and math.isfinite(w) for w in weights):
+            raise ValueError(f"dial weights and strength must be finite numbers, got {dict(dials)!r}, {strength!r}")
+        now = self._now()
+        values = {
+            "system_prompt": system_prompt,
+            "dials": _json({os.path.abspath(path): weight for path, weight in dials.items()}, "dials"),
+            "strength": strength,
+            "sampling": _json(dict(sampling), "sampling"),
+            "updated": now,
+        }
+        with self._transaction():
+            self._db.execute(
+                "INSERT INTO presets (name, system_prompt, dials, strength, sampling, created, updated) "
+                "VALUES (:name, :system_prompt, :dials, :strength, :sampling, :updated, :updated) "
+                "ON CONFLICT (name) DO UPDATE SET system_prompt = excluded.system_prompt, dials = excluded.dials, "
+                "strength = excluded.strength, sampling = excluded.sampling, updated = excluded.updated",
+                {"name": name.strip(), **values},
+            )
+            return self._db.execute("SELECT id FROM presets WHERE name = ?", [name.strip()]).fetchone()[0]
+
+    @_synchronized
+    def presets(self) -> list[Preset]:
+        return [_preset(row) for row in self._db.table("presets").rows_where(order_by="name COLLATE NOCASE")]
+
+    @_synchronized
+    def preset(self, preset_id: int) -> Preset:
+        return _preset(self._get("presets", preset_id))
+
+    @_synchronized
+    def delete_preset(self, preset_id: int) -> None:
+        """Chats that used it keep their system prompt and go back to the current settings."""
+        with self._transaction():
+            self._db.execute("DELETE FROM presets WHERE id = ?", [preset_id])
 
     # tuning runs, newest first
 
@@ -642,12 +908,14 @@ class Store:
 
     @_synchronized
     def export_json(self, path: Path | str) -> dict[str, int]:
-        """Write every conversation with its messages, and all feedback, to one JSON file (atomically)."""
+        """Write every conversation (not those in the trash) with all its messages, the presets and all feedback
+        to one JSON file (atomically)."""
         with self._transaction("BEGIN"):  # one snapshot, even if another process writes meanwhile
             data: dict[str, Any] = {
                 "format": EXPORT_FORMAT,
                 "version": EXPORT_VERSION,
                 "exported": self._now(),
+                "presets": [_exported_preset(row) for row in self._db.table("presets").rows_where(order_by="id")],
                 "conversations": self._exported_conversations(),
                 "feedback": list(self._db.query(_EXPORT_FEEDBACK_SQL)),
             }
@@ -659,30 +927,49 @@ class Store:
             "conversations": len(data["conversations"]),
             "messages": sum(len(c["messages"]) for c in data["conversations"]),
             "feedback": len(data["feedback"]),
+            "presets": len(data["presets"]),
         }
 
     def _exported_conversations(self) -> list[dict]:
-        columns = ("uid", "title", "system_prompt", "model_name", "created", "updated")
+        preset_names = dict(self._db.execute("SELECT id, name FROM presets").fetchall())
         conversations = {
-            row["id"]: {**{k: row[k] for k in columns}, "messages": []}
-            for row in self._db.table("conversations").rows_where(order_by="id")
+            row["id"]: {
+                **{k: row[k] for k in _CONVERSATION_COLUMNS},
+                "preset": preset_names.get(row["preset_id"]),
+                "messages": [],
+            }
+            for row in self._db.table("conversations").rows_where("deleted IS NULL", order_by="id")
         }
+        positions = dict(self._db.execute("SELECT id, position FROM messages").fetchall())
         for row in self._db.table("messages").rows_where(order_by="conversation_id, position"):
+            if row["conversation_id"] not in conversations:
+                continue  # in the trash
             message = {k: row[k] for k in ("position", "role", "content", "status", "created", "updated")}
-            conversations[row["conversation_id"]]["messages"].append({**message, "stats": _stored_json(row["stats"])})
+            conversations[row["conversation_id"]]["messages"].append(
+                {
+                    **message,
+                    "parent": positions.get(row["parent_id"]),
+                    "active": bool(row["active"]),
+                    "seen": bool(row["seen"]),
+                    "stats": _stored_json(row["stats"]),
+                }
+            )
         return list(conversations.values())
 
     @_synchronized
     def import_json(self, path: Path | str) -> dict[str, int]:
-        """Add an export's conversations (by uid: ones already here are skipped) and new feedback, all or nothing.
+        """Add an export's presets (by name) and conversations (by uid: ones already here are skipped) and new
+        feedback, all or nothing. Exports of version 1 (before alternatives) import as single paths.
 
         Returns {"conversations": added, "messages": added, "skipped": conversations already here,
-        "feedback": added}.
+        "feedback": added, "presets": added}.
         """
         data = _read_export(Path(path))
-        added = {"conversations": 0, "messages": 0, "skipped": 0, "feedback": 0}
+        added = {"conversations": 0, "messages": 0, "skipped": 0, "feedback": 0, "presets": 0}
         try:
             with self._transaction():
+                for record in data.get("presets", []):
+                    self._import_preset(record, added)
                 for record in data["conversations"]:
                     self._import_conversation(record, added)
                 for record in data["feedback"]:
@@ -691,14 +978,42 @@ class Store:
             raise _bad_export(path, error) from error
         return added
 
+    def _import_preset(self, record: dict, added: dict[str, int]) -> None:
+        if self._db.execute("SELECT 1 FROM presets WHERE name = ?", [record["name"]]).fetchone():
+            return
+        self._db.table("presets").insert(
+            {
+                **{k: record[k] for k in ("name", "system_prompt", "strength", "created", "updated")},
+                "dials": _json(record["dials"], "dials"),
+                "sampling": _json(record["sampling"], "sampling"),
+            }
+        )
+        added["presets"] += 1
+
     def _import_conversation(self, record: dict, added: dict[str, int]) -> None:
         if self._db.execute("SELECT 1 FROM conversations WHERE uid = ?", [record["uid"]]).fetchone():
             added["skipped"] += 1
             return
-        columns = ("uid", "title", "system_prompt", "model_name", "created", "updated")
-        conversation_id = _new_row_id(self._db.table("conversations").insert({k: record[k] for k in columns}))
+        preset = self._db.execute("SELECT id FROM presets WHERE name = ?", [record.get("preset")]).fetchone()
+        conversation_id = _new_row_id(
+            self._db.table("conversations").insert(
+                {**{k: record[k] for k in _CONVERSATION_COLUMNS}, "preset_id": preset[0] if preset else None}
+            )
+        )
+        ids: dict[int, int] = {}  # position in the export -> new message id
+        previous: int | None = None
         for message in record["messages"]:
-            self._insert_message(conversation_id, message)
+            parent = message.get("parent", previous)  # version 1: each message follows the one before
+            ids[message["position"]] = self._insert_message(
+                conversation_id,
+                {
+                    "active": True,
+                    "seen": True,
+                    **message,
+                    "parent_id": None if parent is None else ids[parent],
+                },
+            )
+            previous = message["position"]
         added["conversations"] += 1
         added["messages"] += len(record["messages"])
 
@@ -744,7 +1059,11 @@ def _record(cls, row: dict, **decoded):
 
 
 def _message(row: dict) -> Message:
-    return _record(Message, row, stats=_stored_json(row["stats"]))
+    return _record(Message, row, stats=_stored_json(row["stats"]), seen=bool(row["seen"]))
+
+
+def _preset(row: dict) -> Preset:
+    return _record(Preset, row, dials=_stored_json(row["dials"]), sampling=_stored_json(row["sampling"]))
 
 
 def _json(value: Any, name: str) -> str:
@@ -798,6 +1117,7 @@ def _missing(table: str, key: Any) -> StoreError:
         "messages": "message",
         "rewards": "installed reward",
         "tuning_runs": "tuning run",
+        "presets": "preset",
     }[table]
     return StoreError(f"There is no {noun} {key} (it may have been deleted); reload and try again.")
 
@@ -808,8 +1128,11 @@ def _not_a_chat_database(path: Path) -> str:
     )
 
 
-# what an export file holds: field -> JSON type(s)
+# what an export file holds: field -> JSON type(s); version 2 adds the *_V2 fields
 _NULL = type(None)
+_NUMBER = (int, float)
+_FILE_FIELDS = {"version": int, "conversations": list, "feedback": list}
+_FILE_FIELDS_V2 = {"presets": list}
 _CONVERSATION_FIELDS = {
     "uid": str,
     "title": str,
@@ -819,12 +1142,23 @@ _CONVERSATION_FIELDS = {
     "updated": str,
     "messages": list,
 }
+_CONVERSATION_FIELDS_V2 = {"preset": (str, _NULL)}
 _MESSAGE_FIELDS = {
     "position": int,
     "role": str,
     "content": str,
     "status": str,
     "stats": dict,
+    "created": str,
+    "updated": str,
+}
+_MESSAGE_FIELDS_V2 = {"parent": (int, _NULL), "active": bool, "seen": bool}
+_PRESET_FIELDS = {
+    "name": str,
+    "system_prompt": str,
+    "dials": dict,
+    "strength": _NUMBER,
+    "sampling": dict,
     "created": str,
     "updated": str,
 }
@@ -838,8 +1172,24 @@ _FEEDBACK_FIELDS = {
     "conversation_uid": (str, _NULL),
     "message_position": (int, _NULL),
 }
-_JSON_NAMES = {str: "a string", int: "an integer", list: "a list", dict: "an object", _NULL: "null"}
+_JSON_NAMES = {
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    bool: "true or false",
+    list: "a list",
+    dict: "an object",
+    _NULL: "null",
+}
 _MAX_INTEGER = 2**63 - 1  # SQLite's
+
+
+def _exported_preset(row: dict) -> dict:
+    return {
+        **{k: row[k] for k in ("name", "system_prompt", "strength", "created", "updated")},
+        "dials": _stored_json(row["dials"]),
+        "sampling": _stored_json(row["sampling"]),
+    }
 
 
 def _read_export(path: Path) -> dict:
@@ -861,20 +1211,22 @@ def _read_export(path: Path) -> dict:
 
 
 def _check_export(data: dict) -> None:
-    _check_fields(data, {"version": int, "conversations": list, "feedback": list}, "the file")
-    if data["version"] != EXPORT_VERSION:
+    _check_fields(data, _FILE_FIELDS, "the file")
+    if data["version"] not in (1, 2):
         raise ValueError(f"version {data['version']} is not one this app wrote")
+    v2 = data["version"] == 2
+    if v2:
+        _check_fields(data, _FILE_FIELDS_V2, "the file")
+        for i, preset in enumerate(data["presets"]):
+            _check_preset(preset, f"presets[{i}]")
     first_with_uid: dict[str, int] = {}
     for i, conversation in enumerate(data["conversations"]):
-        _check_fields(conversation, _CONVERSATION_FIELDS, f"conversations[{i}]")
+        where = f"conversations[{i}]"
+        _check_fields(conversation, _CONVERSATION_FIELDS | (_CONVERSATION_FIELDS_V2 if v2 else {}), where)
         first = first_with_uid.setdefault(conversation["uid"], i)
         if first != i:
-            raise ValueError(f"conversations[{i}] has the uid of conversations[{first}]")
-        for j, message in enumerate(conversation["messages"]):
-            where = f"conversations[{i}].messages[{j}]"
-            _check_fields(message, _MESSAGE_FIELDS, where)
-            _check_choice(f"{where}.role", message["role"], ROLES)
-            _check_choice(f"{where}.status", message["status"], MESSAGE_STATUSES)
+            raise ValueError(f"{where} has the uid of conversations[{first}]")
+        _check_messages(conversation["messages"], where, v2=v2)
     for i, feedback in enumerate(data["feedback"]):
         _check_fields(feedback, _FEEDBACK_FIELDS, f"feedback[{i}]")
         problem = _feedback_problem(feedback["kind"], feedback["prompt"], feedback["chosen"], feedback["rejected"])
@@ -882,15 +1234,36 @@ def _check_export(data: dict) -> None:
             raise ValueError(f"feedback[{i}]: {problem}")
 
 
+def _check_messages(messages: list, where: str, *, v2: bool) -> None:
+    """Each message well formed; in version 2 each parent is a message listed before it (the messages form a tree)."""
+    listed: set[int] = set()
+    for j, message in enumerate(messages):
+        at = f"{where}.messages[{j}]"
+        _check_fields(message, _MESSAGE_FIELDS | (_MESSAGE_FIELDS_V2 if v2 else {}), at)
+        _check_choice(f"{at}.role", message["role"], ROLES)
+        _check_choice(f"{at}.status", message["status"], MESSAGE_STATUSES)
+        if v2 and message["parent"] is not None and message["parent"] not in listed:
+            raise ValueError(f"{at}.parent is {message['parent']}, not the position of a message listed before it")
+        listed.add(message["position"])
+
+
+def _check_preset(preset: Any, where: str) -> None:
+    _check_fields(preset, _PRESET_FIELDS, where)
+    weights = [preset["strength"], *preset["dials"].values()]
+    if not all(isinstance(w, _NUMBER) and not isinstance(w, bool) and math.isfinite(w) for w in weights):
+        raise ValueError(f"{where} has a strength or a dial weight that is not a finite number")
+
+
 def _check_fields(record: Any, expected: dict, where: str) -> None:
     if not isinstance(record, dict):
         raise ValueError(f"{where} is not an object")
     for name, types in expected.items():
         value = record.get(name)
-        if not isinstance(value, types) or isinstance(value, bool):
-            names = " or ".join(_JSON_NAMES[t] for t in (types if isinstance(types, tuple) else (types,)))
+        allowed = types if isinstance(types, tuple) else (types,)
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            names = " or ".join(_JSON_NAMES[t] for t in allowed)
             raise ValueError(f"{where}.{name} is missing or not {names}")
-        if isinstance(value, int) and not 0 <= value <= _MAX_INTEGER:
+        if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value <= _MAX_INTEGER:
             raise ValueError(f"{where}.{name} is {value}, not a whole number from 0 to {_MAX_INTEGER}")
 
 
