@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -14,6 +15,7 @@ import numpy as np
 
 from engine.app.backend import ReplyStream
 from engine.app.chat import RewardInfo
+from engine.app.context import ContextUse
 from engine.runtime.base_model import BaseModel, BaseModelConfig, ChatMessage
 from engine.runtime.decode import GenerationResult, StepTrace, TokenEvent
 from engine.runtime.errors import RewardRuntimeError
@@ -24,6 +26,7 @@ VOCABULARY = ["Hello", " there", "!", " How", " can", " I", " help", "?", " Sure
 REPLY = [1, 2, 3, 4, 5, 6, 7]  # " there! How can I help?"
 REPLY_TEXT = "".join(VOCABULARY[token] for token in REPLY)
 WAIT_MS = 10_000
+FAKE_CONTEXT = ContextUse(left_out=0, prompt_tokens=20, context_size=4096)  # a reply's, unless a test gives one
 T = TypeVar("T")
 
 
@@ -38,9 +41,17 @@ def step_trace(token: int, position: int) -> StepTrace:
 class FakeGeneration:
     """Streams canned tokens like engine.runtime.decode.Generation; can hold after some tokens until cancelled, or fail."""
 
-    def __init__(self, tokens: list[int], *, hold_after: int | None = None, fail_after: int | None = None) -> None:
+    def __init__(
+        self,
+        tokens: list[int],
+        *,
+        hold_after: int | None = None,
+        fail_after: int | None = None,
+        context: ContextUse = FAKE_CONTEXT,
+    ) -> None:
         self.tokens, self.hold_after, self.fail_after = tokens, hold_after, fail_after
         self.result = GenerationResult()
+        self.context = context
         self._cancelled = threading.Event()
 
     def cancel(self) -> None:
@@ -81,15 +92,22 @@ class FakeEngine:
         self.alpha = 1.0
         self.generations: list[FakeGeneration] = []  # queued; default: REPLY
         self.replies: list[tuple[list[ChatMessage], SamplingConfig]] = []  # per reply
+        self.reply_options: list[tuple[int, bool]] = []  # per reply: left_out, continue_last
         self.loads: list[tuple[Path, BaseModelConfig]] = []
         self.load_error: Exception | None = None
         self.active_reward_calls: list[dict] = []
         self.alpha_calls: list[float] = []
         self._weights: dict = {}
 
-    def reply(self, messages: Sequence[ChatMessage], config: SamplingConfig) -> FakeGeneration:
+    def reply(
+        self, messages: Sequence[ChatMessage], config: SamplingConfig, *, left_out: int = 0, continue_last: bool = False
+    ) -> FakeGeneration:
         self.replies.append((list(messages), config))
-        return self.generations.pop(0) if self.generations else FakeGeneration(REPLY)
+        self.reply_options.append((left_out, continue_last))
+        generation = self.generations.pop(0) if self.generations else FakeGeneration(REPLY)
+        if generation.context.left_out < left_out:  # as the real policy: never fewer left out than asked
+            generation.context = replace(generation.context, left_out=left_out)
+        return generation
 
     def run_locked(self, generation: ReplyStream, on_event: Callable[[TokenEvent], None]) -> GenerationResult:
         for event in generation:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Protocol, TypeVar, runtime_checkable
 
 from engine.app.chat import RewardInfo
+from engine.app.context import ContextUse
 from engine.runtime.base_model import BaseModel, BaseModelConfig, ChatMessage
 from engine.runtime.decode import GenerationResult, TokenEvent
 from engine.runtime.steering import SamplingConfig
@@ -35,10 +36,13 @@ class LoadedModel(Protocol):
 
 class ReplyStream(Protocol):
     """A reply being generated (engine.runtime.decode.Generation): iterating runs it, ``cancel`` works from any
-    thread, and ``result`` fills in as it runs."""
+    thread, and ``result`` fills in as it runs; ``context`` is what of the chat it sends (engine/app/context.py)."""
 
     @property
     def result(self) -> GenerationResult: ...
+
+    @property
+    def context(self) -> ContextUse: ...
 
     def cancel(self) -> None: ...
 
@@ -71,8 +75,11 @@ class ChatBackend(Protocol):
 
     def set_alpha(self, alpha: float) -> None: ...
 
-    def reply(self, messages: Sequence[ChatMessage], config: SamplingConfig) -> ReplyStream:
-        """The next assistant turn, not started; run it with ``run_locked``."""
+    def reply(
+        self, messages: Sequence[ChatMessage], config: SamplingConfig, *, left_out: int = 0, continue_last: bool = False
+    ) -> ReplyStream:
+        """The next assistant turn, not started; run it with ``run_locked``. ``left_out``: the last reply's
+        ``context.left_out`` (0 for a new chat); ``continue_last``: extend the last message, an assistant reply."""
 
     def run_locked(self, generation: ReplyStream, on_event: Callable[[TokenEvent], None]) -> GenerationResult:
         """Run ``generation`` to its end while no model change can happen, calling ``on_event`` per event."""

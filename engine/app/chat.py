@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
+from engine.app.context import ContextUse, default_reply_room, plan_prompt
 from engine.runtime.base_model import BaseModel, BaseModelConfig, ChatMessage
 from engine.runtime.decode import FinishReason, Generation, GenerationResult, RewardSlot, TokenEvent, attach_rewards
 from engine.runtime.errors import PrtError, RewardFileError, StoreError
@@ -40,6 +41,23 @@ class RewardInfo:
     @property
     def name(self) -> str:
         return self.card.name if self.card else self.path.stem
+
+
+class ChatReply(Generation):
+    """A Generation for a chat turn, with the plan of what it sends (``context``)."""
+
+    def __init__(
+        self,
+        base: BaseModel,
+        prompt_tokens: Sequence[int],
+        *,
+        context: ContextUse,
+        rewards: Sequence[RewardSlot],
+        config: SamplingConfig,
+        merged_sessions: MergedSessions,
+    ) -> None:
+        super().__init__(base, prompt_tokens, rewards=rewards, config=config, merged_sessions=merged_sessions)
+        self.context = context
 
 
 class ChatEngine:
@@ -142,17 +160,34 @@ class ChatEngine:
         return [slot.reward.name for slot in self._slots.values() if slot.weight != 0]
 
     # -- replies ----------------------------------------------------------------
-    def reply(self, messages: Sequence[ChatMessage], config: SamplingConfig = SamplingConfig()) -> Generation:
+    def reply(
+        self,
+        messages: Sequence[ChatMessage],
+        config: SamplingConfig = SamplingConfig(),
+        *,
+        left_out: int = 0,
+        continue_last: bool = False,
+    ) -> ChatReply:
         """A generation for the next assistant turn; iterate it (in a worker) to run it.
 
+        What of ``messages`` is sent follows the context policy (engine/app/context.py): ``left_out`` is the last
+        reply's ``context.left_out`` (0 for a new chat), and the reply's ``context`` says what this one sends.
+        ``continue_last``: extend the last message, an assistant reply, instead of answering after it.
         The overall strength lives in the reward weights, so ``config.alpha`` is not used.
         """
         if self.base is None:
             raise PrtError("No model is loaded yet; pick one in the model list.")
-        prompt = self.base.chat_prompt_tokens(messages)
-        return Generation(
+        prompt, context = plan_prompt(
+            self.base,
+            messages,
+            reply_room=default_reply_room(self.base.n_ctx, config.max_tokens),
+            left_out=left_out,
+            continue_last=continue_last,
+        )
+        return ChatReply(
             self.base,
             prompt,
+            context=context,
             rewards=list(self._slots.values()),
             config=replace(config, alpha=1.0),
             merged_sessions=self.merged_sessions,

@@ -184,8 +184,8 @@ class BaseModel:
     def check_fits(self, n_tokens: int) -> None:
         if n_tokens >= self.n_ctx:
             raise ContextOverflowError(
-                f"The prompt is {n_tokens} tokens but the context holds {self.n_ctx}; "
-                "shorten the conversation or raise the context size (--ctx)."
+                f"The prompt is {n_tokens} tokens but the context holds {self.n_ctx}; shorten it, or raise the "
+                "context size (in the app: Settings > Preferences; on the command line: --ctx)."
             )
 
     def sync(self, tokens: Sequence[int]) -> None:
