@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from engine.app.context import ContextUse, default_reply_room, plan_prompt
 from engine.app.jobs import EXIT_INTERRUPTED
 from engine.app.models import add_model, ensure_default_model, installed_models
 from engine.app.onboarding import library_reward_paths
@@ -162,10 +163,12 @@ def _generation_json(
     }
 
 
-def _stats_line(result: GenerationResult) -> str:
+def _stats_line(result: GenerationResult, context: ContextUse | None = None) -> str:
+    """The reply's figures; with ``context``, the meter of the context the prompt and the reply fill."""
+    meter = f", ctx {result.prompt_tokens + len(result.token_ids)}/{context.context_size}" if context else ""
     return (
         f"[{len(result.token_ids)} tokens, {result.tokens_per_second:.1f} tok/s, "
-        f"prompt {result.prompt_tokens} tokens in {result.prompt_seconds:.2f}s, {result.finish_reason}]"
+        f"prompt {result.prompt_tokens} tokens in {result.prompt_seconds:.2f}s, {result.finish_reason}{meter}]"
     )
 
 
@@ -193,6 +196,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         history: list[ChatMessage] = []
+        left_out = 0  # the oldest messages of ``history`` not sent, kept from turn to turn so the prefix stays
+        reply_room = default_reply_room(base.n_ctx, config.max_tokens)
         while True:
             try:
                 line = input("you> ").strip()
@@ -203,24 +208,38 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 return 0
             if line == "/reset":
                 history.clear()
+                left_out = 0
                 continue
             if not line:
                 continue
             history.append({"role": "user", "content": line})
-            try:
-                prompt = base.chat_prompt_tokens(_messages(args.system, history))
-            except PrtError as error:  # e.g. the conversation outgrew the context: drop the turn, keep chatting
+            try:  # the oldest turns are left out as the chat outgrows the context (engine/app/context.py)
+                prompt, context = plan_prompt(
+                    base, _messages(args.system, history), reply_room=reply_room, left_out=left_out
+                )
+            except PrtError as error:  # e.g. this one message is longer than the context: drop it, keep chatting
                 history.pop()
                 print(f"prt: error: {error}", file=sys.stderr)
                 continue
+            if context.left_out > left_out:
+                print(_left_out_line(context.left_out), file=sys.stderr)
+            left_out = context.left_out
             generation = Generation(base, prompt, rewards=slots, config=config, merged_sessions=merged)
             print("bot> ", end="", flush=True)
             with _cancel_on_interrupt(generation):
                 for event in generation:
                     print(event.text, end="", flush=True)
             print()
-            print(_stats_line(generation.result), file=sys.stderr)
+            print(_stats_line(generation.result, context), file=sys.stderr)
             history.append({"role": "assistant", "content": generation.result.text})
+
+
+def _left_out_line(left_out: int) -> str:
+    return (
+        "[1 earlier message is not sent to the model]"
+        if left_out == 1
+        else f"[{left_out} earlier messages are not sent to the model]"
+    )
 
 
 def cmd_models(args: argparse.Namespace) -> int:
