@@ -36,11 +36,12 @@ def title_from(text: str) -> str:
 
 @dataclass
 class _StreamingReply:
-    """The stored assistant message a single reply streams into."""
+    """The stored assistant message a single reply streams into (a new one, or one being continued)."""
 
     message_id: int
     recorder: ReplyRecorder
     widget: MessageWidget | None  # None once the view shows another conversation
+    earlier_tokens: int = 0  # a continued reply's tokens before this run
 
 
 class ChatSession(QObject):
@@ -48,6 +49,8 @@ class ChatSession(QObject):
     feedback_changed = Signal()
     busy_changed = Signal(bool)
     speed_changed = Signal(float)  # tokens per second of the reply streaming or just finished
+    context_changed = Signal(int, int)  # tokens the conversation takes in the context, the context's size
+    conversation_opened = Signal(object)  # the preset the conversation shown uses (an id, or None)
     error = Signal(str)
 
     def __init__(
@@ -56,6 +59,7 @@ class ChatSession(QObject):
         super().__init__(view)
         self._engine, self._store, self._view, self._sampling = engine, store, view, sampling
         self.conversation_id: int | None = None
+        self.preset_id: int | None = None  # the shown conversation's preset; a new chat keeps the last one
         self.model_ready = True  # False while a model loads
         self._tokens: dict[int, list[TokenInfo]] = {}  # per-token traces of this session's replies
         self._job: ReplyJob | None = None
@@ -67,11 +71,18 @@ class ChatSession(QObject):
         self._pair_reward_names: list[str] = []
         self._token_count = 0
         self._first_token_at: float | None = None
+        self._left_out: dict[
+            int | None, int
+        ] = {}  # per conversation: the last reply's, so the next keeps the KV prefix
+        self._sent_positions: list[int] = []  # the running reply's turns' indices on the shown path
+        self._context_shown = False
         self._timer = QTimer(self, interval=REPAINT_INTERVAL_MS)
         self._timer.timeout.connect(self._drain)
         view.send_requested.connect(lambda text, two: self.send(text, two=two))
         view.stop_requested.connect(self.stop)
         view.regenerate_requested.connect(self.regenerate)
+        view.continue_requested.connect(self.continue_reply)
+        view.alternative_requested.connect(self.show_alternative)
         view.edit_requested.connect(self._ask_and_edit)
         view.rating_changed.connect(self.set_rating)
         view.pick_requested.connect(self.pick)
@@ -90,9 +101,18 @@ class ChatSession(QObject):
         if self._reply is not None:
             self._reply.widget = None
         self.conversation_id = conversation_id
-        system = self._store.conversation(conversation_id).system_prompt if conversation_id is not None else ""
-        self._view.set_system_prompt(system)
+        conversation = self._store.conversation(conversation_id) if conversation_id is not None else None
+        if conversation is not None:
+            self.preset_id = conversation.preset_id
+        self._view.set_system_prompt(conversation.system_prompt if conversation is not None else "")
         self._refresh_view()
+        self.conversation_opened.emit(self.preset_id)
+
+    def set_preset(self, preset_id: int | None) -> None:
+        """The preset this conversation (or the next new one) uses."""
+        self.preset_id = preset_id
+        if self.conversation_id is not None:
+            self._store.set_conversation_preset(self.conversation_id, preset_id)
 
     def set_system_prompt(self, text: str) -> None:
         if self.conversation_id is not None:
@@ -105,12 +125,45 @@ class ChatSession(QObject):
         messages = self._store.messages(self.conversation_id) if self.conversation_id is not None else []
         self._pair, self._pair_results = None, []  # an unpicked pair is dropped
         tokens = {message.id: traced for message in messages if (traced := self._tokens_of(message)) is not None}
-        self._view.show_messages(messages, tokens=tokens, ratings=self._ratings(messages))
+        self._view.show_messages(
+            messages,
+            tokens=tokens,
+            ratings=self._ratings(messages),
+            alternatives=self._alternatives(messages),
+            left_out=self._left_out_on_path(messages),
+        )
+        self._store.mark_seen(message.id for message in messages if not message.seen)
+
+    def _alternatives(self, messages: list[Message]) -> dict[int, tuple[int, int]]:
+        """(index, count) among its alternatives, for each message that has some."""
+        shown = {}
+        for message in messages:
+            ids = [sibling.id for sibling in self._store.alternatives(message.id)]
+            if len(ids) > 1:
+                shown[message.id] = (ids.index(message.id), len(ids))
+        return shown
+
+    def _left_out_on_path(self, messages: list[Message]) -> int:
+        """How many of the shown messages the model did not see in this conversation's last reply."""
+        left_out = self._left_out.get(self.conversation_id, 0)
+        sent = [index for index, message in enumerate(messages) if message.content.strip()]
+        return sent[left_out] if 0 < left_out < len(sent) else 0
+
+    def show_alternative(self, message_id: int, step: int) -> None:
+        """Show the previous (-1) or next (+1) alternative of a message, and the branch below it."""
+        if self.busy:
+            self.error.emit("Stop the reply before moving to another version.")
+            return
+        ids = [sibling.id for sibling in self._store.alternatives(message_id)]
+        index = ids.index(message_id) + step
+        if 0 <= index < len(ids):
+            self._store.show_alternative(ids[index])
+            self._refresh_view()
 
     def _tokens_of(self, message: Message) -> list[TokenInfo] | None:
         """The message's per-token trace, if this session made it and the text is still what it made."""
         tokens = self._tokens.get(message.id)
-        if tokens and "".join(token.text for token in tokens) == message.content:
+        if tokens is not None and "".join(token.text for token in tokens) == message.content:
             return tokens
         return None  # none, edited since, or an id reused after a deletion
 
@@ -130,19 +183,19 @@ class ChatSession(QObject):
                 system_prompt=self._view.system_prompt.text(),
                 model_name=self._model_name(),
             )
+            if self.preset_id is not None:
+                self._store.set_conversation_preset(self.conversation_id, self.preset_id)
         return self.conversation_id
 
     def _model_name(self) -> str:
         return self._engine.base.name if self._engine.base is not None else ""
 
     def _model_messages(self) -> list[dict[str, str]]:
-        """[system] + the stored turns, as the engine takes them."""
+        """[system] + the shown path's turns with text, as the engine takes them."""
         system = self._store.conversation(self.conversation_id).system_prompt.strip()
-        turns = [
-            {"role": message.role, "content": message.content}
-            for message in self._store.messages(self.conversation_id)
-            if message.content.strip()
-        ]
+        path = self._store.messages(self.conversation_id)
+        self._sent_positions = [index for index, message in enumerate(path) if message.content.strip()]
+        turns = [{"role": path[index].role, "content": path[index].content} for index in self._sent_positions]
         return ([{"role": "system", "content": system}] if system else []) + turns
 
     # -- replies ----------------------------------------------------------------
@@ -161,23 +214,32 @@ class ChatSession(QObject):
         self._start_reply(two=two)
 
     def regenerate(self) -> None:
-        """Replace the last reply with a new one."""
+        """Write another reply to the last question; the earlier replies stay as its alternatives."""
         if self.busy or self.conversation_id is None:
             return
         messages = self._store.messages(self.conversation_id)
         if not any(message.role == "user" for message in messages):
             return
-        if messages[-1].role == "assistant":
-            self._store.delete_messages_from(self.conversation_id, messages[-1].position)
-        self._refresh_view()
-        self._start_reply(two=False)
+        last = messages[-1]
+        self._start_reply(two=False, alternative_to=last.id if last.role == "assistant" else None)
+
+    def continue_reply(self) -> None:
+        """Extend the last reply where it stopped (stopped, cut off by its length, or interrupted by a crash)."""
+        if self.busy or self.conversation_id is None:
+            return
+        messages = self._store.messages(self.conversation_id)
+        if not messages or messages[-1].role != "assistant" or not messages[-1].content.strip():
+            self.error.emit("There is no reply to continue; send a message first.")
+            return
+        self._start_reply(two=False, continuing=messages[-1])
 
     def stop(self) -> None:
         if self._job is not None:
             self._job.cancel()
 
-    def _start_reply(self, *, two: bool) -> None:
-        messages = self._model_messages()
+    def _start_reply(self, *, two: bool, alternative_to: int | None = None, continuing: Message | None = None) -> None:
+        """Stream a reply: a pair (``two``), an extension of ``continuing``, or a new message after the shown path
+        (beside ``alternative_to`` when given)."""
         if two:
             seed = random.randrange(2**31 - 1)
             configs = [self._sampling(seed), self._sampling(seed + 1)]
@@ -185,13 +247,14 @@ class ChatSession(QObject):
             self._targets = list(self._pair.bodies)
         else:
             configs = [self._sampling(None)]
-            message_id = self._store.add_message(self.conversation_id, "assistant", "", status="streaming")
-            widget = self._view.add_message(self._store.message(message_id), tokens=[])
-            self._reply = _StreamingReply(message_id, ReplyRecorder(self._store, message_id), widget)
-            self._targets = [widget.body]
-        job = ReplyJob(self._engine, messages, configs)
+            self._reply = self._streaming_reply(alternative_to, continuing)
+            assert self._reply.widget is not None  # just shown
+            self._targets = [self._reply.widget.body]
+        left_out = self._left_out.get(self.conversation_id, 0)
+        job = ReplyJob(self._engine, self._model_messages(), configs, left_out=left_out, continue_last=bool(continuing))
         self._job, self._streamed = job, [[] for _ in configs]
         self._token_count, self._first_token_at = 0, None
+        self._context_shown = False
         self._set_busy(True)
         self._timer.start()
         run_in_background(
@@ -200,8 +263,29 @@ class ChatSession(QObject):
             lambda message: self._finished(job, job.results, error=message),
         )
 
+    def _streaming_reply(self, alternative_to: int | None, continuing: Message | None) -> _StreamingReply:
+        """The stored message the reply streams into, shown as the last one."""
+        if continuing is not None:
+            self._store.update_message(continuing.id, status="streaming")
+            message_id, text = continuing.id, continuing.content
+            self._tokens.pop(message_id, None)  # the trace would cover only the new part
+        else:
+            message_id, text = (
+                self._store.add_message(
+                    self.conversation_id, "assistant", "", status="streaming", alternative_to=alternative_to
+                ),
+                "",
+            )
+            self._tokens[message_id] = []  # its widget collects the trace as it streams
+        self._refresh_view()
+        widget = self._view.message_widgets()[-1]
+        earlier = continuing.stats.get("tokens", 0) if continuing is not None else 0
+        recorder = ReplyRecorder(self._store, message_id, text=text)
+        return _StreamingReply(message_id, recorder, widget, earlier_tokens=earlier if isinstance(earlier, int) else 0)
+
     def _drain(self) -> None:
         """Move what the worker produced since the last tick into the view and the store."""
+        self._show_context()
         pieces = self._job.drain() if self._job is not None else []
         for slot in range(len(self._streamed)):
             new = [piece for piece_slot, piece in pieces if piece_slot == slot]
@@ -213,6 +297,18 @@ class ChatSession(QObject):
             if self._reply is not None:
                 self._save(self._reply.recorder.feed, TokenEvent("".join(piece.text for piece in new)))
         self._report_speed(sum(piece.shift is not None for _slot, piece in pieces))
+
+    def _show_context(self) -> None:
+        """Once the running reply's prompt is planned: the marker over what it leaves out, and the meter."""
+        context = self._job.context if self._job is not None else None
+        if context is None or self._context_shown:
+            return
+        self._context_shown = True
+        self._left_out[self.conversation_id] = context.left_out
+        if self._targets:  # still on screen
+            sent = self._sent_positions
+            self._view.show_left_out(sent[context.left_out] if 0 < context.left_out < len(sent) else 0)
+        self.context_changed.emit(context.prompt_tokens, context.context_size)
 
     def _save(self, write: Callable[..., object], *args, **kwargs) -> None:
         """A write of the streaming reply; one the store refuses (a full disk) stops the reply and is shown once.
@@ -236,6 +332,8 @@ class ChatSession(QObject):
     def _finished(self, job: ReplyJob, results: list[GenerationResult], error: str | None = None) -> None:
         self._drain()
         self._timer.stop()
+        if job.context is not None and results:
+            self.context_changed.emit(job.context.prompt_tokens + len(results[-1].token_ids), job.context.context_size)
         self._job = None
         reply, self._reply = self._reply, None
         if reply is not None:
@@ -253,7 +351,7 @@ class ChatSession(QObject):
         self, reply: _StreamingReply, job: ReplyJob, results: list[GenerationResult], error: str | None
     ) -> None:
         result = results[0] if results else GenerationResult(finish_reason="cancelled")
-        self._save(reply.recorder.finish, result, job.reward_names, error=error)
+        self._save(reply.recorder.finish, result, job.reward_names, error=error, earlier_tokens=reply.earlier_tokens)
         self._tokens[reply.message_id] = self._streamed[0]
         if reply.widget is not None:
             message = self._store.message(reply.message_id)
@@ -291,19 +389,19 @@ class ChatSession(QObject):
             self.edit_message(message_id, text)
 
     def edit_message(self, message_id: int, text: str) -> None:
-        """A user message: truncate after it and reply again. A reply: store the edit as preferred."""
+        """A user message: a new branch from the edited text, answered (the old branch stays, behind < >).
+        A reply: store the edit as preferred over the original."""
         message = self._store.message(message_id)
         if self.busy:
             self.error.emit("Stop the reply before editing.")
             return
         if not text.strip() or text == message.content:
             return
-        self._store.update_message(message_id, content=text)
         if message.role == "user":
-            self._store.delete_messages_from(self.conversation_id, message.position + 1)
-            self._refresh_view()
+            self._store.add_message(message.conversation_id, "user", text, alternative_to=message_id)
             self._start_reply(two=False)
             return
+        self._store.update_message(message_id, content=text)
         self._add_feedback("edit", message, chosen=text, rejected=message.content)
         self._refresh_view()
 

@@ -131,6 +131,8 @@ def _tool_button(text: str, tip: str, *, checkable: bool = False) -> QToolButton
 def stats_text(status: MessageStatus, stats: dict) -> str:
     """'stopped · 42 tokens · 18.3 tok/s · rewards: concise' for an assistant message's header."""
     parts: list[str] = [status] if status in ("streaming", "stopped") else []
+    if status == "interrupted":
+        parts.append("interrupted (the app closed while it was written): Continue extends it")
     if stats.get("error"):
         parts.append(f"error: {stats['error']}")
     if stats.get("tokens"):
@@ -143,10 +145,12 @@ def stats_text(status: MessageStatus, stats: dict) -> str:
 
 
 class MessageWidget(QFrame):
-    """One stored message: who, its status, its text, and the buttons that act on it."""
+    """One stored message: who, its status, its text, and the buttons that act on it; "< 2/3 >" moves between
+    its alternatives (regenerated replies, edited questions)."""
 
     edit_requested = Signal(int)
     rating_changed = Signal(int, object)  # message id, "thumbs_up" | "thumbs_down" | None
+    alternative_requested = Signal(int, int)  # message id, -1 (previous) | +1 (next)
 
     def __init__(
         self,
@@ -155,7 +159,9 @@ class MessageWidget(QFrame):
         tokens: Sequence[TokenInfo] | None = None,
         rating: str | None = None,
         token_view: bool = False,
+        alternative: tuple[int, int] = (0, 1),
     ) -> None:
+        """``alternative``: (index, count) of this message among its alternatives."""
         super().__init__()
         self.message_id = message.id
         self.role = message.role
@@ -167,8 +173,15 @@ class MessageWidget(QFrame):
         self.status_label = QLabel(wordWrap=True)
         self.status_label.setForegroundRole(QPalette.ColorRole.PlaceholderText)
         self.rating_buttons = {} if is_user else self._rating_buttons(rating)
+        self.alternative_label = QLabel(f"{alternative[0] + 1}/{alternative[1]}")
+        self.alternative_buttons = self._alternative_buttons(*alternative)
         header = QHBoxLayout()
-        header.addWidget(QLabel(f"<b>{'You' if is_user else 'Assistant'}</b>"), 1)
+        header.addWidget(QLabel(f"<b>{'You' if is_user else 'Assistant'}</b>"))
+        if alternative[1] > 1:
+            header.addWidget(self.alternative_buttons[0])
+            header.addWidget(self.alternative_label)
+            header.addWidget(self.alternative_buttons[1])
+        header.addStretch(1)
         for button in (self._copy_button(), self._edit_button(), *self.rating_buttons.values()):
             header.addWidget(button)
         layout = QVBoxLayout(self)
@@ -182,13 +195,27 @@ class MessageWidget(QFrame):
         self.status_label.setText(text)
         self.status_label.setVisible(bool(text))
 
+    def _alternative_buttons(self, index: int, count: int) -> tuple[QToolButton, QToolButton]:
+        noun = "question" if self.role == "user" else "reply"
+        buttons = (_tool_button("<", f"The previous {noun}"), _tool_button(">", f"The next {noun}"))
+        for step, button in zip((-1, 1), buttons):
+            button.setEnabled(0 <= index + step < count)
+            button.clicked.connect(
+                lambda _checked=False, step=step: self.alternative_requested.emit(self.message_id, step)
+            )
+        return buttons
+
     def _copy_button(self) -> QToolButton:
         button = _tool_button("Copy", "Copy this message")
         button.clicked.connect(lambda: QGuiApplication.clipboard().setText(self.body.text))
         return button
 
     def _edit_button(self) -> QToolButton:
-        tip = "Edit and send again" if self.role == "user" else "Edit this reply (kept as preferred over the original)"
+        tip = (
+            "Edit and send again (the conversation so far stays, as another branch)"
+            if self.role == "user"
+            else "Edit this reply (kept as preferred over the original)"
+        )
         button = _tool_button("Edit", tip)
         button.clicked.connect(lambda: self.edit_requested.emit(self.message_id))
         return button
@@ -247,10 +274,19 @@ class Composer(QPlainTextEdit):
         super().keyPressEvent(event)
 
 
+def left_out_text(count: int) -> str:
+    return (
+        f"{count} earlier message{'s are' if count != 1 else ' is'} not sent to the model: the conversation is "
+        "longer than its context. They stay here and in search."
+    )
+
+
 class ChatView(QWidget):
     send_requested = Signal(str, bool)  # text, show two replies
     stop_requested = Signal()
     regenerate_requested = Signal()
+    continue_requested = Signal()
+    alternative_requested = Signal(int, int)  # message id, -1 | +1
     edit_requested = Signal(int)
     rating_changed = Signal(int, object)
     pick_requested = Signal(int)
@@ -273,15 +309,28 @@ class ChatView(QWidget):
         self.two_button = QPushButton("Show me two")
         self.two_button.setToolTip("Generate two replies side by side and keep the one you prefer")
         self.regenerate_button = QPushButton("Regenerate")
+        self.regenerate_button.setToolTip("Write another reply; the earlier ones stay (< 1/2 > moves between them)")
+        self.continue_button = QPushButton("Continue")
+        self.continue_button.setToolTip("Extend the last reply where it stopped")
+        self.left_out_marker = QLabel(wordWrap=True)
+        self.left_out_marker.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.left_out_marker.setForegroundRole(QPalette.ColorRole.PlaceholderText)
         self.stop_button = QPushButton("Stop")
         self.stop_button.setToolTip("Stop the reply (Esc)")
         self.send_button.clicked.connect(lambda: self._request_send(two=False))
         self.two_button.clicked.connect(lambda: self._request_send(two=True))
         self.regenerate_button.clicked.connect(self.regenerate_requested)
+        self.continue_button.clicked.connect(self.continue_requested)
         self.stop_button.clicked.connect(self.stop_requested)
         buttons = QHBoxLayout()
         buttons.addStretch(1)
-        for button in (self.regenerate_button, self.two_button, self.stop_button, self.send_button):
+        for button in (
+            self.continue_button,
+            self.regenerate_button,
+            self.two_button,
+            self.stop_button,
+            self.send_button,
+        ):
             buttons.addWidget(button)
         layout = QVBoxLayout(self)
         layout.addWidget(self.system_prompt)
@@ -310,26 +359,58 @@ class ChatView(QWidget):
 
     # -- what the session shows --------------------------------------------
     def show_messages(
-        self, messages: Sequence[Message], *, tokens: Mapping[int, Sequence[TokenInfo]], ratings: Mapping[int, str]
+        self,
+        messages: Sequence[Message],
+        *,
+        tokens: Mapping[int, Sequence[TokenInfo]],
+        ratings: Mapping[int, str],
+        alternatives: Mapping[int, tuple[int, int]] | None = None,
+        left_out: int = 0,
     ) -> None:
-        """Replace the messages on screen; ``tokens``: the per-token traces there are, by message id."""
+        """Replace the messages on screen; ``tokens``: the per-token traces there are, by message id;
+        ``alternatives``: (index, count) of the messages that have some; ``left_out``: how many of the first
+        messages the model no longer sees (a marker goes below them)."""
         while self._messages.count() > 1:  # everything but the trailing stretch
             item = self._messages.takeAt(0)
             widget = item.widget() if item is not None else None
-            if widget is not None:
+            if widget is not None and widget is not self.left_out_marker:
                 widget.hide()
                 widget.deleteLater()
         self._bodies = []
         self._follow = True
-        for message in messages:
-            self.add_message(message, tokens=tokens.get(message.id), rating=ratings.get(message.id))
+        self.left_out_marker.setVisible(False)
+        for index, message in enumerate(messages):
+            if index == left_out and left_out:
+                self.show_left_out(left_out)
+            self.add_message(
+                message,
+                tokens=tokens.get(message.id),
+                rating=ratings.get(message.id),
+                alternative=(alternatives or {}).get(message.id, (0, 1)),
+            )
+
+    def show_left_out(self, count: int) -> None:
+        """Put the marker below the first ``count`` messages (0: hide it)."""
+        self._messages.removeWidget(self.left_out_marker)
+        self.left_out_marker.setVisible(count > 0)
+        if count:
+            self.left_out_marker.setText(left_out_text(count))
+            self._messages.insertWidget(count, self.left_out_marker)
 
     def add_message(
-        self, message: Message, *, tokens: Sequence[TokenInfo] | None = None, rating: str | None = None
+        self,
+        message: Message,
+        *,
+        tokens: Sequence[TokenInfo] | None = None,
+        rating: str | None = None,
+        alternative: tuple[int, int] = (0, 1),
     ) -> MessageWidget:
-        widget = MessageWidget(message, tokens=tokens, rating=rating, token_view=self._token_view)
+        widget = MessageWidget(
+            message, tokens=tokens, rating=rating, token_view=self._token_view, alternative=alternative
+        )
         widget.edit_requested.connect(self.edit_requested)
         widget.rating_changed.connect(self.rating_changed)
+        widget.alternative_requested.connect(self.alternative_requested)
         self._insert(widget, [widget.body])
         return widget
 
@@ -354,7 +435,7 @@ class ChatView(QWidget):
             body.set_token_view(on)
 
     def set_busy(self, busy: bool) -> None:
-        for button in (self.send_button, self.two_button, self.regenerate_button):
+        for button in (self.send_button, self.two_button, self.regenerate_button, self.continue_button):
             button.setEnabled(not busy)
         self.stop_button.setEnabled(busy)
 
@@ -377,7 +458,7 @@ def ask_for_edit(parent: QWidget, text: str, *, role: str) -> str | None:
     buttons.accepted.connect(dialog.accept)
     buttons.rejected.connect(dialog.reject)
     note = QLabel(
-        "The conversation continues from the edited message."
+        "The conversation continues from the edited message; the earlier version stays as another branch (< >)."
         if role == "user"
         else "Your edit is kept as preferred over the original, for tuning."
     )

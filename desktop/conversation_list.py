@@ -86,7 +86,10 @@ class ConversationList(QWidget):
 
     def _delete(self, conversation_id: int, title: str) -> None:
         answer = QMessageBox.question(
-            self, "Delete chat", f"Delete “{title}” and its messages? Feedback you gave in it stays, as training data."
+            self,
+            "Delete chat",
+            f"Delete “{title}” and its messages? Chat › Undo delete brings it back until the app closes. "
+            "Feedback you gave in it stays, as training data.",
         )
         if answer == QMessageBox.StandardButton.Yes:
             self._store.delete_conversation(conversation_id)

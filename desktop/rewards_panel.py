@@ -4,6 +4,7 @@ is saved in the store."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 from PySide6.QtCore import Qt, Signal
@@ -222,6 +223,18 @@ class RewardsPanel(QWidget):
 
     def active_weights(self) -> dict[Path | str, float]:
         return {row.path: row.weight for row in self.rows if row.active}
+
+    def dials(self) -> dict[str, float]:
+        """The switched-on rewards and their weights, as a preset keeps them."""
+        return {row.path: row.weight for row in self.rows if row.enabled_box.isChecked()}
+
+    def apply_dials(self, dials: Mapping[str, float], strength: float) -> None:
+        """A preset's dials: the rewards it names on at its weights, every other one off; then its strength."""
+        for entry in self._store.rewards():
+            weight = dials.get(entry.path)
+            self._store.set_reward_state(entry.path, enabled=weight is not None, weight=weight)
+        self.strength_slider.setValue(round(strength * WEIGHT_STEPS))
+        self.refresh()
 
     def _try_apply(self) -> bool:
         """Steer with the active rows; on a reward's error the engine changes nothing and False is returned."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import TypeGuard
 
@@ -33,6 +33,7 @@ class AppSettings:
     top_p: float = _SAMPLING_DEFAULTS.top_p
     min_p: float = _SAMPLING_DEFAULTS.min_p
     max_tokens: int = _SAMPLING_DEFAULTS.max_tokens
+    stop: tuple[str, ...] = ()  # stop sequences: the reply ends before any of them
     alpha: float = 1.0  # overall reward strength
     last_model: str = ""
 
@@ -46,7 +47,8 @@ class AppSettings:
         if not isinstance(saved, dict):
             return cls()
         known = {field.name for field in fields(cls)}
-        return cls(**{key: value for key, value in saved.items() if key in known and _usable(key, value)})
+        usable = {key: value for key, value in saved.items() if key in known and _usable(key, value)}
+        return cls(**usable | ({"stop": tuple(usable["stop"])} if "stop" in usable else {}))
 
     def save(self, store) -> None:
         store.set_setting(STORE_KEY, asdict(self))
@@ -61,8 +63,22 @@ class AppSettings:
             top_p=self.top_p,
             min_p=self.min_p,
             max_tokens=self.max_tokens,
+            stop=self.stop,
             seed=seed,
         )
+
+    def sampling_values(self) -> dict:
+        """The sampling settings by name, as a preset keeps them."""
+        return {name: getattr(self, name) for name in SAMPLING_SETTINGS}
+
+    def with_sampling(self, values: dict) -> AppSettings:
+        """These settings with a preset's sampling values (those it holds that are usable)."""
+        usable = {key: value for key, value in values.items() if key in SAMPLING_SETTINGS and _usable(key, value)}
+        return replace(self, **usable | ({"stop": tuple(usable["stop"])} if "stop" in usable else {}))
+
+
+SAMPLING_SETTINGS = ("temperature", "top_k", "top_p", "min_p", "max_tokens", "stop")
+MAX_STOP_SEQUENCES = 8
 
 
 # What the settings dialog and the strength slider can set; a saved value outside is not one the app wrote.
@@ -84,6 +100,12 @@ def _usable(key: str, value: object) -> bool:
     """Whether a saved value is one the app could have saved: of the field's type, in its range."""
     if key == "last_model":
         return isinstance(value, str)
+    if key == "stop":
+        return (
+            isinstance(value, (list, tuple))
+            and len(value) <= MAX_STOP_SEQUENCES
+            and all(isinstance(text, str) and text for text in value)
+        )
     if value is None:
         return key in AUTOMATIC
     low, high = SETTING_RANGES[key]

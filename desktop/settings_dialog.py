@@ -22,7 +22,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from desktop.settings import AUTOMATIC, SETTING_RANGES, AppSettings
+from desktop.settings import AUTOMATIC, MAX_STOP_SEQUENCES, SETTING_RANGES, AppSettings
 
 AUTO = "Auto"
 
@@ -47,6 +47,16 @@ def _float_box(key: str, value: float, *, step: float) -> QDoubleSpinBox:
     return QDoubleSpinBox(minimum=low, maximum=high, singleStep=step, decimals=2, value=value)
 
 
+def stop_text(stop: tuple[str, ...]) -> str:
+    return " | ".join(text.replace("\n", "\\n") for text in stop)
+
+
+def parse_stop_text(text: str) -> tuple[str, ...]:
+    r"""'### | \\nUser:' -> ('###', '\nUser:'): the stop sequences typed in the field (at most MAX_STOP_SEQUENCES)."""
+    parts = (part.strip().replace("\\n", "\n") for part in text.split("|"))
+    return tuple(part for part in parts if part)[:MAX_STOP_SEQUENCES]
+
+
 def _auto_value(box: QSpinBox) -> int | None:
     return None if box.value() == box.minimum() else box.value()
 
@@ -67,6 +77,12 @@ class SettingsDialog(QDialog):
         self.top_p = _float_box("top_p", settings.top_p, step=0.01)
         self.min_p = _float_box("min_p", settings.min_p, step=0.01)
         self.max_tokens = _int_box("max_tokens", settings.max_tokens)
+        self.stop = QLineEdit(stop_text(settings.stop))
+        self.stop.setPlaceholderText("none")
+        self.stop.setToolTip(
+            f"Up to {MAX_STOP_SEQUENCES} texts separated by | : the reply ends before the first one it writes. "
+            "\\n stands for a new line."
+        )
         self.data_folder = QLineEdit(str(data_folder))
         model = QFormLayout()
         model.addRow("CPU threads", self.threads)
@@ -78,6 +94,7 @@ class SettingsDialog(QDialog):
         sampling.addRow("Top-p", self.top_p)
         sampling.addRow("Min-p", self.min_p)
         sampling.addRow("Max tokens per reply", self.max_tokens)
+        sampling.addRow("Stop sequences", self.stop)
         buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel)
         buttons.accepted.connect(self.accept)
         buttons.rejected.connect(self.reject)
@@ -120,6 +137,7 @@ class SettingsDialog(QDialog):
             top_p=self.top_p.value(),
             min_p=self.min_p.value(),
             max_tokens=self.max_tokens.value(),
+            stop=parse_stop_text(self.stop.text()),
         )
 
     def chosen_data_folder(self) -> Path:

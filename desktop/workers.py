@@ -13,6 +13,7 @@ from PySide6.QtCore import QObject, QRunnable, QThreadPool, Signal
 
 from desktop.token_view import TokenInfo, token_info
 from engine.app.backend import ChatBackend, ReplyStream
+from engine.app.context import ContextUse
 from engine.runtime.base_model import ChatMessage
 from engine.runtime.decode import GenerationResult, TokenEvent
 from engine.runtime.errors import PrtError
@@ -82,10 +83,21 @@ class ReplyJob:
     locked buffer; the GUI takes them with ``drain``. ``cancel`` is safe from the GUI thread.
     """
 
-    def __init__(self, engine: ChatBackend, messages: Sequence[ChatMessage], configs: Sequence[SamplingConfig]) -> None:
+    def __init__(
+        self,
+        engine: ChatBackend,
+        messages: Sequence[ChatMessage],
+        configs: Sequence[SamplingConfig],
+        *,
+        left_out: int = 0,
+        continue_last: bool = False,
+    ) -> None:
+        """``left_out`` and ``continue_last``: as ChatBackend.reply takes them."""
         self._engine = engine
         self._messages = list(messages)
         self._configs = list(configs)
+        self._left_out, self._continue_last = left_out, continue_last
+        self.context: ContextUse | None = None  # what the (last) reply sends, once it is planned
         self.reward_names: list[str] = list(engine.active_reward_names)
         self.results: list[GenerationResult] = []  # one per started generation, filled in as it runs
         self._pieces: list[tuple[int, TokenInfo]] = []
@@ -107,11 +119,14 @@ class ReplyJob:
             return base.token_bytes(token).decode("utf-8", errors="replace")
 
         for slot, config in enumerate(self._configs):
-            generation = self._engine.reply(self._messages, config)
+            generation = self._engine.reply(
+                self._messages, config, left_out=self._left_out, continue_last=self._continue_last
+            )
             with self._lock:
                 if self._cancelled:
                     break
                 self._generation = generation
+                self.context = generation.context
                 self.results.append(generation.result)
 
             def collect(event: TokenEvent, slot: int = slot) -> None:

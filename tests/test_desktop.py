@@ -138,16 +138,21 @@ def test_stop_keeps_the_partial_text(qtbot, window, store, engine):
     assert stored(store, window)[1] == ("assistant", partial, "stopped")
 
 
-def test_regenerate_replaces_the_last_reply(qtbot, window, store, engine):
+def test_regenerate_shows_a_new_reply_and_keeps_the_old_one_as_an_alternative(qtbot, window, store, engine):
     send(qtbot, window, "Hello")
     engine.generations = [FakeGeneration([8, 2])]
     window.chat_view.regenerate_button.click()
     wait_idle(qtbot, window)
     assert stored(store, window) == [("user", "Hello", "complete"), ("assistant", " Sure!", "complete")]
     assert engine.replies[1][0] == [{"role": "user", "content": "Hello"}]
+    widget = assistant_widget(window)
+    assert widget.alternative_label.text() == "2/2"
+    widget.alternative_buttons[0].click()  # "<": back to the first reply
+    assert stored(store, window)[1] == ("assistant", REPLY_TEXT, "complete")
+    assert assistant_widget(window).alternative_label.text() == "1/2"
 
 
-def test_editing_a_user_message_drops_what_followed_and_replies_again(qtbot, window, store, engine):
+def test_editing_a_user_message_starts_a_branch_and_keeps_the_old_one(qtbot, window, store, engine):
     send(qtbot, window, "First")
     send(qtbot, window, "Second")
     first = store.messages(window.session.conversation_id)[0]
@@ -156,6 +161,9 @@ def test_editing_a_user_message_drops_what_followed_and_replies_again(qtbot, win
     wait_idle(qtbot, window)
     assert stored(store, window) == [("user", "First, edited", "complete"), ("assistant", " No", "complete")]
     assert engine.replies[-1][0] == [{"role": "user", "content": "First, edited"}]
+    [question] = [w for w in window.chat_view.message_widgets() if w.role == "user"]
+    question.alternative_buttons[0].click()  # the old branch, with everything that followed it
+    assert [text for _role, text, _status in stored(store, window)] == ["First", REPLY_TEXT, "Second", REPLY_TEXT]
 
 
 def test_editing_a_reply_keeps_the_edit_as_preferred(qtbot, window, store):

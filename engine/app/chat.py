@@ -228,11 +228,12 @@ class ReplyRecorder:
         "error": "error",
     }
 
-    def __init__(self, store, message_id: int, *, interval: float = 0.25) -> None:
+    def __init__(self, store, message_id: int, *, interval: float = 0.25, text: str = "") -> None:
+        """``text``: what the message holds already (a reply being continued); the stream is added to it."""
         self._store = store
         self._message_id = message_id
         self._interval = interval
-        self._text = ""
+        self._text = text
         self._last_write = time.monotonic()
         self._refused: StoreError | None = None  # the store's error, once it refused a write
 
@@ -247,11 +248,17 @@ class ReplyRecorder:
             self._last_write = time.monotonic()
 
     def finish(
-        self, result: GenerationResult, reward_names: Sequence[str] = (), error: str | None = None
+        self,
+        result: GenerationResult,
+        reward_names: Sequence[str] = (),
+        error: str | None = None,
+        *,
+        earlier_tokens: int = 0,
     ) -> MessageStatus:
+        """``earlier_tokens``: a continued reply's tokens before this run, counted in its total."""
         status: MessageStatus = "error" if error else self.FINAL_STATUS.get(result.finish_reason, "complete")
         stats: dict[str, object] = {
-            "tokens": len(result.token_ids),
+            "tokens": earlier_tokens + len(result.token_ids),
             "tokens_per_second": round(result.tokens_per_second, 2),
             "finish_reason": result.finish_reason,
             "rewards": list(reward_names),
