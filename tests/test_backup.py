@@ -349,6 +349,19 @@ def test_outside_rewards_of_one_name_keep_apart_and_a_folder_without_chats_backs
     assert len({restored["first"], restored["second"], new.rewards / "restored" / "style.onnx"}) == 3
 
 
+def test_a_data_folder_without_a_database_backs_up_and_restores_empty(tmp_path):
+    paths = AppPaths(tmp_path / "old")
+    make_reward(paths.rewards / "mine.onnx", seed=1)
+    summary = create_backup(paths, tmp_path / "backup.zip")
+    assert (summary.conversations, summary.rewards, summary.files) == (0, 0, 3)
+    assert not (paths.data / "chats.db").exists()  # a backup writes nothing in the data folder
+    new = AppPaths(tmp_path / "new")
+    restore_backup(tmp_path / "backup.zip", new)
+    assert (new.rewards / "mine.onnx").read_bytes() == (paths.rewards / "mine.onnx").read_bytes()
+    with Store(new.store) as store:
+        assert store.conversations() == [] and store.rewards() == []
+
+
 # -- bad archives: each one clear error, and nothing written ---------------------------------------------------
 def rezip(
     source: Path,

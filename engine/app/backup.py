@@ -211,13 +211,8 @@ def _contents(database: Path) -> tuple[dict[str, int], tuple[str, ...]]:
     """How many rows of each kind the database holds, and the names of the models its chats used."""
     with contextlib.closing(sqlite3.connect(database)) as connection:
         counts = {
-            name: connection.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
-            for name, table in (
-                ("conversations", "conversations"),
-                ("messages", "messages"),
-                ("feedback", "feedback"),
-                ("presets", "presets"),
-            )
+            table: connection.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+            for table in ("conversations", "messages", "feedback", "presets")
         }
         rows = connection.execute("SELECT DISTINCT model_name FROM conversations WHERE model_name != ''")
         return counts, tuple(sorted(name for (name,) in rows))
@@ -396,8 +391,11 @@ def restore_backup(archive: Path, paths: AppPaths) -> BackupSummary:
             counts, _models = _contents(database)
             for name, target in targets.items():
                 _restore_file(_member_bytes(zipped, manifest, name, archive), target, made)
-            _check_empty(paths.data / STORE_FILE)  # still: nothing wrote a chat meanwhile
-            _install_database(database, paths.data / STORE_FILE)
+            live = paths.data / STORE_FILE
+            _check_empty(live)  # still: nothing wrote a chat meanwhile
+            if not live.exists():  # a failed install leaves no database either
+                made.extend(Path(f"{live}{suffix}") for suffix in ("", "-journal", "-wal", "-shm"))
+            _install_database(database, live)
         except BaseException as error:
             _remove(scratch)
             for path in reversed(made):  # files, then the folders they were in
@@ -660,7 +658,6 @@ def _install_database(source: Path, target: Path) -> None:
     with contextlib.closing(sqlite3.connect(source)) as restored:
         with contextlib.closing(sqlite3.connect(target, timeout=BUSY_TIMEOUT_S)) as live:
             restored.backup(live)
-    Store(target).close()
 
 
 def _missing_models(paths: AppPaths, models: tuple[str, ...]) -> tuple[str, ...]:
