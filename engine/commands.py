@@ -14,7 +14,7 @@ from pathlib import Path
 
 from engine.app.context import ContextUse, default_reply_room, plan_prompt
 from engine.app.jobs import EXIT_INTERRUPTED
-from engine.app.models import add_model, ensure_default_model, installed_models
+from engine.app.models import add_model, ensure_default_model, installed_models, resolve_model
 from engine.app.onboarding import library_reward_paths
 from engine.cli import (
     UsageError,
@@ -71,6 +71,24 @@ def register(commands: argparse._SubParsersAction) -> None:
         default=None,
         metavar="DIR",
         help="also decode with the rewards in DIR (default: the model's style rewards), merged and separately",
+    )
+    bench.add_argument(
+        "--context-policy",
+        nargs="?",
+        type=int,
+        const=512,
+        default=None,
+        metavar="N_CTX",
+        help="instead: the context policy's cost per turn on a scripted chat (greedy replies of up to 64 tokens) "
+        "at N_CTX tokens (default: 512) vs a context that holds the whole chat",
+    )
+    bench.add_argument("--turns", type=int, default=50, help="with --context-policy: turns (default: %(default)s)")
+    bench.add_argument(
+        "--reward",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="with --context-policy: a reward to steer with (default: a reference-size one, random weights)",
     )
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(handler=cmd_bench)
@@ -270,6 +288,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.context_policy is not None:
+        return _bench_context_policy(args)
     from engine.app.bench import BenchConfig, format_report, run_bench
 
     config = BenchConfig(tokens=args.tokens, rounds=args.rounds, top_k=args.top_k, long_context=args.long_context)
@@ -285,6 +305,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 )
         report = run_bench(base, config, library)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def _bench_context_policy(args: argparse.Namespace) -> int:
+    from engine.app.context_bench import format_context_report, run_context_bench
+
+    try:
+        report = run_context_bench(
+            resolve_model(args.paths, args.model),
+            reward_paths=[Path(path) for path in args.reward],
+            turns=args.turns,
+            small_ctx=args.context_policy,
+            threads=args.threads,
+            gpu_layers=args.gpu_layers,
+        )
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+    print(json.dumps(report, indent=2) if args.json else format_context_report(report))
     return 0
 
 

@@ -6,6 +6,7 @@ ChatEngine, ``prt chat`` as a user runs it, and the default model for what only 
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -13,10 +14,13 @@ import pytest
 from conftest import TINY_CONFIG
 from engine.app.chat import ChatEngine
 from engine.app.context import ContextUse, continuation_prompt_tokens, default_reply_room, plan_context
+from engine.app.context_bench import chat_script, format_context_report, run_chat
 from engine.runtime.base_model import BaseModel, BaseModelConfig
 from engine.runtime.errors import ContextOverflowError, PromptError
+from engine.runtime.reward_graph import random_reward_weights
 from engine.runtime.steering import SamplingConfig
 from helpers import prt, prt_process, reference_greedy
+from tiny_models import small_reward_shape, write_reward
 
 N_CTX = TINY_CONFIG.n_ctx
 ROOM = 64
@@ -244,3 +248,34 @@ def test_prt_chat_drops_only_a_message_too_long_and_reset_sends_everything_again
     prompts = [int(n) for n in re.findall(r"prompt (\d+) tokens", ran.stderr)]
     hello, again = prompts[-2:]
     assert hello + 8 < again < N_CTX // 2  # after /reset the second prompt holds the first turn whole again
+
+
+@pytest.mark.slow
+def test_the_context_bench_counts_what_each_kv_state_evaluates(tmp_path, tiny_gguf, tiny_base):
+    reward = write_reward(
+        tmp_path / "style.onnx",
+        random_reward_weights(small_reward_shape(tiny_base.n_vocab), seed=4),
+        vocabulary_fingerprint=tiny_base.vocabulary_fingerprint,
+        base_name=tiny_base.name,
+    )
+    config = BaseModelConfig(n_ctx=256, n_threads=2, n_gpu_layers=0)
+    figures = run_chat(tiny_gguf, config, [reward], chat_script(10), max_tokens=16)
+    first, *rest = figures
+    assert first.base_prefill_tokens == first.prompt_tokens  # a fresh model holds nothing
+    moved = [turn for turn, previous in zip(rest, figures) if turn.left_out != previous.left_out]
+    assert moved
+    for turn in figures:
+        assert turn.reward_prefill_tokens == [turn.base_prefill_tokens]  # one KV state each, one sequence
+    kept = [turn for turn in rest if turn not in moved]
+    assert kept and all(turn.base_prefill_tokens < turn.prompt_tokens / 2 for turn in kept)  # the cache held
+    assert all(turn.base_prefill_tokens > turn.prompt_tokens / 2 for turn in moved)  # the window moved: refilled
+
+
+@pytest.mark.slow
+def test_prt_bench_context_policy_reports_both_runs(tiny_gguf):
+    ran = prt("bench", "--model", str(tiny_gguf), "--context-policy", "256", "--turns", "3", "--threads", "2", "--json")
+    assert ran.returncode == 0, ran.stderr
+    report = json.loads(ran.stdout)
+    assert report["policy"]["n_ctx"] == 256 and report["whole_chat"]["left_out_at_the_end"] == 0
+    assert len(report["policy"]["per_turn"]) == 3 and report["ratio_prefill_tokens"] > 0
+    assert "a/b: prefill tokens" in format_context_report(report)
