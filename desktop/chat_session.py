@@ -134,6 +134,15 @@ class ChatSession(QObject):
         )
         self._store.mark_seen(message.id for message in messages if not message.seen)
 
+    def _show_added(self, message_id: int) -> None:
+        """Show a message just added after the shown path (the whole view again only if a pair was waiting)."""
+        if self._pair is not None:
+            self._refresh_view()
+            return
+        message = self._store.message(message_id)
+        self._view.add_message(message, tokens=self._tokens.get(message_id))
+        self._store.mark_seen([message_id])
+
     def _alternatives(self, messages: list[Message]) -> dict[int, tuple[int, int]]:
         """(index, count) among its alternatives, for each message that has some."""
         shown = {}
@@ -206,10 +215,9 @@ class ChatSession(QObject):
             self.error.emit("The model is still loading; send again in a moment.")
             return
         conversation_id = self._ensure_conversation(text)
-        self._store.add_message(conversation_id, "user", text)
+        self._show_added(self._store.add_message(conversation_id, "user", text))
         self._store.set_model_name(conversation_id, self._model_name())
         self._view.clear_input()
-        self._refresh_view()
         self.conversations_changed.emit()
         self._start_reply(two=two)
 
@@ -269,6 +277,7 @@ class ChatSession(QObject):
             self._store.update_message(continuing.id, status="streaming")
             message_id, text = continuing.id, continuing.content
             self._tokens.pop(message_id, None)  # the trace would cover only the new part
+            self._refresh_view()
         else:
             message_id, text = (
                 self._store.add_message(
@@ -277,7 +286,10 @@ class ChatSession(QObject):
                 "",
             )
             self._tokens[message_id] = []  # its widget collects the trace as it streams
-        self._refresh_view()
+            if alternative_to is None:
+                self._show_added(message_id)
+            else:
+                self._refresh_view()  # the alternatives' "< 2/2 >"
         widget = self._view.message_widgets()[-1]
         earlier = continuing.stats.get("tokens", 0) if continuing is not None else 0
         recorder = ReplyRecorder(self._store, message_id, text=text)
@@ -399,6 +411,7 @@ class ChatSession(QObject):
             return
         if message.role == "user":
             self._store.add_message(message.conversation_id, "user", text, alternative_to=message_id)
+            self._refresh_view()
             self._start_reply(two=False)
             return
         self._store.update_message(message_id, content=text)

@@ -392,10 +392,10 @@ class ChatView(QWidget):
     def show_left_out(self, count: int) -> None:
         """Put the marker below the first ``count`` messages (0: hide it)."""
         self._messages.removeWidget(self.left_out_marker)
-        self.left_out_marker.setVisible(count > 0)
         if count:
             self.left_out_marker.setText(left_out_text(count))
-            self._messages.insertWidget(count, self.left_out_marker)
+            self._messages.insertWidget(count, self.left_out_marker)  # before showing it: no window of its own
+        self.left_out_marker.setVisible(count > 0)
 
     def add_message(
         self,

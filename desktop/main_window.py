@@ -25,6 +25,7 @@ from desktop.chat_view import ChatView
 from desktop.conversation_list import ConversationList
 from desktop.formatting import speed_text
 from desktop.model_picker import ModelPicker
+from desktop.presets import PresetPicker
 from desktop.rewards_panel import RewardsPanel
 from desktop.settings import AppSettings, save_data_folder
 from desktop.settings_dialog import SettingsDialog
@@ -32,8 +33,9 @@ from desktop.style_dialog import StyleDialog, first_run_pending
 from desktop.tune_panel import TunePanel
 from desktop.workers import run_in_background, wait_for_background_work
 from engine.app.backend import ChatBackend
+from engine.app.backup import BackupSummary, create_backup, restore_backup
 from engine.app.paths import AppPaths
-from engine.app.store import Store
+from engine.app.store import Preset, Store
 
 APP_TITLE = "PRT Chat"
 
@@ -62,13 +64,18 @@ class MainWindow(QMainWindow):
         self.rewards_panel = RewardsPanel(engine, store, strength=self.settings.alpha)
         self.tune_panel = TunePanel(engine, store, paths=self.paths, command_factory=tune_command_factory)
         self.model_picker = ModelPicker(self.paths)
+        self.preset_picker = PresetPicker(store)
         self.style_dialog: StyleDialog | None = None
+        self._shut_down = False
+        self._deleted: list[int] = []  # chats in the trash, the last deleted last: Undo brings them back
         self._offer_style_survey = offer_style_survey
         self.error_box = QMessageBox(QMessageBox.Icon.Warning, APP_TITLE, "", QMessageBox.StandardButton.Ok, self)
         self._build_layout()
         self._build_status_bar()
         self._build_actions()
         self._connect()
+        store.empty_trash()  # what a crash left there: deleting is undone only within one run
+        store.mark_interrupted()
         self.conversations.refresh()
         self.session.open(None)
         self.rewards_panel.refresh()
@@ -101,7 +108,11 @@ class MainWindow(QMainWindow):
         self.model_label = QLabel()
         self.rewards_label = QLabel()
         self.speed_label = QLabel()
-        for widget in (self.busy_bar, self.model_label, self.rewards_label, self.speed_label):
+        self.context_label = QLabel()
+        self.context_label.setToolTip(
+            "Tokens this conversation takes in the model's context; when it is full, the oldest turns are left out"
+        )
+        for widget in (self.busy_bar, self.model_label, self.rewards_label, self.context_label, self.speed_label):
             self.statusBar().addPermanentWidget(widget)
         self._show_model_and_rewards()
 
@@ -125,6 +136,9 @@ class MainWindow(QMainWindow):
         self._action(chat_menu, "&Find chats", self.conversations.focus_search, QKeySequence.StandardKey.Find)
         self._action(chat_menu, "&Stop the reply", self.session.stop, Qt.Key.Key_Escape)
         self._action(chat_menu, "&Regenerate", self.session.regenerate, "Ctrl+R")
+        self._action(chat_menu, "C&ontinue the reply", self.session.continue_reply, "Ctrl+Shift+R")
+        self.undo_delete_action = self._action(chat_menu, "&Undo delete", self.undo_delete, "Ctrl+Shift+Z")
+        self.undo_delete_action.setEnabled(False)
         chat_menu.addSeparator()
         self._action(chat_menu, "Find or retune my st&yle…", self.open_style_dialog)
         view_menu = bar.addMenu("&View")
@@ -141,6 +155,8 @@ class MainWindow(QMainWindow):
         self._action(settings_menu, "&Preferences…", self.open_settings, QKeySequence.StandardKey.Preferences)
         self._action(settings_menu, "&Export all conversations…", self.export_conversations)
         self._action(settings_menu, "&Import conversations…", self.import_conversations)
+        self._action(settings_menu, "&Back up everything…", self.back_up)
+        self._action(settings_menu, "&Restore from a backup…", self.restore)
         settings_menu.addSeparator()
         self._action(settings_menu, "&Delete all data…", self.delete_all_data)
         toolbar = self.addToolBar("Main")
@@ -149,13 +165,22 @@ class MainWindow(QMainWindow):
         toolbar.addWidget(self.model_picker)
         toolbar.addAction(self.new_chat_action)
         toolbar.addAction(self.token_view_action)
+        toolbar.addSeparator()
+        toolbar.addWidget(QLabel(" Preset "))
+        toolbar.addWidget(self.preset_picker)
 
     def _connect(self) -> None:
         self.conversations.conversation_selected.connect(self.session.open)
         self.conversations.conversation_deleted.connect(self._conversation_deleted)
         self.session.conversations_changed.connect(lambda: self.conversations.refresh(self.session.conversation_id))
         self.session.feedback_changed.connect(self.tune_panel.refresh_counts)
+        self.session.conversations_changed.connect(self.tune_panel.refresh_counts)  # pairs from alternatives
         self.session.speed_changed.connect(lambda speed: self.speed_label.setText(speed_text(speed)))
+        self.session.context_changed.connect(self._show_context)
+        self.session.conversation_opened.connect(self._conversation_opened)
+        self.preset_picker.preset_chosen.connect(self.choose_preset)
+        self.preset_picker.save_requested.connect(self.save_preset)
+        self.preset_picker.delete_requested.connect(self.delete_preset)
         self.session.error.connect(self.show_error)
         self.rewards_panel.changed.connect(self._show_model_and_rewards)
         self.rewards_panel.strength_changed.connect(self._save_strength)
@@ -214,8 +239,64 @@ class MainWindow(QMainWindow):
         self.chat_view.input.setFocus()
 
     def _conversation_deleted(self, conversation_id: int) -> None:
+        self._deleted.append(conversation_id)
+        self.undo_delete_action.setEnabled(True)
+        title = self.store.conversation(conversation_id).title
+        self.statusBar().showMessage(f"Deleted “{title}”. Chat › Undo delete (Ctrl+Shift+Z) brings it back.", 15000)
         if self.session.conversation_id == conversation_id:
             self.session.open(None)
+
+    def undo_delete(self) -> None:
+        """Bring back the chat deleted last (possible until the app closes)."""
+        if not self._deleted:
+            return
+        conversation_id = self._deleted.pop()
+        self.store.restore_conversation(conversation_id)
+        self.undo_delete_action.setEnabled(bool(self._deleted))
+        self.conversations.refresh(conversation_id)
+        self.session.open(conversation_id)
+
+    def _show_context(self, used: int, size: int) -> None:
+        self.context_label.setText(f"Context: {used} / {size}")
+
+    # -- presets ---------------------------------------------------------------------------
+    def choose_preset(self, preset_id: int | None) -> None:
+        """Use a preset in this chat: its system prompt, dials, strength and sampling settings."""
+        self.session.set_preset(preset_id)
+        if preset_id is not None:
+            preset = self.store.preset(preset_id)
+            self.chat_view.set_system_prompt(preset.system_prompt)
+            self.session.set_system_prompt(preset.system_prompt)
+            self._apply_preset(preset)
+        self.preset_picker.refresh(preset_id)
+
+    def _conversation_opened(self, preset_id: int | None) -> None:
+        """A chat with a preset brings its dials and sampling back; its system prompt is the chat's own."""
+        if preset_id is not None:
+            self._apply_preset(self.store.preset(preset_id))
+        self.preset_picker.refresh(preset_id)
+
+    def _apply_preset(self, preset: Preset) -> None:
+        self.rewards_panel.apply_dials(preset.dials, preset.strength)
+        self.settings = replace(self.settings.with_sampling(preset.sampling), alpha=preset.strength)
+        self.settings.save(self.store)
+
+    def save_preset(self, name: str) -> None:
+        preset_id = self.store.save_preset(
+            name,
+            system_prompt=self.chat_view.system_prompt.text(),
+            dials=self.rewards_panel.dials(),
+            strength=self.rewards_panel.strength,
+            sampling=self.settings.sampling_values(),
+        )
+        self.choose_preset(preset_id)
+        self.statusBar().showMessage(f"Saved the preset “{name}”; this chat uses it.", 10000)
+
+    def delete_preset(self, preset_id: int) -> None:
+        self.store.delete_preset(preset_id)
+        if self.session.preset_id == preset_id:
+            self.session.preset_id = None
+        self.preset_picker.refresh(None)
 
     # -- style -----------------------------------------------------------------------------
     def open_style_dialog(self) -> None:
@@ -266,6 +347,42 @@ class MainWindow(QMainWindow):
             self.conversations.refresh()
             self.tune_panel.refresh_counts()
 
+    def back_up(self) -> None:
+        path, _filter = QFileDialog.getSaveFileName(
+            self, "Back up everything", "prt-chat-backup.zip", "Backups (*.zip)"
+        )
+        if path:
+            self._run_backup_job("Backing up…", lambda: create_backup(self.paths, Path(path)))
+
+    def restore(self) -> None:
+        path, _filter = QFileDialog.getOpenFileName(self, "Restore from a backup", "", "Backups (*.zip)")
+        if path:
+            self._run_backup_job("Restoring…", lambda: restore_backup(Path(path), self.paths), restored=True)
+
+    def _run_backup_job(self, message: str, job: Callable[[], BackupSummary], *, restored: bool = False) -> None:
+        self._show_loading(message)
+
+        def done(summary: BackupSummary) -> None:
+            self._show_loading("")
+            if restored:
+                self._reload_everything()
+            self.statusBar().showMessage(summary.describe(), 20000)
+
+        def failed(error: str) -> None:
+            self._show_loading("")
+            self.show_error(error)
+
+        run_in_background(job, done, failed)
+
+    def _reload_everything(self) -> None:
+        """After a restore: settings, chats, presets, rewards and counts from the store."""
+        self.settings = AppSettings.load(self.store)
+        self.conversations.refresh()
+        self.preset_picker.refresh(None)
+        self.new_chat()
+        self.rewards_panel.refresh()
+        self.tune_panel.refresh_counts()
+
     def delete_all_data(self) -> None:
         if self.session.busy:
             self.show_error("Stop the reply before deleting data.")
@@ -303,10 +420,14 @@ class MainWindow(QMainWindow):
         super().closeEvent(event)
 
     def shutdown(self) -> None:
-        """Stop the reply and any tuning, wait for the workers, and let their results reach the store."""
+        """Stop the reply and any tuning, wait for the workers, and let their results reach the store; once."""
+        if self._shut_down:
+            return
+        self._shut_down = True
         self.session.stop()
         self.tune_panel.shutdown()
         if self.style_dialog is not None:
             self.style_dialog.reject()  # cancels its build or replies
         wait_for_background_work()
         QCoreApplication.sendPostedEvents()
+        self.store.empty_trash()  # no reply writes into a deleted chat any more

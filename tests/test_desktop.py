@@ -26,6 +26,7 @@ from desktop.settings_dialog import SettingsDialog
 from desktop.tune_panel import TunePanel
 from engine.app.backend import ChatBackend
 from engine.app.chat import ChatEngine, ReplyRecorder
+from engine.app.context import ContextUse
 from engine.app.models import teacher_cache_path
 from engine.app.store import MESSAGE_STATUSES, Store
 from engine.runtime.decode import FinishReason
@@ -505,5 +506,178 @@ def test_real_window_on_a_tiny_gguf_with_a_tiny_reward(qtbot, tmp_path, tiny_ggu
         widget.rating_buttons["thumbs_up"].click()
         [feedback] = store.feedback(message_id=widget.message_id)
         assert (feedback.kind, feedback.prompt, feedback.chosen) == ("thumbs_up", "Hello there", reply_text)
+        window.close()
+    engine.close()
+
+
+# -- alternatives, Continue, the context, presets, undo ------------------------------------------------------
+def test_continue_extends_a_stopped_reply_in_place(qtbot, window, store, engine):
+    engine.generations = [FakeGeneration(REPLY, hold_after=2)]
+    window.chat_view.input.setPlainText("Hello")
+    window.chat_view.send_button.click()
+    partial = "".join(VOCABULARY[token] for token in REPLY[:2])
+    qtbot.waitUntil(lambda: assistant_widget(window).body.text == partial, timeout=WAIT_MS)
+    window.session.stop()
+    wait_idle(qtbot, window)
+    engine.generations = [FakeGeneration([8, 2])]
+    window.chat_view.continue_button.click()
+    wait_idle(qtbot, window)
+    assert engine.reply_options[-1] == (0, True)
+    assert engine.replies[-1][0][-1] == {"role": "assistant", "content": partial}
+    assert stored(store, window) == [("user", "Hello", "complete"), ("assistant", partial + " Sure!", "complete")]
+    assert store.messages(window.session.conversation_id)[1].stats["tokens"] == 4
+    assert assistant_widget(window).body.text == partial + " Sure!"
+
+
+def test_a_reply_cut_off_by_a_crash_shows_interrupted_and_can_be_continued(qtbot, engine, store, tune_commands):
+    chat = store.create_conversation("Story")
+    store.add_message(chat, "user", "Tell me a story")
+    cut = store.add_message(chat, "assistant", "Once upon", status="streaming")
+    store._db.execute("UPDATE messages SET updated = '2020-01-01T00:00:00.000000+00:00' WHERE id = ?", [cut])
+    window = MainWindow(engine, store, settings=AppSettings(), tune_command_factory=tune_commands)
+    qtbot.addWidget(window)
+    window.session.open(chat)
+    assert "interrupted" in assistant_widget(window).status_label.text()
+    engine.generations = [FakeGeneration([1])]
+    window.chat_view.continue_button.click()
+    wait_idle(qtbot, window)
+    assert stored(store, window)[1] == ("assistant", "Once upon there", "complete")
+    window.close()
+
+
+def test_left_out_messages_get_a_marker_and_the_status_bar_a_context_meter(qtbot, window, store, engine):
+    send(qtbot, window, "One")
+    send(qtbot, window, "Two")
+    engine.generations = [FakeGeneration(REPLY, context=ContextUse(left_out=2, prompt_tokens=300, context_size=512))]
+    send(qtbot, window, "Three")
+    marker = window.chat_view.left_out_marker
+    assert marker.isVisible() and marker.text().startswith("2 earlier messages are not sent to the model")
+    layout = window.chat_view._messages
+    assert [layout.indexOf(w) for w in window.chat_view.message_widgets()[:3]] == [0, 1, 3]  # the marker at 2
+    assert window.context_label.text() == f"Context: {300 + len(REPLY)} / 512"
+    send(qtbot, window, "Four")
+    assert engine.reply_options[-1] == (2, False)  # the next reply keeps the same prefix
+    window.session.open(None)
+    assert not window.chat_view.left_out_marker.isVisible()
+
+
+def test_only_alternatives_the_user_saw_and_passed_over_count_as_pairs(qtbot, window, store, engine):
+    send(qtbot, window, "Hello")
+    window.chat_view.regenerate_button.click()
+    wait_idle(qtbot, window)
+    assert store.feedback_counts()["alternative"] == 0  # no choice made yet
+    send(qtbot, window, "And then?")
+    assert store.feedback_counts()["alternative"] == 1
+    assert "1 pairs from regenerated replies" in window.tune_panel.feedback_box.text()
+
+
+def test_a_preset_brings_its_prompt_dials_strength_and_sampling_to_its_chats(qtbot, window, store, engine, tmp_path):
+    reward = str(tmp_path / "style.onnx")
+    store.add_reward(reward, "style")
+    window.rewards_panel.refresh()
+    window.chat_view.system_prompt.setText("Be formal.")
+    window.settings = AppSettings(temperature=0.3, stop=("###",))
+    window.save_preset("Work")
+    send(qtbot, window, "Hello")
+    work_chat = window.session.conversation_id
+    assert store.conversation(work_chat).preset_id is not None
+    assert window.preset_picker.names() == ["No preset", "Work"]
+
+    window.new_chat()
+    window.choose_preset(None)
+    window.rewards_panel.rows[0].weight_slider.setValue(-50)
+    window.settings = AppSettings(temperature=1.2)
+    send(qtbot, window, "Casual chat")
+    window.session.open(work_chat)
+    assert window.rewards_panel.dials() == {reward: 1.0}
+    assert window.settings.temperature == 0.3 and window.settings.stop == ("###",)
+    assert window.preset_picker.combo.currentText() == "Work"
+    send(qtbot, window, "Again")
+    assert engine.replies[-1][1].stop == ("###",) and engine.replies[-1][0][0] == {
+        "role": "system",
+        "content": "Be formal.",
+    }
+    export = tmp_path / "export.json"
+    store.export_json(export)
+    assert [p["name"] for p in json.loads(export.read_text(encoding="utf-8"))["presets"]] == ["Work"]
+
+
+def test_a_deleted_chat_can_be_undone_until_the_app_closes(qtbot, window, store, monkeypatch):
+    send(qtbot, window, "Keep me")
+    chat = window.session.conversation_id
+    monkeypatch.setattr(QMessageBox, "question", lambda *args: QMessageBox.StandardButton.Yes)
+    window.conversations._delete(chat, "Keep me")
+    assert window.conversations.titles() == [] and window.undo_delete_action.isEnabled()
+    window.undo_delete_action.trigger()
+    assert window.conversations.titles() == ["Keep me"] and window.session.conversation_id == chat
+    window.conversations._delete(chat, "Keep me")
+    window.close()
+    assert store.message_tree(chat) == []  # the trash is emptied on close
+
+
+def test_stop_sequences_reach_every_reply_and_round_trip(qtbot, store):
+    settings = AppSettings(stop=("###", "\nUser:"))
+    settings.save(store)
+    assert AppSettings.load(store) == settings and settings.sampling().stop == ("###", "\nUser:")
+    dialog = SettingsDialog(settings, Path("/tmp"))
+    qtbot.addWidget(dialog)
+    assert dialog.stop.text() == "### | \\nUser:"
+    dialog.stop.setText("END |  | \\n\\n")
+    assert dialog.settings().stop == ("END", "\n\n")
+    store.set_setting("desktop", {"stop": ["ok", ""]})  # an empty stop text is not one the app wrote
+    assert AppSettings.load(store).stop == ()
+
+
+@pytest.mark.slow
+def test_real_window_a_60_turn_chat_on_a_512_token_context_answers_every_turn(qtbot, tmp_path, tiny_gguf):
+    """The context policy in the window: the oldest turns are left out, with the marker and the meter."""
+    engine = ChatEngine()
+    with Store(tmp_path / "chats.db") as store:
+        settings = AppSettings(n_ctx=512, max_tokens=12, n_threads=2, n_gpu_layers=0, temperature=0.0)
+        window = MainWindow(engine, store, settings=settings)
+        qtbot.addWidget(window)
+        window.show()
+        window.load_model(tiny_gguf)
+        qtbot.waitUntil(lambda: window.session.model_ready and engine.base is not None, timeout=60_000)
+        meters = []
+        window.session.context_changed.connect(lambda used, size: meters.append((used, size)))
+        errors = []
+        window.session.error.connect(errors.append)
+        for turn in range(60):
+            send(qtbot, window, f"Turn {turn}: tell me one more thing about the number {turn}, please.")
+        replies = [m for m in store.messages(window.session.conversation_id) if m.role == "assistant"]
+        assert errors == [] and len(replies) == 60
+        assert all(reply.status == "complete" and reply.content for reply in replies)
+        assert window.chat_view.left_out_marker.isVisible()
+        assert window.chat_view.left_out_marker.text().split()[0].isdigit()
+        assert meters and all(used <= size == 512 for used, size in meters)
+        assert window.context_label.text().startswith("Context: ") and window.context_label.text().endswith("/ 512")
+        window.close()
+    engine.close()
+
+
+@pytest.mark.slow
+def test_real_window_alternatives_survive_a_restart(qtbot, tmp_path, tiny_gguf):
+    engine = ChatEngine()
+    settings = AppSettings(n_ctx=512, max_tokens=8, n_threads=2, n_gpu_layers=0)
+    with Store(tmp_path / "chats.db") as store:
+        window = MainWindow(engine, store, settings=settings)
+        qtbot.addWidget(window)
+        window.load_model(tiny_gguf)
+        qtbot.waitUntil(lambda: window.session.model_ready and engine.base is not None, timeout=60_000)
+        send(qtbot, window, "Hello there")
+        window.chat_view.regenerate_button.click()
+        wait_idle(qtbot, window)
+        chat = window.session.conversation_id
+        shown = [m.content for m in store.messages(chat)]
+        window.close()
+    with Store(tmp_path / "chats.db") as store:
+        window = MainWindow(engine, store, settings=settings)
+        qtbot.addWidget(window)
+        window.session.open(chat)
+        assert [w.body.text for w in window.chat_view.message_widgets()] == shown
+        assert assistant_widget(window).alternative_label.text() == "2/2"
+        assistant_widget(window).alternative_buttons[0].click()
+        assert assistant_widget(window).alternative_label.text() == "1/2"
         window.close()
     engine.close()
