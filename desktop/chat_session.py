@@ -19,6 +19,7 @@ from desktop.token_view import TokenInfo
 from desktop.workers import ReplyJob, run_in_background
 from engine.app.backend import ChatBackend
 from engine.app.chat import ReplyRecorder
+from engine.app.context import ContextUse
 from engine.app.store import Message, Store
 from engine.runtime.decode import GenerationResult, TokenEvent
 from engine.runtime.errors import StoreError
@@ -120,6 +121,11 @@ class ChatSession(QObject):
 
     def remember_tokens(self, message_id: int, tokens: list[TokenInfo]) -> None:
         self._tokens[message_id] = tokens
+
+    def remember_context(self, conversation_id: int, context: ContextUse) -> None:
+        """What a conversation's last reply sent (the demo's; replies record their own)."""
+        self._left_out[conversation_id] = context.left_out
+        self.context_changed.emit(context.prompt_tokens, context.context_size)
 
     def _refresh_view(self) -> None:
         messages = self._store.messages(self.conversation_id) if self.conversation_id is not None else []

@@ -1,7 +1,8 @@
 """``--demo``: a short canned conversation and a few rewards, without loading any model.
 
 The reply at the end carries a per-token trace built from real StepTrace objects (seeded numbers),
-so the token view shows tints and tooltips; the screenshot is the same on every run.
+so the token view shows tints and tooltips; it is the second of two alternatives, the chat uses a preset, and
+its first turns are marked as left out of the context. The screenshot is the same on every run.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 
 from desktop.token_view import TokenInfo, token_info
 from engine.app.chat import RewardInfo
+from engine.app.context import ContextUse
 from engine.app.paths import AppPaths
 from engine.app.store import Store
 from engine.runtime.decode import StepTrace, TokenEvent
@@ -72,6 +74,12 @@ REWARDS = {
     "legal-style": DemoReward(OTHER_MODEL, {"preference_pairs": 300}, {"pairs": 30, "pair_accuracy": 0.77}, False, 1.0),
 }
 SYSTEM_PROMPT = "You are a helpful assistant. Answer briefly."
+PRESET = "Trail guide"
+EARLIER = [  # left out of the demo's context, under the marker
+    ("user", "Is a 12 km loop too long for a first hike?"),
+    ("assistant", "Not if it is mostly flat: allow four to five hours with breaks."),
+]
+CONTEXT = ContextUse(left_out=len(EARLIER), prompt_tokens=1734, context_size=2048)
 CONVERSATION = [
     ("user", "What should I pack for a day hike in autumn?"),
     (
@@ -82,6 +90,7 @@ CONVERSATION = [
     ),
     ("user", "And if it rains?"),
 ]
+PASSED_OVER_REPLY = "Rain is part of the fun! Bring a poncho."  # the first reply, regenerated: "< 2/2 >"
 TRACED_REPLY = (
     "Then add waterproof trousers and a dry bag for your phone. Wet leaves are slippery, "
     "so wear boots with a good grip and take it slowly on descents."
@@ -161,16 +170,24 @@ def traced_tokens(pieces: list[str], vocabulary: list[str], *, seed: int = 7, k:
     return tokens
 
 
-def fill_store(store: Store) -> tuple[int, list[TokenInfo]]:
-    """The demo rewards, feedback and conversation; returns the traced reply's id and its tokens."""
+def fill_store(store: Store) -> tuple[int, int, list[TokenInfo]]:
+    """The demo rewards, preset, feedback and conversation; returns the conversation's id, the traced reply's id
+    and its tokens."""
+    dials = {}
     for name, reward in REWARDS.items():
         path = Path("/demo/rewards") / f"{name}.onnx"
         store.add_reward(path, name)
         store.set_reward_state(path, enabled=reward.enabled, weight=reward.weight)
+        if reward.enabled:
+            dials[str(path)] = reward.weight
+    preset = store.save_preset(PRESET, system_prompt=SYSTEM_PROMPT, dials=dials, strength=1.0, sampling={})
     store.create_conversation("Bread without yeast")
     conversation_id = store.create_conversation(
         title="Packing for a day hike", system_prompt=SYSTEM_PROMPT, model_name=DEMO_MODEL
     )
+    store.set_conversation_preset(conversation_id, preset)
+    for role, text in EARLIER:
+        store.add_message(conversation_id, role, text)
     ids = [store.add_message(conversation_id, role, text) for role, text in CONVERSATION]
     store.add_feedback(
         "thumbs_up",
@@ -182,24 +199,35 @@ def fill_store(store: Store) -> tuple[int, list[TokenInfo]]:
     )
     pieces = split_into_tokens(TRACED_REPLY)
     vocabulary = sorted(set(pieces) | {" Sure", " Also", " However", " rain", " shoes", " jacket", "!"})
+    passed_over = store.add_message(conversation_id, "assistant", PASSED_OVER_REPLY)
     reply_id = store.add_message(
         conversation_id,
         "assistant",
         TRACED_REPLY,
         stats={"tokens": len(pieces), "tokens_per_second": 41.7, "rewards": ["concise", "friendly-tone"]},
+        alternative_to=passed_over,
     )
-    return reply_id, traced_tokens(pieces, vocabulary)
+    return conversation_id, reply_id, traced_tokens(pieces, vocabulary)
+
+
+@dataclass(frozen=True)
+class Demo:
+    engine: DemoEngine
+    store: Store
+    paths: AppPaths
+    conversation_id: int
+    reply_id: int  # the traced reply
+    tokens: list[TokenInfo]
 
 
 @contextlib.contextmanager
-def demo_data() -> Iterator[tuple[DemoEngine, Store, AppPaths, int, list[TokenInfo]]]:
+def demo_data() -> Iterator[Demo]:
     """A throw-away app folder (the model list and rewards folder are the demo's too) and store holding the demo,
     removed afterwards."""
     folder = Path(tempfile.mkdtemp(prefix="prt-demo-"))
     store = Store(folder / "demo.db")
     try:
-        reply_id, tokens = fill_store(store)
-        yield DemoEngine(), store, AppPaths(folder), reply_id, tokens
+        yield Demo(DemoEngine(), store, AppPaths(folder), *fill_store(store))
     finally:
         store.close()
         shutil.rmtree(folder, ignore_errors=True)

@@ -87,7 +87,8 @@ def test_the_window_and_its_panels_use_the_paths_they_are_given(qtbot, tmp_path,
 
 def test_the_demo_has_a_folder_of_its_own_and_leaves_the_environment_alone(isolated_app_folder):
     before = dict(os.environ)
-    with demo_data() as (_engine, _store, paths, _reply_id, _tokens):
+    with demo_data() as demo:
+        paths = demo.paths
         assert paths.data.is_dir() and paths.data != isolated_app_folder
         assert dict(os.environ) == before
     assert not paths.data.exists()
