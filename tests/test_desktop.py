@@ -15,7 +15,7 @@ import pytest
 from fake_engine import REPLY, REPLY_TEXT, VOCABULARY, WAIT_MS, FakeBase, FakeEngine, FakeGeneration
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QTextCursor
-from PySide6.QtWidgets import QDialog, QMessageBox
+from PySide6.QtWidgets import QDialog, QFileDialog, QMessageBox
 
 from desktop.app import main
 from desktop.chat_view import PairWidget
@@ -681,3 +681,34 @@ def test_real_window_alternatives_survive_a_restart(qtbot, tmp_path, tiny_gguf):
         assert assistant_widget(window).alternative_label.text() == "1/2"
         window.close()
     engine.close()
+
+
+def test_back_up_and_restore_from_the_window(qtbot, engine, tmp_path, monkeypatch, tune_commands):
+    """Settings › Back up everything, then Restore into a fresh data folder: the chats with their alternatives,
+    presets and dials come back."""
+    from engine.app.paths import AppPaths
+
+    old, new = AppPaths(tmp_path / "old"), AppPaths(tmp_path / "new")
+    archive = tmp_path / "backup.zip"
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *args: (str(archive), ""))
+    monkeypatch.setattr(QFileDialog, "getOpenFileName", lambda *args: (str(archive), ""))
+    with Store(old.store) as store:
+        window = MainWindow(engine, store, paths=old, settings=AppSettings(), tune_command_factory=tune_commands)
+        qtbot.addWidget(window)
+        send(qtbot, window, "Hello")
+        window.chat_view.regenerate_button.click()
+        wait_idle(qtbot, window)
+        window.save_preset("Work")
+        window.back_up()
+        qtbot.waitUntil(lambda: archive.exists() and window.session.model_ready, timeout=WAIT_MS)
+        before = [(m.role, m.content) for c in store.conversations() for m in store.message_tree(c.id)]
+        window.close()
+    with Store(new.store) as store:
+        window = MainWindow(engine, store, paths=new, settings=AppSettings(), tune_command_factory=tune_commands)
+        qtbot.addWidget(window)
+        window.restore()
+        qtbot.waitUntil(lambda: window.conversations.titles() == ["Hello"], timeout=WAIT_MS)
+        assert [(m.role, m.content) for c in store.conversations() for m in store.message_tree(c.id)] == before
+        assert window.preset_picker.names() == ["No preset", "Work"]
+        assert "Restored" in window.statusBar().currentMessage()
+        window.close()
