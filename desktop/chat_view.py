@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-from PySide6.QtCore import QEvent, QPoint, Qt, Signal
+from PySide6.QtCore import QEvent, QPoint, Qt, QUrl, Signal
 from PySide6.QtGui import QGuiApplication, QHelpEvent, QKeyEvent, QPalette, QTextCursor
 from PySide6.QtWidgets import (
     QDialog,
@@ -28,6 +28,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from desktop.code_blocks import CodeBlocks, follow_link
 from desktop.formatting import speed_text
 from desktop.token_view import TokenInfo, write_tokens
 from engine.app.store import Message, MessageStatus
@@ -37,6 +38,7 @@ class MessageBody(QTextBrowser):
     """A message's text at the height of its content: Markdown (or plain text), or tinted tokens.
 
     Tokens exist for replies generated in this session; the token view shows them when switched on.
+    Markdown's code blocks are highlighted, each with a Copy link above it (desktop/code_blocks.py).
     """
 
     def __init__(
@@ -52,7 +54,10 @@ class MessageBody(QTextBrowser):
         self._tokens = list(tokens) if tokens is not None else None
         self._markdown = markdown
         self._token_view = token_view
-        self.setOpenExternalLinks(True)
+        self._code_blocks = CodeBlocks()
+        self.document().setUndoRedoEnabled(False)  # read-only; each render would add to the undo stack
+        self.setOpenLinks(False)  # links go to _follow_link: a Copy link copies, a web link opens outside
+        self.anchorClicked.connect(self._follow_link)
         self.setFrameShape(QFrame.Shape.NoFrame)
         self.setVerticalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
@@ -69,6 +74,11 @@ class MessageBody(QTextBrowser):
     @property
     def shows_tokens(self) -> bool:
         return self._token_view and bool(self._tokens)
+
+    @property
+    def code_texts(self) -> list[str]:
+        """What the Copy link of each code block copies, in order."""
+        return list(self._code_blocks.texts)
 
     def append_tokens(self, pieces: Sequence[TokenInfo]) -> None:
         """Add streamed pieces to the text (and to the tokens, when it has them)."""
@@ -103,16 +113,21 @@ class MessageBody(QTextBrowser):
 
     def changeEvent(self, event: QEvent) -> None:
         super().changeEvent(event)
-        if event.type() == QEvent.Type.PaletteChange and self.shows_tokens:
-            self._render()  # tints have a light and a dark shade
+        if event.type() == QEvent.Type.PaletteChange and (self.shows_tokens or self._code_blocks.texts):
+            self._render()  # tints and code colours have a light and a dark shade
 
     def _render(self) -> None:
         if self._token_view and self._tokens:  # shows_tokens, spelled out so that mypy sees the tokens
+            self._code_blocks.clear()
             write_tokens(self.document(), self._tokens)
         elif self._markdown:
-            self.setMarkdown(self._text)
+            self._code_blocks.render(self.setMarkdown, self.document(), self._text, self.palette())
         else:
+            self._code_blocks.clear()
             self.setPlainText(self._text)
+
+    def _follow_link(self, url: QUrl) -> None:
+        follow_link(url, self._code_blocks.texts)
 
     def _fit_height(self) -> None:
         height = self.document().size().height()
