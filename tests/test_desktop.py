@@ -652,6 +652,9 @@ def test_real_window_a_60_turn_chat_on_a_512_token_context_answers_every_turn(qt
         assert window.chat_view.left_out_marker.text().split()[0].isdigit()
         assert meters and all(used <= size == 512 for used, size in meters)
         assert window.context_label.text().startswith("Context: ") and window.context_label.text().endswith("/ 512")
+        send(qtbot, window, "word " * 600)  # one message longer than the whole context
+        [too_long] = errors
+        assert "Settings" in too_long and "shorten" in too_long.lower(), too_long
         window.close()
     engine.close()
 
