@@ -192,6 +192,21 @@ def test_compare_with_its_fine_tune_and_fact_probe_stays_on_the_machine(sandbox,
     assert json.loads(compared.stdout)["knowledge"]["asked"] == 3
 
 
+def test_a_backup_and_its_restore_stay_on_the_machine(sandbox, reward):
+    from engine.app.store import Store
+
+    with Store(sandbox.data_folder / "chats.db") as store:
+        chat = store.create_conversation("Kept")
+        store.add_message(chat, "user", "Hello")
+        store.add_reward(reward, "style")
+    archive = sandbox.outputs / "backup.zip"
+    assert_private(sandbox.prt("backup", "create", str(archive), "--json"))
+    restored = sandbox.outputs / "restored"
+    assert_private(sandbox.prt("backup", "restore", str(archive), "--data-folder", str(restored), "--json"))
+    with Store(restored / "chats.db") as store:
+        assert [c.title for c in store.conversations()] == ["Kept"] and len(store.rewards()) == 1
+
+
 def test_the_window_streams_a_reply_and_stays_on_the_machine(sandbox, tiny_gguf):
     watched = sandbox.run(str(TESTS / "egress_window.py"), "--model", str(tiny_gguf))
     assert_private(watched)
