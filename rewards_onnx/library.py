@@ -7,11 +7,18 @@ frozen, so they share it and run merged, in one session per step (engine/runtime
 
 ``check_library`` measures what each reward does: replies to prompts not used in training, with
 and without the reward (same seeds), and the style's marker on each, e.g. words per reply.
+
+A build of every style also writes the library's compact form, ``pack/<model file stem>.json`` and
+``.bin`` (``pack_library``): the weights the GGUF does not already hold, as float16. The app ships the
+default model's pack in assets/library/ and installs it in seconds (engine.app.onboarding.
+install_shipped_library); ``prt library build`` on the default model reproduces those two files.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import random
 import re
 import time
@@ -21,10 +28,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import onnx
 
+from engine.app.onboarding import (
+    LAYER_FIELDS,
+    SHIPPED_FORMAT,
+    VOLATILE_CARD_FIELDS,
+    decode_arrays,
+    probe_rewards,
+    projected_embedding,
+    token_embedding,
+)
 from engine.runtime.base_model import BaseModel
 from engine.runtime.decode import RewardSlot, attach_rewards
 from engine.runtime.errors import PrtError
+from engine.runtime.files import file_sha256, write_atomically
+from engine.runtime.reward_graph import quantize_rows, read_reward_weights
 from engine.runtime.rewards import RewardCard, card_path, write_card
 from engine.runtime.steering import SamplingConfig
 from rewards_onnx.distill import QUESTION_FORMS, distill
@@ -195,7 +214,10 @@ def build_library(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = on_progress or (lambda progress: None)
-    return [build_reward(base, style, out_dir, count=count, config=config, report=report) for style in styles]
+    built = [build_reward(base, style, out_dir, count=count, config=config, report=report) for style in styles]
+    if [entry.style for entry in built] == list(STYLES):
+        pack_library(base, out_dir, out_dir / PACK_FOLDER, seed=config.seed)
+    return built
 
 
 def build_reward(
@@ -250,6 +272,165 @@ def _label_card(tuned: TuneReport, style: BaseStyle, *, examples: int, distill_s
         "tune_seconds": round(tuned.seconds, 1),
     }
     write_card(tuned.path, card)
+
+
+# -- pack: the compact form the app ships ------------------------------------------------------------------
+PACK_FOLDER = "pack"
+MAX_EMBEDDING_MISMATCH = 1e-3  # share of int8 embedding values the numpy rebuild may round the other way
+PROBE_PROMPT = "What is a good way to spend a rainy afternoon?"
+PROBE_REPLY = "- Read a book.\n- I'd bake cookies with you, my friend!\nIt is simple and lovely."
+STANDARD_PROPERTIES = ("prt_contract_version", "vocab_size", "width", "layers", "heads")  # the graph builder's own
+TIMINGS = ("distill_seconds", "tune_seconds")  # the card's timings, which vary from build to build
+
+
+def pack_library(
+    base: BaseModel, folder: Path, out_dir: Path, *, styles: Sequence[BaseStyle] = STYLES, seed: int = 0
+) -> Path:
+    """Write ``out_dir/<model file stem>.json`` (the manifest) and ``.bin`` (the weights) for the rewards in
+    ``folder``, built for ``base`` with tune seed ``seed``; returns the manifest's path. The same rewards give the
+    same two files, byte for byte."""
+    rewards = library_rewards(folder, styles)
+    embedding_spec = token_embedding_spec(base.path)
+    weights = [read_reward_weights(onnx.load(path)) for _, path in rewards]
+    width = weights[0].shape.width
+    mean, directions, scale = embedding_projection(base.path, width, seed=seed)
+    rebuilt, _ = quantize_rows(projected_embedding(token_embedding(base.path, embedding_spec), mean, directions, scale))
+    for (style, _), reward in zip(rewards, weights):
+        built, _ = quantize_rows(reward.embedding)
+        mismatch = float(np.mean(rebuilt != built))
+        if mismatch > MAX_EMBEDDING_MISMATCH:
+            raise LibraryError(
+                f"The {style.name} reward's embedding is not the base's projected one ({mismatch:.2%} of it "
+                "differs): was it tuned with the embedding frozen, with this seed?"
+            )
+    arrays: list[tuple[str, np.ndarray]] = [("embedding.mean", mean), ("embedding.directions", directions)]
+    entries = []
+    for (style, path), reward in zip(rewards, weights):
+        parts = {
+            **{
+                f"layers.{index}.{name}": getattr(layer, name)
+                for index, layer in enumerate(reward.layers)
+                for name in LAYER_FIELDS
+            },
+            "final_scale": reward.final_scale,
+            "final_bias": reward.final_bias,
+            "head": reward.head,
+            "token_bias": reward.token_bias,
+        }
+        arrays += [(f"{style.name}.{name}", value) for name, value in parts.items()]
+        card = json.loads(RewardCard.load(card_path(path)).to_json())
+        for name in VOLATILE_CARD_FIELDS:
+            card.pop(name)
+        for name in TIMINGS:
+            card["metrics"].get("library", {}).pop(name, None)
+        properties = {entry.key: entry.value for entry in onnx.load(path).metadata_props}
+        entries.append(
+            {
+                "name": style.name,
+                "network": {
+                    "width": reward.shape.width,
+                    "layers": reward.shape.layers,
+                    "heads": reward.shape.heads,
+                    "mlp_ratio": reward.shape.mlp_ratio,
+                },
+                "metadata": {key: value for key, value in properties.items() if key not in STANDARD_PROPERTIES},
+                "card": card,
+            }
+        )
+    data, stored = _stored_arrays(arrays)
+    assert decode_arrays(data, stored).keys() == dict(arrays).keys()
+    probe = _probe(base)
+    probe["rewards"] = {
+        name: np.round(values, 6).tolist() for name, values in probe_rewards([p for _, p in rewards], probe).items()
+    }
+    manifest = {
+        "format_version": SHIPPED_FORMAT,
+        "model": {
+            "file": base.path.name,
+            "name": base.name,
+            "sha256": file_sha256(base.path),
+            "size": base.path.stat().st_size,
+            "vocabulary_fingerprint": base.vocabulary_fingerprint,
+        },
+        "embedding": {"tensor": embedding_spec, "scale": scale, "seed": seed},
+        "weights": {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "arrays": stored},
+        "rewards": entries,
+        "probe": probe,
+    }
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = Path(base.path).stem
+    write_atomically(out_dir / f"{stem}.bin", data)
+    write_atomically(out_dir / f"{stem}.json", json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    return out_dir / f"{stem}.json"
+
+
+def token_embedding_spec(gguf_path: Path) -> dict:
+    """Where the GGUF's token embedding is and how it is stored, for engine.app.onboarding.token_embedding."""
+    from gguf import GGUFReader
+
+    tensor = next(t for t in GGUFReader(gguf_path).tensors if t.name == "token_embd.weight")
+    return {
+        "name": tensor.name,
+        "offset": int(tensor.data_offset),
+        "type": tensor.tensor_type.name,
+        "rows": int(tensor.shape[1]),
+        "columns": int(tensor.shape[0]),
+    }
+
+
+def projected_base_embedding(gguf_path: Path, width: int, *, seed: int) -> np.ndarray:
+    """The embedding a library reward has (before int8): the base's own, projected as the pack rebuilds it."""
+    mean, directions, scale = embedding_projection(gguf_path, width, seed=seed)
+    return projected_embedding(token_embedding(gguf_path, token_embedding_spec(gguf_path)), mean, directions, scale)
+
+
+def embedding_projection(gguf_path: Path, width: int, *, seed: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """rewards_onnx.network.base_embedding_projection's terms: the mean [n_embd], the PCA directions [width, n_embd]
+    and the scale, computed as it computes them, so that (E - mean) @ directions.T / scale is its result."""
+    import torch
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    reader = GGUFReader(gguf_path)
+    tensor = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    matrix = torch.from_numpy(np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32))
+    matrix = matrix.reshape(-1, int(tensor.shape[0]))
+    if width > matrix.shape[1]:
+        raise LibraryError(f"A pack needs rewards no wider than the base's embedding ({matrix.shape[1]}), got {width}.")
+    mean = matrix.mean(dim=0)
+    centered = matrix - mean
+    generator = torch.Generator().manual_seed(seed)
+    sample = centered[torch.randperm(len(centered), generator=generator)[:16384]]
+    _, _, directions = torch.linalg.svd(sample, full_matrices=False)
+    projected = centered @ directions[:width].T
+    return mean.numpy(), directions[:width].contiguous().numpy(), float(projected.std())
+
+
+def _stored_arrays(arrays: Sequence[tuple[str, np.ndarray]]) -> tuple[bytes, list[dict]]:
+    """The arrays one after another: matrices and the token bias as float16, small vectors as float32 (the
+    projection stays float32: every reward's embedding is made from it)."""
+    chunks, entries, offset = [], [], 0
+    for name, value in arrays:
+        exact = name.startswith("embedding.") or (value.ndim == 1 and not name.endswith("token_bias"))
+        stored = "float32" if exact else "float16"
+        chunk = np.ascontiguousarray(value, dtype="<f4" if exact else "<f2").tobytes()
+        entries.append({"name": name, "stored": stored, "shape": list(value.shape), "offset": offset})
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks), entries
+
+
+def _probe(base: BaseModel) -> dict:
+    """Tokens to score the rewards on: a chat prompt and a reply; the candidates are the reply's own tokens."""
+    prompt = base.chat_prompt_tokens([{"role": "user", "content": PROBE_PROMPT}])
+    reply = base.tokenize(PROBE_REPLY)
+    tokens = prompt + reply
+    return {
+        "tokens": tokens,
+        "prefixes": [len(prompt), len(prompt) + len(reply) // 2, len(tokens)],
+        "candidates": sorted(set(reply)),
+    }
 
 
 # -- check ----------------------------------------------------------------------------------------------

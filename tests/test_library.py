@@ -10,11 +10,16 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from engine.app.onboarding import (
+    ShippedLibraryError,
+    install_shipped_library,
+    shipped_library,
+)
 from engine.runtime.decode import Generation, attach_rewards
 from engine.runtime.errors import RewardFileError
 from engine.runtime.mixing import scoring_groups
 from engine.runtime.reward_graph import random_reward_weights
-from engine.runtime.rewards import CARD_FORMAT_VERSION, RewardCard, RewardModel, card_path
+from engine.runtime.rewards import CARD_FORMAT_VERSION, RewardCard, RewardModel, card_path, write_card
 from engine.runtime.steering import SamplingConfig
 from helpers import assert_one_line_error, prt
 from rewards_onnx import library
@@ -22,6 +27,7 @@ from rewards_onnx.data import Demonstration
 from rewards_onnx.distill import MORE_TOPICS, TOPICS, example_prompts
 from rewards_onnx.library import (
     CHECK_TOPICS,
+    PACK_FOLDER,
     STYLES,
     LibraryError,
     MarkerCheck,
@@ -30,6 +36,7 @@ from rewards_onnx.library import (
     check_prompts,
     list_line_share,
     mean_word_length,
+    pack_library,
     personal_words_per_100_words,
     word_count,
 )
@@ -92,6 +99,112 @@ def test_build_makes_one_labelled_reward_per_style(built, tiny_base):
     assert any(p.message.startswith("casual") for p in progress if p.phase == "train")
     rewards = [RewardModel(entry.path) for entry in entries]  # one tune seed: one shared embedding, one session
     assert [group.indices for group in scoring_groups(rewards)] == [tuple(range(len(STYLES)))]
+
+
+def test_a_full_build_writes_its_pack_which_installs_as_built(built, tiny_base, tiny_gguf, tmp_path):
+    folder, entries, _ = built
+    pack = folder / PACK_FOLDER
+    assert sorted(path.name for path in pack.iterdir()) == [f"{tiny_gguf.stem}.bin", f"{tiny_gguf.stem}.json"]
+    shipped = shipped_library(tiny_gguf, folder=pack)
+    assert shipped is not None and shipped.reward_names == [style.name for style in STYLES]
+    installed = install_shipped_library(shipped, tiny_gguf, tmp_path / "library")
+    assert installed == [tmp_path / "library" / f"{style.name}.onnx" for style in STYLES]
+    assert sorted(p.name for p in (tmp_path / "library").iterdir()) == sorted(
+        name for path in installed for name in (path.name, path.with_suffix(".json").name)
+    )  # and no staging folder
+    for entry, path in zip(entries, installed):
+        built_card, card = RewardCard.load(card_path(entry.path)), RewardCard.load(card_path(path))
+        assert (card.name, card.label) == (entry.style.name, entry.style.label)
+        assert card.metrics["held_out"] == built_card.metrics["held_out"]
+        assert card.description.startswith(built_card.description) and "shipped library" in card.description
+
+
+@pytest.fixture(scope="module")
+def random_library(tmp_path_factory, tiny_base):
+    """Rewards as a build leaves them (one per style, the embedding frozen at the base's projection), with random
+    weights elsewhere, so that they say something (the tiny build's one epoch leaves them at about 0)."""
+    folder = tmp_path_factory.mktemp("random-library")
+    shape = replace(small_reward_shape(tiny_base.n_vocab), layers=1)
+    embedding = library.projected_base_embedding(tiny_base.path, shape.width, seed=0)
+    paths = []
+    for seed, style in enumerate(STYLES, start=1):
+        weights = replace(random_reward_weights(shape, seed=seed, scale=0.2), embedding=embedding)
+        path = write_reward(
+            folder / f"{style.name}.onnx",
+            weights,
+            vocabulary_fingerprint=tiny_base.vocabulary_fingerprint,
+            base_name=tiny_base.name,
+        )
+        card = RewardCard.load(card_path(path))
+        card.label = style.label
+        write_card(path, card)
+        paths.append(path)
+    return folder, paths
+
+
+def reward_values(paths, tokens, candidates) -> np.ndarray:
+    """Each reward's values for the candidates after every prefix of ``tokens``: [rewards, prefixes, K]."""
+    values = []
+    for path in paths:
+        with RewardModel(path) as reward:
+            values.append([reward.sync(tokens[:length], candidates) for length in range(1, len(tokens) + 1)])
+    return np.array(values)
+
+
+def test_the_pack_rebuilds_the_same_rewards_from_the_gguf(random_library, tiny_base, tmp_path):
+    folder, paths = random_library
+    manifest = pack_library(tiny_base, folder, tmp_path / "pack")
+    size = sum(path.stat().st_size for path in (tmp_path / "pack").iterdir())
+    assert size < 0.5 * sum(path.stat().st_size for path in paths)  # no embedding, half-size floats
+    shipped = shipped_library(tiny_base.path, folder=manifest.parent)
+    installed = install_shipped_library(shipped, tiny_base.path, tmp_path / "library")
+    rng = np.random.default_rng(0)
+    tokens, candidates = rng.integers(0, tiny_base.n_vocab, 24).tolist(), rng.integers(0, tiny_base.n_vocab, 40)
+    original, rebuilt = reward_values(paths, tokens, candidates), reward_values(installed, tokens, candidates)
+    assert np.abs(original).mean() > 0.1  # rewards that say something
+    np.testing.assert_allclose(rebuilt, original, atol=2e-3 * np.abs(original).max())
+    rewards = [RewardModel(path) for path in installed]  # one shared embedding still: merged into one session
+    assert [group.indices for group in scoring_groups(rewards)] == [tuple(range(len(STYLES)))]
+
+
+def test_packing_the_same_rewards_again_gives_the_same_bytes(built, tiny_base, tiny_gguf, tmp_path):
+    """What makes `prt library build` reproduce the shipped pack: the same rewards give the same files."""
+    folder, _, _ = built
+    again = pack_library(tiny_base, folder, tmp_path, seed=TINY_TUNE.seed)
+    for suffix in (".json", ".bin"):
+        assert (
+            again.with_suffix(suffix).read_bytes() == (folder / PACK_FOLDER / f"{tiny_gguf.stem}{suffix}").read_bytes()
+        )
+
+
+def test_a_pack_installs_only_for_its_own_model_file_and_intact(
+    built, tiny_base, tiny_gguf, tiny_gguf_other_seed, tmp_path
+):
+    folder, _, _ = built
+    pack = tmp_path / "pack"
+    pack.mkdir()
+    for suffix in (".json", ".bin"):
+        (pack / f"{tiny_gguf.stem}{suffix}").write_bytes(
+            (folder / PACK_FOLDER / f"{tiny_gguf.stem}{suffix}").read_bytes()
+        )
+    shorter = tmp_path / "shorter" / tiny_gguf.name
+    shorter.parent.mkdir()
+    shorter.write_bytes(tiny_gguf.read_bytes()[:-1])
+    assert shipped_library(shorter, folder=pack) is None
+    assert shipped_library(tiny_gguf, folder=tmp_path) is None
+    shipped = shipped_library(tiny_gguf, folder=pack)
+    other = tmp_path / "other" / tiny_gguf.name  # same name, size and vocabulary, other weights
+    other.parent.mkdir()
+    other.write_bytes(tiny_gguf_other_seed.read_bytes())
+    with pytest.raises(ShippedLibraryError, match="its sha256 differs"):
+        install_shipped_library(shipped, other, tmp_path / "library")
+    weights = pack / f"{tiny_gguf.stem}.bin"
+    damaged = bytearray(weights.read_bytes())
+    damaged[len(damaged) // 2] ^= 1
+    weights.write_bytes(bytes(damaged))
+    with pytest.raises(ShippedLibraryError, match="damaged"):
+        install_shipped_library(shipped, tiny_gguf, tmp_path / "library")
+    assert not (tmp_path / "library").exists() or not any((tmp_path / "library").iterdir())
 
 
 def replies(base, prompts: list[str], *, system: str | None = None, reward=None) -> list[str]:

@@ -7,16 +7,29 @@ still be), all with the same sampling seed so the mix is what differs. A reply's
 rewards summed over its tokens, read off the decode trace for free. Every pair of replies to one prompt
 joins the pool of candidate questions, and the most informative unasked one is asked
 (engine.app.pref.informativeness). No Qt here: the desktop runs ``next_question`` on a worker.
+
+The default model's base rewards come with the app (assets/library/, "the shipped library"): what
+``prt library build`` makes, less what the GGUF already holds. Each reward's embedding is the base's own
+token embedding projected by PCA (rewards_onnx/network.py), so the pack keeps only the projection and the
+other weights (as float16), and ``install_shipped_library`` rebuilds the ONNX files from them and the GGUF
+in a few seconds instead of the build's half hour. It checks the GGUF and the pack by sha256 and the
+rebuilt rewards against the built ones' values on a probe (``PROBE_TOLERANCE``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
+import os
+import shutil
 import threading
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from datetime import datetime, timezone
+from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -25,8 +38,14 @@ from engine.app.pref import PreferencePosterior, Profile, checked_answer, choose
 from engine.runtime.base_model import BaseModel
 from engine.runtime.decode import Generation, GenerationResult, attach_rewards
 from engine.runtime.errors import PrtError
+from engine.runtime.files import file_sha256
 from engine.runtime.mixing import MergedSessions
+from engine.runtime.reward_graph import LayerWeights, RewardNetworkShape, RewardWeights, build_reward_model
+from engine.runtime.rewards import RewardCard, RewardModel, save_reward
 from engine.runtime.steering import SamplingConfig
+
+if TYPE_CHECKING:
+    from importlib.abc import Traversable
 
 DEFAULT_QUESTIONS = 10
 REPLIES_PER_PROMPT = 3  # 3 pairs per prompt for 3 replies' time
@@ -276,3 +295,162 @@ def saved_profile(store) -> Profile | None:
     if not isinstance(saved, dict):  # none yet, or not what save_profile writes
         return None
     return Profile.from_json(json.dumps(saved.get("profile")))
+
+
+# -- the shipped library ---------------------------------------------------------------------------------
+SHIPPED_FORMAT = 1
+SHIPPED_LIBRARIES: Traversable = resources.files("assets") / "library"  # <model file stem>.json + .bin
+# The rebuilt rewards against the built ones on the probe: float16 weights move a reward by about 1e-3 of its size
+PROBE_TOLERANCE = 0.02
+LAYER_FIELDS = tuple(field.name for field in fields(LayerWeights))
+VOLATILE_CARD_FIELDS = ("created", "onnx_sha256")  # differ from build to build; set again on install
+_STORED_TYPES = {"float16": "<f2", "float32": "<f4"}
+
+
+class ShippedLibraryError(PrtError):
+    """The shipped library does not fit the model file, or its files are damaged."""
+
+
+@dataclass(frozen=True)
+class ShippedLibrary:
+    """A pack of base rewards for one GGUF file (its manifest, read; the weights file beside it, unread)."""
+
+    manifest: dict[str, Any]
+    weights: Traversable  # the .bin beside the manifest
+
+    @property
+    def reward_names(self) -> list[str]:
+        return [reward["name"] for reward in self.manifest["rewards"]]
+
+
+def shipped_library(model_path: Path | str, *, folder: Traversable | Path = SHIPPED_LIBRARIES) -> ShippedLibrary | None:
+    """The pack made for this model file, if there is one: same file name and size (cheap checks, for the window
+    to decide what to offer; ``install_shipped_library`` checks the sha256)."""
+    stem = Path(model_path).stem
+    manifest_file, weights = folder / f"{stem}.json", folder / f"{stem}.bin"
+    if not manifest_file.is_file() or not weights.is_file():
+        return None
+    try:
+        manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+        fits = manifest["format_version"] == SHIPPED_FORMAT and manifest["model"]["size"] == os.path.getsize(model_path)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return ShippedLibrary(manifest, weights) if fits else None
+
+
+def decode_arrays(data: bytes, entries: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+    """The pack's arrays as float32, from their (name, stored, shape, offset) entries."""
+    arrays = {}
+    for entry in entries:
+        dtype = np.dtype(_STORED_TYPES[entry["stored"]])
+        count = int(np.prod(entry["shape"], dtype=np.int64))
+        if entry["offset"] + count * dtype.itemsize > len(data):
+            raise ValueError(f"the array {entry['name']} ends past the weights file")
+        values = np.frombuffer(data, dtype=dtype, count=count, offset=entry["offset"])
+        arrays[entry["name"]] = values.astype(np.float32).reshape(entry["shape"])
+    return arrays
+
+
+def token_embedding(model_path: Path | str, tensor: Mapping[str, Any]) -> np.ndarray:
+    """The GGUF's token embedding [rows, columns] as float32, at the offset the manifest recorded for this exact
+    file (F32, F16 or Q8_0, dequantized as gguf.quants does)."""
+    rows, columns, kind = tensor["rows"], tensor["columns"], tensor["type"]
+    with open(model_path, "rb") as handle:
+        handle.seek(tensor["offset"])
+        if kind == "F32":
+            values = np.fromfile(handle, dtype="<f4", count=rows * columns)
+        elif kind == "F16":
+            values = np.fromfile(handle, dtype="<f2", count=rows * columns).astype(np.float32)
+        elif kind == "Q8_0":  # blocks of 32: a float16 scale, then 32 int8
+            blocks = np.fromfile(handle, dtype=np.uint8, count=rows * columns // 32 * 34).reshape(-1, 34)
+            scale = blocks[:, :2].copy().view("<f2").astype(np.float32)
+            values = blocks[:, 2:].copy().view(np.int8).astype(np.float32) * scale
+        else:
+            raise ShippedLibraryError(f"The shipped library reads a token embedding of type {kind}, which it cannot.")
+    return np.ascontiguousarray(values, dtype=np.float32).reshape(rows, columns)
+
+
+def projected_embedding(matrix: np.ndarray, mean: np.ndarray, directions: np.ndarray, scale: float) -> np.ndarray:
+    """The reward's embedding: the base's, centered, on the PCA directions, at unit variance (float32)."""
+    return ((matrix - mean) @ directions.T / np.float32(scale)).astype(np.float32)
+
+
+def install_shipped_library(shipped: ShippedLibrary, model_path: Path | str, out_dir: Path) -> list[Path]:
+    """Write the shipped rewards into ``out_dir`` (the model's library folder) as ``prt library build`` would
+    leave them, and return their paths. Nothing is left in ``out_dir`` unless every reward was rebuilt and
+    matched its probe."""
+    manifest, model_path, out_dir = shipped.manifest, Path(model_path), Path(out_dir)
+    if file_sha256(model_path) != manifest["model"]["sha256"]:
+        raise ShippedLibraryError(
+            f"{model_path.name} is not the file the shipped style rewards were made for (its sha256 differs); "
+            "build them with 'prt library build'."
+        )
+    data = shipped.weights.read_bytes()
+    if hashlib.sha256(data).hexdigest() != manifest["weights"]["sha256"]:
+        raise ShippedLibraryError("The app's shipped style rewards are damaged (sha256); reinstall the app.")
+    arrays = decode_arrays(data, manifest["weights"]["arrays"])
+    spec = manifest["embedding"]
+    embedding = projected_embedding(
+        token_embedding(model_path, spec["tensor"]),
+        arrays["embedding.mean"],
+        arrays["embedding.directions"],
+        spec["scale"],
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = out_dir / ".installing"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        staged = [_write_shipped_reward(reward, arrays, embedding, staging) for reward in manifest["rewards"]]
+        found = probe_rewards(staged, manifest["probe"])
+        for reward in manifest["rewards"]:
+            expected = np.array(manifest["probe"]["rewards"][reward["name"]])
+            if not np.allclose(found[reward["name"]], expected, rtol=PROBE_TOLERANCE, atol=PROBE_TOLERANCE):
+                worst = float(np.abs(found[reward["name"]] - expected).max())
+                raise ShippedLibraryError(
+                    f"The shipped reward {reward['name']} does not reproduce the built one on this machine "
+                    f"(off by {worst:.3g}); build the style rewards with 'prt library build'."
+                )
+        installed = []
+        for path in staged:  # the files first, then their cards: a reward counts once its card is there
+            os.replace(path, out_dir / path.name)
+        for path in staged:
+            os.replace(path.with_suffix(".json"), out_dir / path.with_suffix(".json").name)
+            installed.append(out_dir / path.name)
+        return installed
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_shipped_reward(
+    reward: Mapping[str, Any], arrays: Mapping[str, np.ndarray], embedding: np.ndarray, folder: Path
+) -> Path:
+    name, network = reward["name"], reward["network"]
+    shape = RewardNetworkShape(vocab_size=len(embedding), **network)
+    weights = RewardWeights(
+        shape=shape,
+        embedding=embedding,
+        layers=[
+            LayerWeights(**{field: arrays[f"{name}.layers.{index}.{field}"] for field in LAYER_FIELDS})
+            for index in range(shape.layers)
+        ],
+        final_scale=arrays[f"{name}.final_scale"],
+        final_bias=arrays[f"{name}.final_bias"],
+        head=arrays[f"{name}.head"],
+        token_bias=arrays[f"{name}.token_bias"],
+    )
+    card = RewardCard(**reward["card"], created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    card.description += " Installed from the app's shipped library (weights stored as float16)."
+    return save_reward(folder / f"{name}.onnx", build_reward_model(weights, metadata=reward["metadata"]), card)
+
+
+def probe_rewards(paths: Sequence[Path], probe: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Each reward's values for the probe's candidates after each prefix of its tokens: {name: [prefixes, K]}."""
+    values = {}
+    candidates = np.array(probe["candidates"], dtype=np.int64)
+    for path in paths:
+        with RewardModel(path) as reward:
+            values[reward.name] = np.array(
+                [reward.sync(probe["tokens"][:length], candidates) for length in probe["prefixes"]]
+            )
+    return values
