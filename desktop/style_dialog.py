@@ -1,7 +1,8 @@
 """Find your style: up to ten "which reply do you prefer?" questions about the base style rewards
 (PReF, engine/app/onboarding.py); the answers set the style dials. Offered once on first run (skippable)
-and any time from "Retune my style…". A model without base rewards gets them built first, by
-``prt library build`` in a child process (engine.app.chat.library_build_command).
+and any time from "Retune my style…". The default model's base rewards come with the app: Start installs
+them (engine.app.onboarding.install_shipped_library, a few seconds) and asks the first question. Another
+model gets them built first, by ``prt library build`` in a child process (engine.app.chat.library_build_command).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PySide6.QtCore import QObject, Qt, Signal
 from PySide6.QtWidgets import (
@@ -31,15 +33,22 @@ from engine.app.chat import library_build_command
 from engine.app.jobs import LibrarySummary
 from engine.app.onboarding import (
     DEFAULT_QUESTIONS,
+    SHIPPED_LIBRARIES,
+    ShippedLibrary,
     StyleQuestion,
     StyleSurvey,
     dial_weights,
+    install_shipped_library,
     library_reward_paths,
     save_profile,
+    shipped_library,
 )
 from engine.app.paths import AppPaths
 from engine.app.pref import Profile
 from engine.app.store import Store
+
+if TYPE_CHECKING:
+    from importlib.abc import Traversable
 
 SURVEY_SETTING = "style_survey"  # "done" or "skipped" once the first-run offer was answered
 PROFILE_NAME = "My style"
@@ -81,8 +90,10 @@ class StyleDialog(QDialog):
         paths: AppPaths | None = None,
         build_command: Callable[..., list[str]] | None = None,
         survey_factory: Callable[..., StyleSurvey] = StyleSurvey,
+        shipped_folder: Traversable | Path = SHIPPED_LIBRARIES,
     ) -> None:
-        """``paths``: the app's (None: resolved here); ``build_command``: library_build_command for its data folder."""
+        """``paths``: the app's (None: resolved here); ``build_command``: library_build_command for its data folder;
+        ``shipped_folder``: where the libraries that come with the app are (engine.app.onboarding.shipped_library)."""
         super().__init__(parent)
         self.setWindowTitle("Find your style")
         self.resize(900, 600)
@@ -90,6 +101,8 @@ class StyleDialog(QDialog):
         self._paths = paths or AppPaths.resolve()
         self._build_command = build_command or partial(library_build_command, data_folder=self._paths.data)
         self._questions, self._survey_factory = questions, survey_factory
+        self._shipped_folder = shipped_folder
+        self._shipped_refused: set[Path] = set()  # models whose shipped library failed to install: build instead
         self._survey: StyleSurvey | None = None
         self._question: StyleQuestion | None = None
         self._round_running = False  # a round of replies is being written on a worker
@@ -174,11 +187,19 @@ class StyleDialog(QDialog):
         base = self._engine.base
         return library_reward_paths(self._paths.library(base.path)) if base is not None else []
 
+    def _shipped(self) -> ShippedLibrary | None:
+        """The library that comes with the app for the loaded model file, if any (and it did not fail to install)."""
+        base = self._engine.base
+        if base is None or Path(base.path) in self._shipped_refused:
+            return None
+        return shipped_library(base.path, folder=self._shipped_folder)
+
     def show_intro(self) -> None:
         self.pages.setCurrentIndex(0)
         paths = self._library_paths()
-        self.start_button.setEnabled(bool(paths) and not self._build.running)
-        self.build_button.setVisible(not paths and self._engine.base is not None)
+        shipped = None if paths else self._shipped()
+        self.start_button.setEnabled(bool(paths or shipped) and not self._build.running)
+        self.build_button.setVisible(not paths and not shipped and self._engine.base is not None)
         self.build_button.setEnabled(not self._build.running)
         about = (
             f"Answer up to {self._questions} questions. Each shows two replies to one prompt; pick the one you "
@@ -189,6 +210,11 @@ class StyleDialog(QDialog):
             self.intro_label.setText(f"{about}\n\nLoad a model first.")
         elif paths:
             self.intro_label.setText(f"{about}\n\n{len(paths)} style rewards for {self._engine.base.name}.")
+        elif shipped:
+            self.intro_label.setText(
+                f"{about}\n\nThe {len(shipped.reward_names)} style rewards for {self._engine.base.name} come "
+                "with the app; Start sets them up (a few seconds)."
+            )
         else:
             self.intro_label.setText(
                 f"{about}\n\n{self._engine.base.name} has no style rewards yet. Building them "
@@ -222,13 +248,37 @@ class StyleDialog(QDialog):
         return self._survey
 
     def start(self) -> None:
-        paths = self._library_paths()
+        """Ask the first question: install the shipped rewards first if the model has none yet."""
+        paths, base = self._library_paths(), self._engine.base
+        shipped = None if paths else self._shipped()
+        self.pages.setCurrentIndex(1)
+        if shipped is None or base is None:
+            self._load_survey(paths)
+            return
+        self._set_waiting("Setting up the style rewards…")
+        model_path, folder = Path(base.path), self._paths.library(base.path)
+        run_in_background(
+            lambda: install_shipped_library(shipped, model_path, folder),
+            self._load_survey,
+            partial(self._install_failed, model_path),
+        )
+
+    def _install_failed(self, model_path: Path, message: str) -> None:
+        """Back to the intro, which offers the build instead."""
+        self._shipped_refused.add(model_path)
+        self._set_waiting("")
+        if self.isVisible():
+            self.show_intro()
+            self.build_label.setText(message)
+
+    def _load_survey(self, paths: list[Path]) -> None:
+        if not self.isVisible():  # closed while the rewards were installed
+            return
         self._labels = {
             info.name: (info.card.label or info.name)
             for info in self._engine.describe_rewards(paths)
             if info.card is not None
         }
-        self.pages.setCurrentIndex(1)
         self._set_waiting("Loading the style rewards…")
         run_in_background(
             lambda: self._engine.run_exclusive(

@@ -1,10 +1,12 @@
 """The "Find your style" dialog: the questions on a real tiny GGUF with real ONNX rewards and SQLite, the
-library build as a child process, and the first-run offer."""
+shipped library installed on Start, the library build as a child process, and the first-run offer."""
 
 from __future__ import annotations
 
+import shutil
 import sys
 import threading
+from dataclasses import replace
 
 import pytest
 from fake_engine import FakeEngine
@@ -15,7 +17,7 @@ from desktop.main_window import MainWindow
 from desktop.settings import AppSettings
 from desktop.style_dialog import SURVEY_SETTING, StyleDialog
 from engine.app.chat import ChatEngine
-from engine.app.onboarding import StyleSurvey, library_dir, saved_profile
+from engine.app.onboarding import StyleSurvey, library_dir, library_reward_paths, saved_profile
 from engine.app.store import Store
 from engine.runtime.reward_graph import random_reward_weights
 from engine.runtime.rewards import RewardCard, card_path, write_card
@@ -57,6 +59,29 @@ def write_library(folder, base) -> list:
     return paths
 
 
+@pytest.fixture(scope="module")
+def shipped_folder(tmp_path_factory, real_engine):
+    """A pack for the tiny GGUF as `prt library build` writes one, of two labelled rewards (random weights, the
+    embedding the base's own projected one, as a build's)."""
+    from rewards_onnx.library import STYLES, pack_library, projected_base_embedding  # torch, in this test only
+
+    base, built = real_engine.base, tmp_path_factory.mktemp("built")
+    shape = small_reward_shape(base.n_vocab)
+    embedding = projected_base_embedding(base.path, shape.width, seed=0)
+    for seed, style in enumerate(STYLES[:2], start=1):
+        weights = replace(random_reward_weights(shape, seed=seed, scale=1.0), embedding=embedding)
+        path = write_reward(
+            built / f"{style.name}.onnx",
+            weights,
+            vocabulary_fingerprint=base.vocabulary_fingerprint,
+            base_name=base.name,
+        )
+        card = RewardCard.load(card_path(path))
+        card.label = style.label
+        write_card(path, card)
+    return pack_library(base, built, tmp_path_factory.mktemp("shipped"), styles=STYLES[:2]).parent
+
+
 def open_dialog(qtbot, engine, store, **options) -> StyleDialog:
     dialog = StyleDialog(engine, store, **options)
     qtbot.addWidget(dialog)
@@ -92,6 +117,56 @@ def test_the_answers_set_the_dials_through_the_real_model(qtbot, store, real_eng
     dials = {entry.name: entry.weight for entry in store.rewards()}
     assert set(dials) == set(LABELS) and max(map(abs, dials.values())) == pytest.approx(1.5)
     assert all(f"{LABELS[name]}: {weight:+.2f}" in dialog.result_label.text() for name, weight in dials.items())
+
+
+def test_the_shipped_rewards_are_installed_on_start_and_ask_the_first_question_without_a_build(
+    qtbot, store, real_engine, shipped_folder
+):
+    calls = []
+    folder = library_dir(real_engine.base.path)
+    dialog = open_dialog(
+        qtbot,
+        real_engine,
+        store,
+        questions=2,
+        shipped_folder=shipped_folder,
+        build_command=lambda **options: calls.append(options) or [sys.executable, "-c", "pass"],
+    )
+    assert library_reward_paths(folder) == [] and dialog.start_button.isEnabled() and dialog.build_button.isHidden()
+    assert "The 2 style rewards for tiny-a come with the app" in dialog.intro_label.text()
+    dialog.start_button.click()
+    assert dialog.writing_label.text() == "Setting up the style rewards…"
+    wait_for_question(qtbot, dialog)
+    assert dialog.counter_label.text() == "<b>Question 1 of 2</b>" and calls == []  # nothing was built
+    installed = library_reward_paths(folder)
+    assert [path.stem for path in installed] == ["concise", "structured"]
+    first_a, first_b = (view.toPlainText() for view in dialog.reply_views)
+    assert first_a and first_b and first_a != first_b
+    dialog.answer_buttons["a"].click()
+    wait_for_question(qtbot, dialog)
+    dialog.answer_buttons["b"].click()
+
+    assert dialog.pages.currentIndex() == 2 and "from 2 answers" in dialog.result_label.text()
+    assert len(saved_profile(store).answers) == 2
+    [(first, _), _] = dialog._survey.answered
+    assert store.feedback()[0].chosen == first.first.text  # the pick "a" of the first question
+    assert sorted(entry.path for entry in store.rewards()) == [str(path) for path in installed]  # the dials
+    assert "Short and to the point: " in dialog.result_label.text()  # the shipped card's label
+    reopened = open_dialog(qtbot, real_engine, store, shipped_folder=shipped_folder)
+    assert "2 style rewards for tiny-a." in reopened.intro_label.text()  # installed once
+
+
+def test_a_shipped_library_that_does_not_install_leaves_the_build_to_offer(
+    qtbot, store, real_engine, shipped_folder, tmp_path
+):
+    damaged = shutil.copytree(shipped_folder, tmp_path / "damaged")
+    [weights] = damaged.glob("*.bin")
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
+    dialog = open_dialog(qtbot, real_engine, store, shipped_folder=damaged)
+    dialog.start_button.click()
+    qtbot.waitUntil(lambda: dialog.pages.currentIndex() == 0, timeout=WAIT_MS)
+    assert "damaged" in dialog.build_label.text() and not dialog.build_button.isHidden()
+    assert not dialog.start_button.isEnabled() and library_reward_paths(library_dir(real_engine.base.path)) == []
 
 
 def test_an_answer_given_before_the_next_round_is_written_waits_for_it(qtbot, store, real_engine):
