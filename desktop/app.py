@@ -91,12 +91,11 @@ def _model_to_load(model: str | None, settings: AppSettings, paths: AppPaths) ->
 
 
 def _demo_window(cleanup: contextlib.ExitStack) -> MainWindow:
-    from desktop.demo import CONTEXT, demo_data
+    from desktop.demo import demo_data
 
     demo = cleanup.enter_context(demo_data())
     window = MainWindow(demo.engine, demo.store, paths=demo.paths, settings=AppSettings())
     window.session.remember_tokens(demo.reply_id, demo.tokens)
-    window.session.remember_context(demo.conversation_id, CONTEXT)
     window.conversations.refresh()
     window.conversations.list.setCurrentRow(0)  # the demo conversation, the most recent
     window.token_view_action.trigger()

@@ -18,7 +18,7 @@ from desktop.chat_view import ChatView, MessageBody, MessageWidget, PairWidget, 
 from desktop.token_view import TokenInfo
 from desktop.workers import ReplyJob, run_in_background
 from engine.app.backend import ChatBackend
-from engine.app.chat import ReplyRecorder
+from engine.app.chat import ReplyRecorder, StoredContext
 from engine.app.context import ContextUse
 from engine.app.store import Message, Store
 from engine.runtime.decode import GenerationResult, TokenEvent
@@ -28,6 +28,18 @@ from engine.runtime.steering import SamplingConfig
 REPAINT_INTERVAL_MS = 50
 RATINGS = ("thumbs_up", "thumbs_down")
 TITLE_LENGTH = 48
+
+
+def last_context(path: list[Message]) -> StoredContext | None:
+    """What the last reply on a path sent (the next reply starts from its ``left_out``, so the KV prefix holds)."""
+    replies = (StoredContext.of(message.stats) for message in reversed(path) if message.role == "assistant")
+    return next((context for context in replies if context is not None), None)
+
+
+def marker_position(path: list[Message], left_out: int) -> int:
+    """Where the "not sent" marker goes on the shown path: below the ``left_out`` oldest messages with text."""
+    sent = [index for index, message in enumerate(path) if message.content.strip()]
+    return sent[left_out] if 0 < left_out < len(sent) else 0
 
 
 def title_from(text: str) -> str:
@@ -70,12 +82,10 @@ class ChatSession(QObject):
         self._pair: PairWidget | None = None  # "Show me two" on screen, until one is picked
         self._pair_results: list[GenerationResult] = []
         self._pair_reward_names: list[str] = []
+        self._pair_context: ContextUse | None = None
         self._token_count = 0
         self._first_token_at: float | None = None
-        self._left_out: dict[
-            int | None, int
-        ] = {}  # per conversation: the last reply's, so the next keeps the KV prefix
-        self._sent_positions: list[int] = []  # the running reply's turns' indices on the shown path
+        self._path_sent: list[Message] = []  # the shown path when the running reply was planned
         self._context_shown = False
         self._timer = QTimer(self, interval=REPAINT_INTERVAL_MS)
         self._timer.timeout.connect(self._drain)
@@ -122,23 +132,21 @@ class ChatSession(QObject):
     def remember_tokens(self, message_id: int, tokens: list[TokenInfo]) -> None:
         self._tokens[message_id] = tokens
 
-    def remember_context(self, conversation_id: int, context: ContextUse) -> None:
-        """What a conversation's last reply sent (the demo's; replies record their own)."""
-        self._left_out[conversation_id] = context.left_out
-        self.context_changed.emit(context.prompt_tokens, context.context_size)
-
     def _refresh_view(self) -> None:
         messages = self._store.messages(self.conversation_id) if self.conversation_id is not None else []
         self._pair, self._pair_results = None, []  # an unpicked pair is dropped
         tokens = {message.id: traced for message in messages if (traced := self._tokens_of(message)) is not None}
+        context = last_context(messages)
         self._view.show_messages(
             messages,
             tokens=tokens,
             ratings=self._ratings(messages),
             alternatives=self._alternatives(messages),
-            left_out=self._left_out_on_path(messages),
+            left_out=marker_position(messages, context.left_out if context else 0),
         )
         self._store.mark_seen(message.id for message in messages if not message.seen)
+        if context is not None:
+            self.context_changed.emit(context.used, context.size)
 
     def _show_added(self, message_id: int) -> None:
         """Show a message just added after the shown path (the whole view again only if a pair was waiting)."""
@@ -157,12 +165,6 @@ class ChatSession(QObject):
             if len(ids) > 1:
                 shown[message.id] = (ids.index(message.id), len(ids))
         return shown
-
-    def _left_out_on_path(self, messages: list[Message]) -> int:
-        """How many of the shown messages the model did not see in this conversation's last reply."""
-        left_out = self._left_out.get(self.conversation_id, 0)
-        sent = [index for index, message in enumerate(messages) if message.content.strip()]
-        return sent[left_out] if 0 < left_out < len(sent) else 0
 
     def show_alternative(self, message_id: int, step: int) -> None:
         """Show the previous (-1) or next (+1) alternative of a message, and the branch below it."""
@@ -208,9 +210,10 @@ class ChatSession(QObject):
     def _model_messages(self) -> list[dict[str, str]]:
         """[system] + the shown path's turns with text, as the engine takes them."""
         system = self._store.conversation(self.conversation_id).system_prompt.strip()
-        path = self._store.messages(self.conversation_id)
-        self._sent_positions = [index for index, message in enumerate(path) if message.content.strip()]
-        turns = [{"role": path[index].role, "content": path[index].content} for index in self._sent_positions]
+        self._path_sent = self._store.messages(self.conversation_id)
+        turns = [
+            {"role": message.role, "content": message.content} for message in self._path_sent if message.content.strip()
+        ]
         return ([{"role": "system", "content": system}] if system else []) + turns
 
     # -- replies ----------------------------------------------------------------
@@ -264,8 +267,10 @@ class ChatSession(QObject):
             self._reply = self._streaming_reply(alternative_to, continuing)
             assert self._reply.widget is not None  # just shown
             self._targets = [self._reply.widget.body]
-        left_out = self._left_out.get(self.conversation_id, 0)
-        job = ReplyJob(self._engine, self._model_messages(), configs, left_out=left_out, continue_last=bool(continuing))
+        messages = self._model_messages()
+        earlier = last_context(self._path_sent)  # the same start again keeps the KV prefix
+        left_out = earlier.left_out if earlier else 0
+        job = ReplyJob(self._engine, messages, configs, left_out=left_out, continue_last=bool(continuing))
         self._job, self._streamed = job, [[] for _ in configs]
         self._token_count, self._first_token_at = 0, None
         self._context_shown = False
@@ -322,11 +327,9 @@ class ChatSession(QObject):
         if context is None or self._context_shown:
             return
         self._context_shown = True
-        self._left_out[self.conversation_id] = context.left_out
         if self._targets:  # still on screen
-            sent = self._sent_positions
-            self._view.show_left_out(sent[context.left_out] if 0 < context.left_out < len(sent) else 0)
-        self.context_changed.emit(context.prompt_tokens, context.context_size)
+            self._view.show_left_out(marker_position(self._path_sent, context.left_out))
+            self.context_changed.emit(context.prompt_tokens, context.context_size)
 
     def _save(self, write: Callable[..., object], *args, **kwargs) -> None:
         """A write of the streaming reply; one the store refuses (a full disk) stops the reply and is shown once.
@@ -350,8 +353,6 @@ class ChatSession(QObject):
     def _finished(self, job: ReplyJob, results: list[GenerationResult], error: str | None = None) -> None:
         self._drain()
         self._timer.stop()
-        if job.context is not None and results:
-            self.context_changed.emit(job.context.prompt_tokens + len(results[-1].token_ids), job.context.context_size)
         self._job = None
         reply, self._reply = self._reply, None
         if reply is not None:
@@ -369,15 +370,25 @@ class ChatSession(QObject):
         self, reply: _StreamingReply, job: ReplyJob, results: list[GenerationResult], error: str | None
     ) -> None:
         result = results[0] if results else GenerationResult(finish_reason="cancelled")
-        self._save(reply.recorder.finish, result, job.reward_names, error=error, earlier_tokens=reply.earlier_tokens)
+        self._save(
+            reply.recorder.finish,
+            result,
+            job.reward_names,
+            error=error,
+            earlier_tokens=reply.earlier_tokens,
+            context=job.context,
+        )
         self._tokens[reply.message_id] = self._streamed[0]
         if reply.widget is not None:
             message = self._store.message(reply.message_id)
             reply.widget.show_status(message.status, message.stats)
+            if (context := StoredContext.of(message.stats)) is not None:
+                self.context_changed.emit(context.used, context.size)
 
     def _finish_pair(self, job: ReplyJob, results: list[GenerationResult]) -> None:
         if self._pair is not None and self._targets:
             self._pair_results, self._pair_reward_names = list(results), job.reward_names
+            self._pair_context = job.context
             self._pair.allow_picks()
 
     def pick(self, slot: int) -> None:
@@ -388,7 +399,7 @@ class ChatSession(QObject):
         message_id = self._store.add_message(self.conversation_id, "assistant", "", status="streaming")
         recorder = ReplyRecorder(self._store, message_id)
         recorder.feed(TokenEvent(chosen))
-        recorder.finish(self._pair_results[slot], self._pair_reward_names)
+        recorder.finish(self._pair_results[slot], self._pair_reward_names, context=self._pair_context)
         self._tokens[message_id] = self._streamed[slot]
         if rejected.strip():  # a pair stopped before its second reply has nothing to prefer against
             self._add_feedback("pick", self._store.message(message_id), chosen=chosen, rejected=rejected)

@@ -20,7 +20,6 @@ import numpy as np
 
 from desktop.token_view import TokenInfo, token_info
 from engine.app.chat import RewardInfo
-from engine.app.context import ContextUse
 from engine.app.paths import AppPaths
 from engine.app.store import Store
 from engine.runtime.decode import StepTrace, TokenEvent
@@ -79,7 +78,7 @@ EARLIER = [  # left out of the demo's context, under the marker
     ("user", "Is a 12 km loop too long for a first hike?"),
     ("assistant", "Not if it is mostly flat: allow four to five hours with breaks."),
 ]
-CONTEXT = ContextUse(left_out=len(EARLIER), prompt_tokens=1734, context_size=2048)
+CONTEXT = {"left_out": len(EARLIER), "used": 1734, "size": 2048}  # as the reply's stats keep it
 CONVERSATION = [
     ("user", "What should I pack for a day hike in autumn?"),
     (
@@ -204,7 +203,12 @@ def fill_store(store: Store) -> tuple[int, int, list[TokenInfo]]:
         conversation_id,
         "assistant",
         TRACED_REPLY,
-        stats={"tokens": len(pieces), "tokens_per_second": 41.7, "rewards": ["concise", "friendly-tone"]},
+        stats={
+            "tokens": len(pieces),
+            "tokens_per_second": 41.7,
+            "rewards": ["concise", "friendly-tone"],
+            "context": CONTEXT,
+        },
         alternative_to=passed_over,
     )
     return conversation_id, reply_id, traced_tokens(pieces, vocabulary)

@@ -430,4 +430,5 @@ class MainWindow(QMainWindow):
             self.style_dialog.reject()  # cancels its build or replies
         wait_for_background_work()
         QCoreApplication.sendPostedEvents()
-        self.store.empty_trash()  # no reply writes into a deleted chat any more
+        if not self.store.closed:  # closed first by its owner: the next start empties the trash
+            self.store.empty_trash()  # no reply writes into a deleted chat any more

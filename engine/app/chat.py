@@ -254,8 +254,10 @@ class ReplyRecorder:
         error: str | None = None,
         *,
         earlier_tokens: int = 0,
+        context: ContextUse | None = None,
     ) -> MessageStatus:
-        """``earlier_tokens``: a continued reply's tokens before this run, counted in its total."""
+        """``earlier_tokens``: a continued reply's tokens before this run, counted in its total; ``context``: what
+        its prompt sent, kept in its stats (``context_stats``) for the next reply and the window's meter."""
         status: MessageStatus = "error" if error else self.FINAL_STATUS.get(result.finish_reason, "complete")
         stats: dict[str, object] = {
             "tokens": earlier_tokens + len(result.token_ids),
@@ -265,6 +267,12 @@ class ReplyRecorder:
         }
         if error:
             stats["error"] = error
+        if context is not None:
+            stats["context"] = {
+                "left_out": context.left_out,
+                "used": context.prompt_tokens + len(result.token_ids),
+                "size": context.context_size,
+            }
         self._write(content=self._text, status=status, stats=stats)
         return status
 
@@ -276,6 +284,26 @@ class ReplyRecorder:
         except StoreError as error:
             self._refused = error
             raise
+
+
+@dataclass(frozen=True)
+class StoredContext:
+    """What a stored reply's prompt sent, as ReplyRecorder.finish keeps it in the reply's stats."""
+
+    left_out: int  # the oldest messages not sent
+    used: int  # tokens in the context after the reply: its prompt and its own
+    size: int  # the context's
+
+    @classmethod
+    def of(cls, stats: Mapping) -> StoredContext | None:
+        """The reply's, or None (written before the app kept it, or not a shape it writes)."""
+        saved = stats.get("context")
+        if not isinstance(saved, dict) or set(saved) != {"left_out", "used", "size"}:
+            return None
+        values = saved.values()
+        if not all(isinstance(value, int) and not isinstance(value, bool) and value >= 0 for value in values):
+            return None
+        return cls(**saved)
 
 
 # -- tuning runs in a child process: torch stays out of the app, and cancel is a clean kill -------------

@@ -321,6 +321,7 @@ def _stored_json(text: Any) -> Any:
 class Store:
     def __init__(self, path: Path | str):
         self.path = Path(path)
+        self.closed = False
         self._lock = threading.RLock()
         self._last_stamp = datetime.min.replace(tzinfo=timezone.utc)
         self._conn = self._connect()
@@ -414,6 +415,7 @@ class Store:
     @_synchronized
     def close(self) -> None:
         self._conn.close()
+        self.closed = True
 
     def __enter__(self) -> Store:
         return self
