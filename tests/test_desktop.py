@@ -545,7 +545,7 @@ def test_a_reply_cut_off_by_a_crash_shows_interrupted_and_can_be_continued(qtbot
     window.close()
 
 
-def test_left_out_messages_get_a_marker_and_the_status_bar_a_context_meter(qtbot, window, store, engine):
+def test_left_out_messages_get_a_marker_and_the_status_bar_a_context_meter(qtbot, window, store, engine, tune_commands):
     send(qtbot, window, "One")
     send(qtbot, window, "Two")
     engine.generations = [FakeGeneration(REPLY, context=ContextUse(left_out=2, prompt_tokens=300, context_size=512))]
@@ -557,8 +557,17 @@ def test_left_out_messages_get_a_marker_and_the_status_bar_a_context_meter(qtbot
     assert window.context_label.text() == f"Context: {300 + len(REPLY)} / 512"
     send(qtbot, window, "Four")
     assert engine.reply_options[-1] == (2, False)  # the next reply keeps the same prefix
+    chat = window.session.conversation_id
     window.session.open(None)
     assert not window.chat_view.left_out_marker.isVisible()
+
+    restarted = MainWindow(engine, store, settings=AppSettings(), tune_command_factory=tune_commands)
+    qtbot.addWidget(restarted)
+    restarted.show()
+    restarted.session.open(chat)  # the last reply's stats say what it sent
+    assert restarted.chat_view.left_out_marker.isVisible()
+    assert restarted.context_label.text() == f"Context: {20 + len(REPLY)} / 4096"
+    restarted.close()
 
 
 def test_only_alternatives_the_user_saw_and_passed_over_count_as_pairs(qtbot, window, store, engine):
