@@ -106,6 +106,7 @@ class StyleDialog(QDialog):
         self._survey: StyleSurvey | None = None
         self._question: StyleQuestion | None = None
         self._round_running = False  # a round of replies is being written on a worker
+        self._round_owed = False  # a question was shown while its own round ran: write the next one after it
         self._show_when_written = False  # the user is waiting for that round
         self._waiting = False  # the user waits for replies (the writing bar is up)
         self._labels: dict[str, str] = {}
@@ -306,7 +307,7 @@ class StyleDialog(QDialog):
 
     def _write_round(self) -> None:
         survey = self._ready_survey
-        self._round_running = True
+        self._round_running, self._round_owed = True, False
         run_in_background(
             lambda: self._engine.run_exclusive(lambda _base: survey.write_round(progress=self._relay.progress.emit)),
             self._round_written,
@@ -318,6 +319,8 @@ class StyleDialog(QDialog):
         if self._show_when_written and self.pages.currentIndex() == 1:
             self._show_when_written = False
             self._show_question(self._ready_survey.pick_question())
+        elif self._round_owed:
+            self._write_round()
 
     def _show_question(self, question: StyleQuestion) -> None:
         """Show it, then write the next round while the user reads (the pair is picked after the answer)."""
@@ -330,7 +333,9 @@ class StyleDialog(QDialog):
             view.setPlainText(reply.text or "(an empty reply)")
         self._set_waiting("")
         if number < survey.questions:
-            self._write_round()
+            self._round_owed = self._round_running  # the first question is shown while its round still runs
+            if not self._round_running:
+                self._write_round()
 
     def answer(self, answer: str) -> None:
         if self._question is None:
@@ -376,6 +381,11 @@ class StyleDialog(QDialog):
 
     def _show_writing(self, done: int, total: int) -> None:
         if not self._waiting:  # a round written ahead, while the user reads
+            return
+        survey = self._survey
+        if self._show_when_written and survey is not None and not survey.answered and survey.unasked:
+            self._show_when_written = False  # the first question: its first pair, without waiting for the third reply
+            self._show_question(survey.pick_question())
             return
         self.writing_bar.setRange(0, total)
         self.writing_bar.setValue(done)

@@ -216,7 +216,10 @@ def build_library(
     report = on_progress or (lambda progress: None)
     built = [build_reward(base, style, out_dir, count=count, config=config, report=report) for style in styles]
     if [entry.style for entry in built] == list(STYLES):
-        pack_library(base, out_dir, out_dir / PACK_FOLDER, seed=config.seed)
+        try:
+            pack_library(base, out_dir, out_dir / PACK_FOLDER, seed=config.seed)
+        except LibraryError:  # a base the pack cannot rebuild the embedding from: the rewards are built all the same
+            pass
     return built
 
 
@@ -369,7 +372,9 @@ def token_embedding_spec(gguf_path: Path) -> dict:
     """Where the GGUF's token embedding is and how it is stored, for engine.app.onboarding.token_embedding."""
     from gguf import GGUFReader
 
-    tensor = next(t for t in GGUFReader(gguf_path).tensors if t.name == "token_embd.weight")
+    tensor = next((t for t in GGUFReader(gguf_path).tensors if t.name == "token_embd.weight"), None)
+    if tensor is None or tensor.tensor_type.name not in ("F32", "F16", "Q8_0"):
+        raise LibraryError(f"{Path(gguf_path).name} has no token embedding that a pack can rebuild rewards from.")
     return {
         "name": tensor.name,
         "offset": int(tensor.data_offset),
@@ -392,8 +397,7 @@ def embedding_projection(gguf_path: Path, width: int, *, seed: int) -> tuple[np.
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
-    reader = GGUFReader(gguf_path)
-    tensor = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    tensor = next(t for t in GGUFReader(gguf_path).tensors if t.name == "token_embd.weight")
     matrix = torch.from_numpy(np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32))
     matrix = matrix.reshape(-1, int(tensor.shape[0]))
     if width > matrix.shape[1]:

@@ -169,6 +169,34 @@ def test_a_shipped_library_that_does_not_install_leaves_the_build_to_offer(
     assert not dialog.start_button.isEnabled() and library_reward_paths(library_dir(real_engine.base.path)) == []
 
 
+def test_the_first_question_is_asked_as_soon_as_two_replies_are_written(qtbot, store, real_engine):
+    write_library(library_dir(real_engine.base.path), real_engine.base)
+    release = threading.Event()
+
+    class HeldThirdReply(StyleSurvey):
+        """Holds the first round's third reply until released."""
+
+        replies = 0
+
+        def write_reply(self, *args, **options):
+            self.replies += 1
+            if self.replies == 3:
+                release.wait(WAIT_MS / 1000)
+            return super().write_reply(*args, **options)
+
+    dialog = open_dialog(qtbot, real_engine, store, questions=3, survey_factory=HeldThirdReply)
+    dialog.start_button.click()
+    wait_for_question(qtbot, dialog)
+    survey = dialog._ready_survey
+    qtbot.waitUntil(lambda: survey.replies == 3, timeout=WAIT_MS)  # the third reply, held
+    assert dialog.counter_label.text() == "<b>Question 1 of 3</b>" and dialog._round_running
+    release.set()  # the round ends, then the one written while the user reads the first question
+    qtbot.waitUntil(lambda: survey.replies == 6 and not dialog._round_running, timeout=WAIT_MS)
+    assert survey.unasked == 2 + 3
+    dialog.answer_buttons["a"].click()
+    assert dialog.counter_label.text() == "<b>Question 2 of 3</b>" and dialog.answer_buttons["a"].isEnabled()
+
+
 def test_an_answer_given_before_the_next_round_is_written_waits_for_it(qtbot, store, real_engine):
     write_library(library_dir(real_engine.base.path), real_engine.base)
     release = threading.Event()

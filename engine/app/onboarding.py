@@ -19,7 +19,6 @@ rebuilt rewards against the built ones' values on a probe (``PROBE_TOLERANCE``).
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import os
 import shutil
@@ -160,18 +159,20 @@ class StyleSurvey:
 
     def write_round(self, *, progress: Callable[[int, int], None] | None = None) -> None:
         """Write REPLIES_PER_PROMPT replies to the next prompt, under mixes drawn from the posterior as it is now,
-        and add their pairs to the pool. The app runs this while the user reads the current question."""
+        each reply's pairs joining the pool as soon as it is written (before ``progress`` is told). The app runs
+        this while the user reads the current question."""
         with self._lock:
             prompt, seed = self._prompts[self._round % len(self._prompts)], self._round
             self._round += 1
             mixes = self.draw_mixes(REPLIES_PER_PROMPT)
-        replies = []
+        replies: list[StyleReply] = []
         for index, mix in enumerate(mixes):
-            replies.append(self.write_reply(prompt, mix, seed=seed))
+            reply = self.write_reply(prompt, mix, seed=seed)
+            with self._lock:  # its pairs are ready to ask at once: the first question needs only two replies
+                self._pool += [StyleQuestion(prompt, first, reply) for first in replies]
+            replies.append(reply)
             if progress:
                 progress(index + 1, REPLIES_PER_PROMPT)
-        with self._lock:
-            self._pool += [StyleQuestion(prompt, first, second) for first, second in itertools.combinations(replies, 2)]
 
     def pick_question(self) -> StyleQuestion:
         """The most informative unasked pair under the current posterior, taken out of the pool."""
