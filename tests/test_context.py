@@ -218,7 +218,7 @@ def test_a_60_turn_chat_on_a_512_token_context_answers_every_turn(tiny_gguf):
         "--ctx",
         "512",
         "--max-tokens",
-        "24",
+        "8",
         "--temperature",
         "0",
         "--threads",
