@@ -76,7 +76,7 @@ LIBRARY_WEIGHT = 0.5
 def run_bench(base: BaseModel, config: BenchConfig = BenchConfig(), library: Sequence[Path] = ()) -> dict:
     """``library``: reward files to decode with together, merged and separately (none: those runs are left out)."""
     with tempfile.TemporaryDirectory(prefix="prt-bench-") as folder:
-        reward_path = _write_reference_reward(base, Path(folder) / "reference-reward.onnx")
+        reward_path = write_reference_reward(base, Path(folder) / "reference-reward.onnx")
         slot = attach_rewards(base, [(reward_path, 1.0)])[0]
         library_slots = attach_rewards(base, [(path, LIBRARY_WEIGHT) for path in library])
         reward_file_bytes = reward_path.stat().st_size
@@ -176,7 +176,8 @@ def _rotated(names: list[str], shift: int) -> list[str]:
     return names[shift:] + names[:shift]
 
 
-def _write_reference_reward(base: BaseModel, path: Path) -> Path:
+def write_reference_reward(base: BaseModel, path: Path) -> Path:
+    """A reward with random weights in the reference shape, for benchmarks only."""
     shape = RewardNetworkShape(vocab_size=base.n_vocab, **REFERENCE_SHAPE)
     card = RewardCard(
         name="reference-reward",

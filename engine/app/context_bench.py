@@ -20,12 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.app.bench import write_reference_reward
 from engine.app.context import default_reply_room, plan_prompt
 from engine.runtime.base_model import BaseModel, BaseModelConfig, ChatMessage, common_prefix_length
 from engine.runtime.decode import Generation, attach_rewards
 from engine.runtime.mixing import MergedSessions
-from engine.runtime.reward_graph import RewardNetworkShape, build_reward_model, random_reward_weights
-from engine.runtime.rewards import RewardCard, save_reward
 from engine.runtime.steering import SamplingConfig
 
 SYSTEM_PROMPT = "You are a helpful assistant. Answer in a few sentences."
@@ -41,7 +40,6 @@ TOPICS = (
     "bread",
     "comets",
 )
-REFERENCE_SHAPE = dict(width=128, layers=2, heads=4)  # prt bench's reference reward, when none is given
 
 
 def chat_script(turns: int) -> list[str]:
@@ -198,18 +196,8 @@ def _large_context(turns: int, max_tokens: int) -> int:
 
 
 def _reference_reward(model_path: Path, path: Path, threads: int | None) -> Path:
-    config = BaseModelConfig(n_ctx=64, n_threads=threads, n_gpu_layers=0)
-    with BaseModel(model_path, config=config) as base:
-        shape = RewardNetworkShape(vocab_size=base.n_vocab, **REFERENCE_SHAPE)
-        card = RewardCard(
-            name="reference-reward",
-            description="random weights, for benchmarking only",
-            vocabulary_fingerprint=base.vocabulary_fingerprint,
-            vocabulary_size=base.n_vocab,
-            base_model_name=base.name,
-            network=REFERENCE_SHAPE,
-        )
-        return save_reward(path, build_reward_model(random_reward_weights(shape, seed=0)), card)
+    with BaseModel(model_path, config=BaseModelConfig(n_ctx=64, n_threads=threads, n_gpu_layers=0)) as base:
+        return write_reference_reward(base, path)
 
 
 def format_context_report(report: dict) -> str:
