@@ -11,7 +11,7 @@ from engine.runtime.decode import Generation, StopStringMatcher, attach_rewards
 from engine.runtime.errors import RewardRuntimeError
 from engine.runtime.reward_graph import RewardNetworkShape, random_reward_weights, token_preference_weights
 from engine.runtime.rewards import RewardModel
-from engine.runtime.steering import Sampler, SamplingConfig
+from engine.runtime.steering import CandidateSelector, Sampler, SamplingConfig, log_normalizer
 from tiny_models import small_reward_shape, write_reward
 
 VOCAB = 49152
@@ -182,6 +182,24 @@ def test_sampler_respects_min_p_and_top_p():
     min_p = Sampler(SamplingConfig(temperature=1.0, top_p=1.0, min_p=0.2, seed=0))
     assert {min_p.pick(scores) for _ in range(300)} == {0, 1, 2}
     assert Sampler(SamplingConfig(temperature=0.0)).pick(scores) == 0
+
+
+@pytest.mark.parametrize("n_vocab", [7, 40, 3000, 49152, 262144, 262144 + 1999])
+def test_candidates_are_the_top_k_of_the_whole_row_ties_to_the_lower_id(n_vocab):
+    rng = np.random.default_rng(n_vocab)
+    select = CandidateSelector(n_vocab, 40)
+    for _ in range(5):
+        logits = rng.standard_normal(n_vocab).astype(np.float32) * 3
+        logits[rng.integers(0, n_vocab, 6)] = logits.max()  # ties at the top
+        logits[-1] = logits.max() + 1  # the best token past the last whole column
+        boundary = np.sort(logits)[-min(40, n_vocab)]
+        logits[rng.integers(0, n_vocab, 6)] = boundary  # ties at the K-th place
+        expected = np.lexsort((np.arange(n_vocab), -logits))[: select.k]
+        candidates = select(logits)
+        assert candidates.token_ids.tolist() == expected.tolist()
+        exact = np.log(np.exp(logits.astype(np.float64) - logits.max()).sum()) + logits.max()
+        np.testing.assert_allclose(candidates.base_logprobs, logits[expected] - exact, atol=1e-5)
+        assert abs(log_normalizer(logits) - exact) < 1e-5
 
 
 def test_invalid_sampling_arguments_name_the_argument():

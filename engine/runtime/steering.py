@@ -49,32 +49,54 @@ class Candidates:
 
 
 class CandidateSelector:
-    """Picks the base's top-K (best first) from full-vocabulary logits, once per step.
+    """Picks the base's top-K (best first; ties: lower token id first, like argmax) from full-vocabulary logits.
 
-    Log-probs are normalized over the whole vocabulary; the exp pass reuses one
-    preallocated buffer instead of allocating vocabulary-sized temporaries.
+    Per step it reads the row twice and copies only what can be in the top K, so its cost barely grows
+    with the vocabulary: the row is viewed as columns of a matrix, the K-th largest column maximum is a
+    threshold that at least K tokens reach, and only the columns whose maximum reaches it are searched.
+    Log-probs are normalized over the whole vocabulary, into one preallocated buffer.
     """
+
+    COLUMNS = 2048  # wide enough that the column maxima are few, narrow enough that the search stays small
 
     def __init__(self, n_vocab: int, k: int) -> None:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         self.k = min(k, n_vocab)
+        self._columns = min(n_vocab, max(self.COLUMNS, self.k))  # at least k columns, so k maxima exist
+        self._gridded = n_vocab - n_vocab % self._columns  # tokens in whole rows; the rest is searched directly
         self._scratch = np.empty(n_vocab, dtype=np.float32)
 
     def __call__(self, logits: np.ndarray) -> Candidates:
-        top = np.argpartition(logits, -self.k)[-self.k :]
-        top = top[np.lexsort((top, -logits[top]))]  # by logit; ties: lower token id first, like argmax
+        top = self.top_ids(logits)
         normalizer = log_normalizer(logits, peak=logits[top[0]], scratch=self._scratch)
         return Candidates(token_ids=top, base_logprobs=(logits[top] - normalizer).astype(np.float32))
 
+    def top_ids(self, logits: np.ndarray) -> np.ndarray:
+        """The K best token ids, best first."""
+        grid = logits[: self._gridded].reshape(-1, self._columns)
+        column_max = grid.max(axis=0)
+        threshold = np.partition(column_max, self._columns - self.k)[self._columns - self.k]
+        columns = np.flatnonzero(column_max >= threshold)
+        rows, picked = np.nonzero(grid[:, columns] >= threshold)
+        pool = rows * self._columns + columns[picked]
+        rest = np.flatnonzero(logits[self._gridded :] >= threshold)
+        if len(rest):
+            pool = np.concatenate([pool, rest + self._gridded])
+        return pool[np.lexsort((pool, -logits[pool]))[: self.k]]
+
 
 def log_normalizer(logits: np.ndarray, *, peak: float | None = None, scratch: np.ndarray | None = None) -> float:
-    """log sum exp over a full vocabulary row, optionally into a reused buffer (no temporaries)."""
+    """log sum exp over a full vocabulary row, optionally into a reused buffer (no temporaries).
+
+    The sum is float32 (numpy sums pairwise, so the error stays near float32's epsilon): twice as fast as
+    float64 on a 262k row.
+    """
     peak = logits.max() if peak is None else peak
     scratch = np.empty_like(logits) if scratch is None else scratch
     np.subtract(logits, peak, out=scratch)
     np.exp(scratch, out=scratch)
-    return float(peak + np.log(scratch.sum(dtype=np.float64)))
+    return float(peak + np.log(scratch.sum()))
 
 
 def steered_scores(
