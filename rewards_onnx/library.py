@@ -282,7 +282,14 @@ PACK_FOLDER = "pack"
 MAX_EMBEDDING_MISMATCH = 1e-3  # share of int8 embedding values the numpy rebuild may round the other way
 PROBE_PROMPT = "What is a good way to spend a rainy afternoon?"
 PROBE_REPLY = "- Read a book.\n- I'd bake cookies with you, my friend!\nIt is simple and lovely."
-STANDARD_PROPERTIES = ("prt_contract_version", "vocab_size", "width", "layers", "heads")  # the graph builder's own
+STANDARD_PROPERTIES = (
+    "prt_contract_version",
+    "vocab_size",
+    "width",
+    "layers",
+    "heads",
+    "embedding_rank",
+)  # the graph builder's own
 TIMINGS = ("distill_seconds", "tune_seconds")  # the card's timings, which vary from build to build
 
 
@@ -295,8 +302,8 @@ def pack_library(
     rewards = library_rewards(folder, styles)
     embedding_spec = token_embedding_spec(base.path)
     weights = [read_reward_weights(onnx.load(path)) for _, path in rewards]
-    width = weights[0].shape.width
-    mean, directions, scale = embedding_projection(base.path, width, seed=seed)
+    rank = weights[0].shape.rank
+    mean, directions, scale = embedding_projection(base.path, rank, seed=seed)
     rebuilt, _ = quantize_rows(projected_embedding(token_embedding(base.path, embedding_spec), mean, directions, scale))
     for (style, _), reward in zip(rewards, weights):
         built, _ = quantize_rows(reward.embedding)
@@ -319,6 +326,7 @@ def pack_library(
             "final_bias": reward.final_bias,
             "head": reward.head,
             "token_bias": reward.token_bias,
+            **({"embedding_up": reward.embedding_up} if reward.embedding_up is not None else {}),
         }
         arrays += [(f"{style.name}.{name}", value) for name, value in parts.items()]
         card = json.loads(RewardCard.load(card_path(path)).to_json())
@@ -335,6 +343,7 @@ def pack_library(
                     "layers": reward.shape.layers,
                     "heads": reward.shape.heads,
                     "mlp_ratio": reward.shape.mlp_ratio,
+                    "embedding_rank": reward.shape.embedding_rank,
                 },
                 "metadata": {key: value for key, value in properties.items() if key not in STANDARD_PROPERTIES},
                 "card": card,

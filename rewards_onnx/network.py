@@ -2,9 +2,10 @@
 
 Parameters are stored in the graph's layout (x @ W, W shaped [in, out]) so export is a
 plain copy. The token embedding is initialized from the base GGUF's own embedding (PCA
-down to ``width``), int8-rounded as the ONNX file will hold it; when it is trained,
-``round_embedding`` rounds it again before export. ``head`` and ``token_bias`` start at
-zero: an untrained reward changes nothing.
+down to the shape's rank), int8-rounded as the ONNX file will hold it; when it is trained,
+``round_embedding`` rounds it again before export. An embedding narrower than the width
+is lifted by ``embedding_up`` [r, d], which starts as the identity on the first r
+dimensions. ``head`` and ``token_bias`` start at zero: an untrained reward changes nothing.
 """
 
 from __future__ import annotations
@@ -80,6 +81,9 @@ class RewardNet(nn.Module):
         super().__init__()
         self.shape = shape
         self.embedding = nn.Parameter(_int8_rounded(embedding), requires_grad=train_embedding)
+        self.embedding_up = (
+            nn.Parameter(torch.eye(shape.rank, shape.width)) if shape.lifted else None
+        )  # trained with the rest, even when the embedding is frozen
         self.blocks = nn.ModuleList(
             Block(shape.width, shape.heads, shape.mlp_ratio, dropout) for _ in range(shape.layers)
         )
@@ -99,13 +103,17 @@ class RewardNet(nn.Module):
         positions = torch.arange(tokens.shape[1], device=tokens.device)
         distance = (positions[:, None] - positions[None, :]).float()  # [T, T] = query - key
         bias = torch.where(distance < 0, torch.tensor(MASKED), -self.slopes * distance)  # [1, H, T, T]
-        x = self.input_dropout(self.embedding[tokens])
+        x = self.embedding[tokens]
+        if self.embedding_up is not None:
+            x = x @ self.embedding_up
+        x = self.input_dropout(x)
         for block in self.blocks:
             x = block(x, bias)
-        return self.final_ln(x) @ self.head
+        query = self.final_ln(x) @ self.head
+        return query if self.embedding_up is None else query @ self.embedding_up.T
 
     def rewards(self, queries: torch.Tensor, candidate_ids: torch.Tensor) -> torch.Tensor:
-        """queries [..., d], candidate_ids [..., C] -> rewards [..., C]."""
+        """queries [..., r], candidate_ids [..., C] -> rewards [..., C]."""
         return (self.embedding[candidate_ids] * queries.unsqueeze(-2)).sum(-1) + self.token_bias[candidate_ids]
 
     def export(self) -> RewardWeights:
@@ -122,6 +130,7 @@ class RewardNet(nn.Module):
             final_bias=array(self.final_ln.bias),
             head=array(self.head),
             token_bias=array(self.token_bias),
+            embedding_up=None if self.embedding_up is None else array(self.embedding_up),
         )
 
 

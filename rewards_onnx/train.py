@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from engine.runtime.base_model import BaseModel
 from engine.runtime.errors import DiskFullError, PrtError, RewardFileError
 from engine.runtime.files import file_sha256
-from engine.runtime.reward_graph import RewardNetworkShape, build_reward_model
+from engine.runtime.reward_graph import RewardNetworkShape, build_reward_model, embedding_rank_for
 from engine.runtime.rewards import RewardCard, RewardModel, card_path, save_reward
 from rewards_onnx.data import Dataset, DatasetError, Demonstration, Example, as_dataset, counts
 from rewards_onnx.metrics import Metrics, compute_metrics
@@ -140,7 +140,13 @@ def tune(
         base_model_name=base.name,
         base_model_sha256=model_sha256,
         description=f"Tuned on {len(examples)} examples",
-        network={"width": config.width, "layers": config.layers, "heads": config.heads, "top_k": config.top_k},
+        network={
+            "width": config.width,
+            "layers": config.layers,
+            "heads": config.heads,
+            "embedding_rank": model.shape.rank,
+            "top_k": config.top_k,
+        },
         training_data={
             **counts(examples),
             "train_examples": len(train_examples),
@@ -212,10 +218,16 @@ def _teacher_data(
 
 
 def _initial_model(base: BaseModel, config: TuneConfig) -> RewardNet:
-    shape = RewardNetworkShape(vocab_size=base.n_vocab, width=config.width, layers=config.layers, heads=config.heads)
-    embedding = base_embedding_projection(base.path, config.width, seed=config.seed)
+    shape = RewardNetworkShape(
+        vocab_size=base.n_vocab,
+        width=config.width,
+        layers=config.layers,
+        heads=config.heads,
+        embedding_rank=embedding_rank_for(base.n_vocab, config.width, base.path.stat().st_size),
+    )
+    embedding = base_embedding_projection(base.path, shape.rank, seed=config.seed)
     if embedding is None:  # a GGUF without token_embd: start from noise
-        embedding = np.random.default_rng(config.seed).standard_normal((base.n_vocab, config.width))
+        embedding = np.random.default_rng(config.seed).standard_normal((base.n_vocab, shape.rank))
     return RewardNet(shape, embedding, train_embedding=config.train_embedding)
 
 

@@ -161,4 +161,4 @@ def test_saved_reward_records_its_checksum_and_the_contract_in_metadata(random_r
     card = RewardCard.load(card_path(random_reward))
     assert len(card.onnx_sha256) == 64
     properties = {p.key: p.value for p in onnx.load(random_reward).metadata_props}
-    assert properties["prt_contract_version"] == "1" and properties["vocab_size"] == str(VOCAB)
+    assert properties["prt_contract_version"] == "2" and properties["vocab_size"] == str(VOCAB)

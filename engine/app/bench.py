@@ -6,7 +6,9 @@ rotates each round so drift in machine speed hits each equally):
 - plain:     llama-cpp-python's own ``Llama.generate`` with its greedy sampler,
              each token turned into text;
 - engine:    our loop with no reward (the cost of owning the loop);
-- steered:   our loop with a reference-size reward (2 layers, width 128);
+- steered:   our loop with a reference-size reward (2 layers, width 128), each step in two halves (the
+             reward's state advanced on a worker while the candidates are picked, engine/runtime/decode.py);
+- steered_whole_steps: the same reward, each step one run after the candidates are picked;
 - with ``library``: our loop with several rewards (e.g. the base style rewards) at weight 0.5 each,
   scored by one merged session per step and by one session per reward (engine/runtime/mixing.py).
 
@@ -41,6 +43,7 @@ from engine.runtime.mixing import stacked_model
 from engine.runtime.reward_graph import (
     RewardNetworkShape,
     build_reward_model,
+    embedding_rank_for,
     random_reward_weights,
     read_reward_weights,
 )
@@ -85,6 +88,7 @@ def run_bench(base: BaseModel, config: BenchConfig = BenchConfig(), library: Seq
             "plain": lambda prompt: _plain_decode_seconds(base, prompt, config.tokens),
             "engine": lambda prompt: _engine_decode_seconds(base, prompt, [], config),
             "steered": lambda prompt: _engine_decode_seconds(base, prompt, [slot], config),
+            "steered_whole_steps": lambda prompt: _engine_decode_seconds(base, prompt, [slot], config, split=False),
         }
         if library_slots:
             runners["library_merged"] = lambda prompt: _engine_decode_seconds(base, prompt, library_slots, config)
@@ -108,11 +112,18 @@ def run_bench(base: BaseModel, config: BenchConfig = BenchConfig(), library: Seq
         }
     return {
         "model": {"name": base.name, "path": str(base.path), "n_vocab": base.n_vocab},
-        "reward": {**REFERENCE_SHAPE, "vocab_size": base.n_vocab, "file_bytes": reward_file_bytes},
+        "reward": {
+            **REFERENCE_SHAPE,
+            "embedding_rank": slot.reward.card.network["embedding_rank"],
+            "vocab_size": base.n_vocab,
+            "file_bytes": reward_file_bytes,
+            "share_of_model_file": round(reward_file_bytes / base.path.stat().st_size, 4),
+        },
         "config": asdict(config) | {"prompts": len(prompts), "threads": base.config.n_threads or "auto"},
         "tokens_per_second": {name: round(value, 2) for name, value in tokens_per_second.items()},
         "ratio_steered_over_plain": _paired_speed_ratio(seconds["plain"], seconds["steered"]),
         "ratio_engine_over_plain": _paired_speed_ratio(seconds["plain"], seconds["engine"]),
+        "ratio_split_over_whole_steps": _paired_speed_ratio(seconds["steered_whole_steps"], seconds["steered"]),
         **(_library_ratios(seconds, library_slots) if library_slots else {}),
         **{key: round(value, 4) for key, value in reward_ms.items()},
         "peak_rss_mb": round(peak_rss_bytes() / 2**20, 1),
@@ -154,10 +165,13 @@ def format_report(report: dict) -> str:
     )
     return "\n".join(
         [
-            f"model: {report['model']['name']}   reward: 2 layers x 128 wide ({report['reward']['file_bytes'] / 1e6:.1f} MB)",
+            f"model: {report['model']['name']}   reward: 2 layers x 128 wide, embedding rank "
+            f"{report['reward']['embedding_rank']} ({report['reward']['file_bytes'] / 1e6:.1f} MB, "
+            f"{report['reward']['share_of_model_file']:.1%} of the model file)",
             f"decode tok/s   plain {speeds['plain']:.1f}   engine (no reward) {speeds['engine']:.1f}   "
             f"steered {speeds['steered']:.1f}",
-            f"steered/plain  {report['ratio_steered_over_plain']:.3f}   engine/plain {report['ratio_engine_over_plain']:.3f}",
+            f"steered/plain  {report['ratio_steered_over_plain']:.3f}   engine/plain {report['ratio_engine_over_plain']:.3f}"
+            f"   split/whole steps {report['ratio_split_over_whole_steps']:.3f}",
             f"reward step    {report[f'reward_ms_per_step_at_{SHORT_CONTEXT}']:.3f} ms at {SHORT_CONTEXT} tokens, "
             f"{report[long_key]:.3f} ms at {long_key.rsplit('_', 1)[1]} tokens",
             *library_lines,
@@ -178,14 +192,15 @@ def _rotated(names: list[str], shift: int) -> list[str]:
 
 def write_reference_reward(base: BaseModel, path: Path) -> Path:
     """A reward with random weights in the reference shape, for benchmarks only."""
-    shape = RewardNetworkShape(vocab_size=base.n_vocab, **REFERENCE_SHAPE)
+    rank = embedding_rank_for(base.n_vocab, REFERENCE_SHAPE["width"], base.path.stat().st_size)
+    shape = RewardNetworkShape(vocab_size=base.n_vocab, embedding_rank=rank, **REFERENCE_SHAPE)
     card = RewardCard(
         name="reference-reward",
         description="random weights, for benchmarking only",
         vocabulary_fingerprint=base.vocabulary_fingerprint,
         vocabulary_size=base.n_vocab,
         base_model_name=base.name,
-        network=REFERENCE_SHAPE,
+        network={**REFERENCE_SHAPE, "embedding_rank": shape.rank},
     )
     return save_reward(path, build_reward_model(random_reward_weights(shape, seed=0)), card)
 
@@ -213,13 +228,19 @@ def _plain_decode_seconds(base: BaseModel, prompt: list[int], tokens: int) -> fl
 
 
 def _engine_decode_seconds(
-    base: BaseModel, prompt: list[int], slots: list[RewardSlot], config: BenchConfig, *, merge: bool = True
+    base: BaseModel,
+    prompt: list[int],
+    slots: list[RewardSlot],
+    config: BenchConfig,
+    *,
+    merge: bool = True,
+    split: bool = True,
 ) -> float:
     base.llama.reset()  # same cold prefill as the plain run
     for slot in slots:
         slot.reward.reset()
     sampling = SamplingConfig(temperature=0.0, top_k=config.top_k, max_tokens=config.tokens, ignore_eos=True)
-    generation = Generation(base, prompt, rewards=slots, config=sampling, merge_rewards=merge)
+    generation = Generation(base, prompt, rewards=slots, config=sampling, merge_rewards=merge, split_reward_steps=split)
     events = (event for event in generation if event.token_id is not None)
     return _first_to_last_seconds(events, config.tokens)
 

@@ -439,6 +439,7 @@ def _write_shipped_reward(
         final_bias=arrays[f"{name}.final_bias"],
         head=arrays[f"{name}.head"],
         token_bias=arrays[f"{name}.token_bias"],
+        embedding_up=arrays.get(f"{name}.embedding_up"),
     )
     card = RewardCard(**reward["card"], created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     card.description += " Installed from the app's shipped library (weights stored as float16)."

@@ -1,5 +1,9 @@
 """The one decode loop: base logits -> top-K -> rewards -> combined scores -> sample -> stream.
 
+A reward of contract version 2 takes each step in two halves: as soon as the base has evaluated the
+chosen token, a worker thread advances the reward's state by it while this thread picks the base's
+candidates from the new logits; only scoring the K candidates (a K x R product) waits for both.
+
 ``Generation`` is an iterator of ``TokenEvent``s. It can be cancelled from any
 thread (the next step ends it with finish_reason "cancelled"); exceptions from
 the base model or a reward propagate to whoever iterates, nothing is swallowed.
@@ -13,6 +17,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -171,6 +176,7 @@ class Generation:
         config: SamplingConfig = SamplingConfig(),
         merge_rewards: bool = True,
         merged_sessions: MergedSessions | None = None,
+        split_reward_steps: bool = True,
     ) -> None:
         self.base = base
         self.prompt_tokens = list(prompt_tokens)
@@ -180,7 +186,9 @@ class Generation:
             merge_rewards  # score mergeable rewards with one session per step (engine/runtime/mixing.py)
         )
         self.merged_sessions = merged_sessions  # the caller's, kept between replies; None: its own, closed at the end
+        self.split_reward_steps = split_reward_steps  # advance v2 rewards while the candidates are picked
         self._groups: list[ScoringGroup] = []
+        self._worker: ThreadPoolExecutor | None = None
         self.result = GenerationResult(prompt_tokens=len(self.prompt_tokens))
         self._cancelled = threading.Event()
         self._started = False
@@ -213,6 +221,8 @@ class Generation:
         try:
             base.check_fits(len(self.prompt_tokens) + 1)
             self._groups = self._scoring_groups()
+            if self.split_reward_steps and any(group.session.candidate_rows is not None for group in self._groups):
+                self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward-step")
             base.sync(self.prompt_tokens)
             candidates, reward_values = self._score(self.prompt_tokens, prefill=True)
             decoding_from = time.perf_counter()
@@ -257,6 +267,8 @@ class Generation:
             raise
         finally:
             result.decode_seconds = time.perf_counter() - started - result.prompt_seconds
+            if self._worker is not None:
+                self._worker.shutdown()
             if self.merged_sessions is None:
                 close_plan(self._groups)
 
@@ -267,9 +279,28 @@ class Generation:
         return self.merged_sessions.groups(rewards, merge=self.merge_rewards)
 
     def _score(self, new_tokens: Sequence[int], *, prefill: bool) -> tuple[Candidates, np.ndarray]:
+        prepared = {} if prefill else self._prepare(new_tokens)
         candidates = self._select(self.base.last_logits())
-        values = np.zeros((len(self.rewards), len(candidates.token_ids)), dtype=np.float32)  # [R, K]
-        for group in self._groups:
-            score = group.session.sync if prefill else group.session.advance
-            values[list(group.indices)] = score(new_tokens, candidates.token_ids)
+        ids = candidates.token_ids
+        values = np.zeros((len(self.rewards), len(ids)), dtype=np.float32)  # [R, K]
+        for index, group in enumerate(self._groups):
+            session = group.session
+            if prefill:
+                scores = session.sync(new_tokens, ids)
+            elif index in prepared:
+                prepared[index].result()  # raises what the worker raised
+                scores = session.score_prepared(ids)
+            else:
+                scores = session.advance(new_tokens, ids)
+            values[list(group.indices)] = scores
         return candidates, values
+
+    def _prepare(self, new_tokens: Sequence[int]) -> dict[int, Future[None]]:
+        """Start advancing every reward that can by ``new_tokens``, on the worker; by group index."""
+        if self._worker is None:
+            return {}
+        return {
+            index: self._worker.submit(group.session.prepare, new_tokens)
+            for index, group in enumerate(self._groups)
+            if group.session.candidate_rows is not None
+        }

@@ -22,6 +22,7 @@ from engine.runtime.reward_graph import (
     RewardNetworkShape,
     RewardWeights,
     build_stacked_reward_model,
+    candidate_rows,
     read_reward_weights,
 )
 from engine.runtime.rewards import RewardModel, RewardSession, open_session
@@ -151,13 +152,19 @@ def stack_key(weights: RewardWeights) -> tuple[RewardNetworkShape, str]:
 def merged_session(rewards: Sequence[RewardModel], weights: Sequence[RewardWeights]) -> RewardSession:
     """One session computing ``rewards`` (equal stack keys) as rows [N, K], in the given order."""
     names = ", ".join(f"'{reward.name}'" for reward in rewards)
+    model = stacked_graph(weights)
     return RewardSession(
-        open_session(stacked_model(weights), threads=max(r.threads for r in rewards)),
+        open_session(model.SerializeToString(), threads=max(r.threads for r in rewards)),
         title=f"The rewards {names} (merged)",
         source=f"merged rewards {names}",
+        candidate_rows=candidate_rows(model),
     )
+
+
+def stacked_graph(weights: Sequence[RewardWeights]) -> onnx.ModelProto:
+    return build_stacked_reward_model(weights, metadata={"stacked_rewards": str(len(weights))})
 
 
 def stacked_model(weights: Sequence[RewardWeights]) -> bytes:
     """The serialized graph of the stacked rewards."""
-    return build_stacked_reward_model(weights, metadata={"stacked_rewards": str(len(weights))}).SerializeToString()
+    return stacked_graph(weights).SerializeToString()

@@ -7,11 +7,16 @@ outputs and KV-state layout.
 
 Network: a small pre-LayerNorm causal transformer with ALiBi position biases (no
 position table, so the state can be cut anywhere and any length works). The
-token embedding is tied between input and output and stored int8 with one
-scale per row. The reward of candidate c after the last position is
+token embedding E [V, r] is tied between input and output and stored int8 with one
+scale per row. Its rank r is the width d, except for vocabularies so large that the
+table would outweigh the rest (``embedding_rank_for``): there E is narrower and a
+matrix U [r, d] lifts it to the width (contract version 2). The reward of candidate
+c after the last position is
 
-    r(c) = dot(W_head^T LN_f(h_last), e_c) + b_c
+    q = LN_f(h_last) W_head (U^T when r < d),   r(c) = dot(q, e_c) + b_c
 
+The graph outputs q too (``query``, version 2), so a caller can advance the state
+before the candidates are known and score them afterwards from E and b.
 With ``W_head = 0`` and ``b = 0`` every reward is 0: an untrained reward leaves
 the base model unchanged.
 
@@ -32,12 +37,16 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-CONTRACT_VERSION = 1
+CONTRACT_VERSION = 2  # 2: the embedding may be narrower than the width (U), and q is an output
+READABLE_CONTRACT_VERSIONS = ("1", "2")
+EMBEDDING_BUDGET = 0.07  # the int8 embedding table's share of the base GGUF's bytes, at most
+MIN_EMBEDDING_RANK = 64  # below it, what a reward can tell tokens apart by costs more than the bytes saved
 OPSET = 20
 MS_DOMAIN = "com.microsoft"  # onnxruntime's contrib ops (MultiHeadAttention)
 INPUT_IDS = "input_ids"
 CANDIDATE_IDS = "candidate_ids"
 REWARDS = "rewards"
+QUERY = "query"
 LAYER_NORM_EPS = 1e-5
 
 
@@ -64,6 +73,7 @@ class RewardNetworkShape:
     layers: int = 2
     heads: int = 4
     mlp_ratio: int = 4
+    embedding_rank: int | None = None  # None: the width
 
     def __post_init__(self) -> None:
         if self.width % self.heads:
@@ -71,10 +81,30 @@ class RewardNetworkShape:
         for name in ("vocab_size", "width", "layers", "heads", "mlp_ratio"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 1 <= self.rank <= self.width:
+            raise ValueError(f"embedding_rank must be in [1, {self.width}], got {self.embedding_rank}")
 
     @property
     def head_dim(self) -> int:
         return self.width // self.heads
+
+    @property
+    def rank(self) -> int:
+        return self.width if self.embedding_rank is None else self.embedding_rank
+
+    @property
+    def lifted(self) -> bool:
+        """Whether the embedding is narrower than the width (and U lifts it)."""
+        return self.rank < self.width
+
+
+def embedding_rank_for(vocab_size: int, width: int, base_file_bytes: int) -> int | None:
+    """The embedding rank that keeps the int8 table within EMBEDDING_BUDGET of the base GGUF: the width when it
+    fits (None), else the largest multiple of 16 that does, but never below MIN_EMBEDDING_RANK. A 262k-token
+    vocabulary on a 253 MB GGUF gets 64; 49k tokens on 98 MB keep the full 128."""
+    fitting = int(EMBEDDING_BUDGET * base_file_bytes / vocab_size) // 16 * 16
+    rank = max(MIN_EMBEDDING_RANK, fitting)
+    return None if rank >= width else rank
 
 
 @dataclass(kw_only=True)
@@ -94,17 +124,21 @@ class LayerWeights:
 @dataclass(kw_only=True)
 class RewardWeights:
     shape: RewardNetworkShape
-    embedding: np.ndarray  # [V, d] float; quantized to int8 rows on export
+    embedding: np.ndarray  # [V, r] float; quantized to int8 rows on export
     layers: list[LayerWeights] = field(default_factory=list)
     final_scale: np.ndarray  # [d]
     final_bias: np.ndarray  # [d]
     head: np.ndarray  # [d, d]
     token_bias: np.ndarray  # [V]
+    embedding_up: np.ndarray | None = None  # [r, d] when r < d, else None
 
     def __post_init__(self) -> None:
-        expected = (self.shape.vocab_size, self.shape.width)
+        expected = (self.shape.vocab_size, self.shape.rank)
         if self.embedding.shape != expected:
             raise ValueError(f"embedding must have shape {expected}, got {self.embedding.shape}")
+        up_shape = None if self.embedding_up is None else self.embedding_up.shape
+        if up_shape != ((self.shape.rank, self.shape.width) if self.shape.lifted else None):
+            raise ValueError(f"embedding_up must be [rank, width] exactly when rank < width, got {up_shape}")
         if len(self.layers) != self.shape.layers:
             raise ValueError(f"expected {self.shape.layers} layers, got {len(self.layers)}")
         if self.token_bias.shape != (self.shape.vocab_size,):
@@ -138,8 +172,9 @@ def random_reward_weights(shape: RewardNetworkShape, *, seed: int, scale: float 
         for _ in range(shape.layers)
     ]
     # unit-variance embedding and a 1/d head keep rewards O(1), like a trained reward's
-    embedding = rng.standard_normal((shape.vocab_size, d)).astype(np.float32)
+    embedding = rng.standard_normal((shape.vocab_size, shape.rank)).astype(np.float32)
     head = (rng.standard_normal((d, d)) / d).astype(np.float32)
+    up = (rng.standard_normal((shape.rank, d)) / math.sqrt(shape.rank)).astype(np.float32) if shape.lifted else None
     return RewardWeights(
         shape=shape,
         embedding=embedding,
@@ -148,6 +183,7 @@ def random_reward_weights(shape: RewardNetworkShape, *, seed: int, scale: float 
         final_bias=normal(d),
         head=head,
         token_bias=normal(shape.vocab_size),
+        embedding_up=up,
     )
 
 
@@ -228,11 +264,13 @@ def build_stacked_reward_model(
     table = g.const("embedding_int8", embedding_q)
     row_scale = g.const("embedding_scale", embedding_scale[:, None])  # [V, 1]
 
-    def embed(ids: str) -> str:  # ids [1, n] -> [1, n, d]
+    def embed(ids: str) -> str:  # ids [1, n] -> [1, n, r]
         rows = g.op("Cast", [g.op("Gather", [table, ids])], to=TensorProto.FLOAT)
         return g.op("Mul", [rows, g.op("Gather", [row_scale, ids])])
 
     x = embed(INPUT_IDS)  # [1, T, d]; the first layer norm broadcasts it to [N, T, d]
+    if shape.lifted:
+        x = _matmul(g, x, "embedding_up", [_lift(w) for w in stack])  # [N, T, d]
     bias = _alibi_causal_bias(g, heads)  # [1, H, T, P+T]
 
     for index in range(shape.layers):
@@ -251,7 +289,10 @@ def build_stacked_reward_model(
     )  # [N, 1, d]
     last = _layer_norm(g, last, [w.final_scale for w in stack], [w.final_bias for w in stack])
     query = _matmul(g, last, "head", [w.head for w in stack])  # [N, 1, d]
-    candidates = embed(CANDIDATE_IDS)  # [1, K, d]
+    if shape.lifted:
+        query = _matmul(g, query, "embedding_down", [_lift(w).T.copy() for w in stack])  # [N, 1, r]
+    g.op("Squeeze", [query, g.const("axis_seq", np.array([1]))], output_name=QUERY)  # [N, r]
+    candidates = embed(CANDIDATE_IDS)  # [1, K, r]
     dots = g.op("MatMul", [candidates, g.op("Transpose", [query], perm=[0, 2, 1])])  # [N, K, 1]
     dots = g.op("Squeeze", [dots, g.const("axis_last", np.array([2]))])  # [N, K]
     g.op("Add", [dots, _candidate_token_bias(g, [w.token_bias for w in stack])], output_name=REWARDS)
@@ -269,10 +310,17 @@ def build_stacked_reward_model(
         "width": str(width),
         "layers": str(shape.layers),
         "heads": str(heads),
+        "embedding_rank": str(shape.rank),
         **(metadata or {}),
     }
     helper.set_model_props(model, properties)
     return model
+
+
+def _lift(weights: RewardWeights) -> np.ndarray:
+    if weights.embedding_up is None:
+        raise ValueError("a reward with a full-width embedding has no embedding_up")
+    return weights.embedding_up
 
 
 def _common_shape(stack: Sequence[RewardWeights]) -> RewardNetworkShape:
@@ -321,19 +369,22 @@ def read_reward_weights(model: onnx.ModelProto) -> RewardWeights:
         (table,), (row_scale,), (head,), (token_bias,) = (
             arrays[name] for name in ("embedding_int8", "embedding_scale", "head", "token_bias")
         )
+        rank = table.shape[1]
         shape = RewardNetworkShape(
             vocab_size=int(properties["vocab_size"]),
             width=width,
             layers=layers,
             heads=int(properties["heads"]),
             mlp_ratio=arrays["fc1"][0].shape[1] // width,
+            embedding_rank=rank if rank < width else None,
         )
         scales, biases = arrays["ln_scale"], arrays["ln_bias"]  # per layer: ln1, ln2; then the final one
-        if properties["prt_contract_version"] != str(CONTRACT_VERSION) or len(scales) != 2 * layers + 1:
-            raise ValueError("not a one-reward graph of this contract version")
+        if properties["prt_contract_version"] not in READABLE_CONTRACT_VERSIONS or len(scales) != 2 * layers + 1:
+            raise ValueError("not a one-reward graph of a contract version this app reads")
         return RewardWeights(
             shape=shape,
             embedding=table.astype(np.float32) * row_scale,
+            embedding_up=arrays["embedding_up"][0] if shape.lifted else None,
             final_scale=scales[-1],
             final_bias=biases[-1],
             head=head,
@@ -356,6 +407,36 @@ def read_reward_weights(model: onnx.ModelProto) -> RewardWeights:
         )
     except (KeyError, IndexError, ValueError) as error:
         raise ValueError(f"not a reward graph of this builder: {error}") from error
+
+
+@dataclass(frozen=True)
+class CandidateRows:
+    """What scores candidates from a ``query`` output (version 2) outside the graph, as the graph does."""
+
+    table: np.ndarray  # [V, R] int8
+    scale: np.ndarray  # [V, 1] float32
+    token_bias: np.ndarray  # [N, V] float32
+
+    def rewards(self, query: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        """query [N, R], candidates [K] -> rewards [N, K]."""
+        rows = self.table[candidates].astype(np.float32) * self.scale[candidates]  # [K, R]
+        return query @ rows.T + self.token_bias[:, candidates]
+
+
+def candidate_rows(model: onnx.ModelProto) -> CandidateRows | None:
+    """The embedding and biases of a graph made by this builder with a ``query`` output; None for any other."""
+    if QUERY not in {output.name for output in model.graph.output}:
+        return None
+    found = {tensor.name.rsplit("_", 1)[0]: tensor for tensor in model.graph.initializer}
+    if not {"embedding_int8", "embedding_scale", "token_bias"} <= found.keys():
+        return None
+    table = numpy_helper.to_array(found["embedding_int8"])
+    bias = numpy_helper.to_array(found["token_bias"]).astype(np.float32)
+    return CandidateRows(
+        table=table,
+        scale=numpy_helper.to_array(found["embedding_scale"]).astype(np.float32).reshape(-1, 1),
+        token_bias=bias.reshape(-1, table.shape[0]),
+    )
 
 
 def _alibi_causal_bias(g: _GraphBuilder, heads: int) -> str:
@@ -453,7 +534,10 @@ def _graph_inputs(shape: RewardNetworkShape, rewards: int) -> list[onnx.ValueInf
 
 
 def _graph_outputs(shape: RewardNetworkShape, rewards: int) -> list[onnx.ValueInfoProto]:
-    outputs = [helper.make_tensor_value_info(REWARDS, TensorProto.FLOAT, [rewards, "candidates"])]
+    outputs = [
+        helper.make_tensor_value_info(REWARDS, TensorProto.FLOAT, [rewards, "candidates"]),
+        helper.make_tensor_value_info(QUERY, TensorProto.FLOAT, [rewards, shape.rank]),
+    ]
     state: list[int | str] = [rewards, shape.heads, "total_tokens", shape.head_dim]
     for layer in range(shape.layers):
         outputs += [

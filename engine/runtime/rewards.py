@@ -144,12 +144,25 @@ class RewardSession:
 
     It computes ``rows`` rewards per call: 1 for a reward file, N for rewards stacked into one graph
     (engine/runtime/mixing.py). Rewards come back as [rows, K]; the state is [rows, H, P, D] per layer.
+
+    Given the graph's ``candidate_rows`` (contract version 2), a step can also be taken in two halves:
+    ``prepare`` advances the state by the new token before the candidates are known (on another thread,
+    while the caller picks them), and ``score_prepared`` scores them from the query it left.
     """
 
-    def __init__(self, session: ort.InferenceSession, *, title: str, source: Path | str) -> None:
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        *,
+        title: str,
+        source: Path | str,
+        candidate_rows: contract.CandidateRows | None = None,
+    ) -> None:
         self.title = title  # names the reward(s) in errors: "The reward 'x'"
         self._session: ort.InferenceSession | None = session  # None once closed
         self.rows, self.layers, self.heads, self.head_dim = _check_contract(session, source)
+        self.candidate_rows = candidate_rows
+        self._query: np.ndarray | None = None  # what prepare() left for score_prepared()
         self._output_names = [contract.REWARDS] + [
             name
             for layer in range(self.layers)
@@ -158,6 +171,8 @@ class RewardSession:
         self._state_names = [
             name for layer in range(self.layers) for name in (contract.past_key(layer), contract.past_value(layer))
         ]
+        if candidate_rows is not None:
+            self._output_names.append(contract.QUERY)
         self._tokens: list[int] = []
         self._state: list[np.ndarray] = []
         self._check_first_step(session, source)
@@ -174,6 +189,8 @@ class RewardSession:
             ) from error
         state_shape = (self.rows, self.heads, 1, self.head_dim)
         expected = [(self.rows, 2)] + [state_shape] * len(self._state_names)
+        if self.candidate_rows is not None:
+            expected.append((self.rows, self.candidate_rows.table.shape[1]))
         actual = [getattr(output, "shape", None) for output in outputs]
         if actual != expected or not all(out.dtype == np.float32 and np.isfinite(out).all() for out in outputs):
             raise RewardFileError(
@@ -208,6 +225,23 @@ class RewardSession:
 
     def advance(self, new_tokens: Sequence[int], candidates: np.ndarray) -> np.ndarray:
         """Append ``new_tokens`` to the state and return the rewards [rows, K] of the candidates for the next token."""
+        rewards = self._run(new_tokens, candidates)
+        return self._checked(rewards, at=self.n_past - 1)
+
+    def prepare(self, new_tokens: Sequence[int]) -> None:
+        """The first half of ``advance``: append ``new_tokens`` to the state, keeping the query for the candidates."""
+        if self.candidate_rows is None:
+            raise RewardRuntimeError(f"{self.title} cannot advance before its candidates are known (contract v1).")
+        self._query = None
+        self._run(new_tokens, np.zeros(0, dtype=np.int64))
+
+    def score_prepared(self, candidates: np.ndarray) -> np.ndarray:
+        """The second half of ``advance``: the rewards [rows, K] of the candidates after what ``prepare`` appended."""
+        if self._query is None or self.candidate_rows is None:
+            raise RewardRuntimeError(f"{self.title} has no prepared step to score.")
+        return self._checked(self.candidate_rows.rewards(self._query, candidates), at=self.n_past - 1)
+
+    def _run(self, new_tokens: Sequence[int], candidates: np.ndarray) -> np.ndarray:
         if self._session is None:
             raise RewardRuntimeError(
                 f"{self.title} cannot score: it was closed (switched off, or its model was "
@@ -217,13 +251,18 @@ class RewardSession:
             rewards, *state = self._session.run(self._output_names, self._feeds(new_tokens, candidates))
         except Exception as error:  # onnxruntime raises its own exception types
             raise RewardRuntimeError(f"{self.title} failed at token {self.n_past}: {error}") from error
+        if self.candidate_rows is not None:
+            self._query = state.pop()
+        self._state = state
+        self._tokens.extend(int(token) for token in new_tokens)
+        return rewards
+
+    def _checked(self, rewards: np.ndarray, *, at: int) -> np.ndarray:
         if not np.isfinite(rewards).all():  # sampling from NaN scores raises deep in numpy; greedy picks garbage
             raise RewardRuntimeError(
                 f"{self.title} gave a reward that is not a finite number at token "
-                f"{self.n_past}; its file may be damaged: turn it off, or re-export it."
+                f"{at}; its file may be damaged: turn it off, or re-export it."
             )
-        self._state = state
-        self._tokens.extend(int(token) for token in new_tokens)
         return rewards
 
     def _feeds(self, new_tokens: Sequence[int], candidates: np.ndarray) -> dict[str, np.ndarray]:
@@ -260,7 +299,10 @@ class RewardModel:
                 f"vs {self.card.onnx_sha256[:12]}...): it was truncated or changed. Re-export it."
             )
         self.session = RewardSession(
-            open_session(self.path, threads=threads), title=f"The reward '{self.name}'", source=self.path
+            open_session(self.path, threads=threads),
+            title=f"The reward '{self.name}'",
+            source=self.path,
+            candidate_rows=_candidate_rows(self.path),
         )
         if self.session.rows != 1:
             raise RewardFileError(f"The reward {self.path} holds {self.session.rows} rewards; a reward file holds one.")
@@ -306,6 +348,13 @@ class RewardModel:
     def sync(self, tokens: Sequence[int], candidates: np.ndarray) -> np.ndarray:
         """Make the state hold ``tokens`` (reusing the common prefix) and score the candidates after them: [K]."""
         return self.session.sync(tokens, candidates)[0]
+
+
+def _candidate_rows(path: Path) -> contract.CandidateRows | None:
+    try:
+        return contract.candidate_rows(onnx.load(str(path)))
+    except Exception:  # not a graph onnx can read: onnxruntime says so in the caller's words
+        return None
 
 
 def open_session(model: Path | bytes, *, threads: int) -> ort.InferenceSession:
