@@ -11,6 +11,7 @@ import torch
 from onnx import helper
 
 from engine.runtime.decode import Generation, attach_rewards
+from engine.runtime.errors import RewardRuntimeError
 from engine.runtime.mixing import scoring_groups
 from engine.runtime.reward_graph import (
     QUERY,
@@ -163,3 +164,16 @@ def test_version_1_and_2_rewards_of_one_embedding_merge_and_step_in_halves(tmp_p
     group.session.close()
     for reward in rewards:
         reward.close()
+
+
+def test_a_split_step_with_rewards_that_are_not_finite_raises_and_takes_the_step_back(tmp_path, tiny_base):
+    weights = random_reward_weights(small_reward_shape(VOCAB), seed=6)
+    weights.token_bias[7] = np.nan  # a damaged row: only candidate 7 is not finite
+    reward = RewardModel(reward_file(tmp_path, tiny_base, weights))
+    reward.sync([1, 2], np.array([5, 6]))
+    reward.session.prepare([3])
+    with pytest.raises(RewardRuntimeError, match="not a finite number at token 2"):
+        reward.session.score_prepared(np.array([5, 7]))
+    assert reward.n_past == 2  # the state is as it was before the failed step
+    reward.session.prepare([3])
+    assert np.isfinite(reward.session.score_prepared(np.array([5, 6]))).all()

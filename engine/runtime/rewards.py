@@ -162,7 +162,8 @@ class RewardSession:
         self._session: ort.InferenceSession | None = session  # None once closed
         self.rows, self.layers, self.heads, self.head_dim = _check_contract(session, source)
         self.candidate_rows = candidate_rows
-        self._query: np.ndarray | None = None  # what prepare() left for score_prepared()
+        self._query: np.ndarray | None = None  # what the last run left for score_prepared()
+        self._prepared_tokens = 0
         self._output_names = [contract.REWARDS] + [
             name
             for layer in range(self.layers)
@@ -224,24 +225,39 @@ class RewardSession:
             self._tokens = self._tokens[:n_tokens]
 
     def advance(self, new_tokens: Sequence[int], candidates: np.ndarray) -> np.ndarray:
-        """Append ``new_tokens`` to the state and return the rewards [rows, K] of the candidates for the next token."""
-        rewards = self._run(new_tokens, candidates)
-        return self._checked(rewards, at=self.n_past - 1)
+        """Append ``new_tokens`` to the state and return the rewards [rows, K] of the candidates for the next token.
+
+        A step whose rewards are not finite raises and leaves the state as it was."""
+        rewards, state, query = self._run(new_tokens, candidates)
+        self._check_finite(rewards)
+        self._commit(new_tokens, state, query)
+        return rewards
 
     def prepare(self, new_tokens: Sequence[int]) -> None:
         """The first half of ``advance``: append ``new_tokens`` to the state, keeping the query for the candidates."""
         if self.candidate_rows is None:
             raise RewardRuntimeError(f"{self.title} cannot advance before its candidates are known (contract v1).")
         self._query = None
-        self._run(new_tokens, np.zeros(0, dtype=np.int64))
+        _, state, query = self._run(new_tokens, np.zeros(0, dtype=np.int64))
+        self._commit(new_tokens, state, query)
+        self._prepared_tokens = len(new_tokens)
 
     def score_prepared(self, candidates: np.ndarray) -> np.ndarray:
-        """The second half of ``advance``: the rewards [rows, K] of the candidates after what ``prepare`` appended."""
+        """The second half of ``advance``: the rewards [rows, K] of the candidates after what ``prepare`` appended.
+
+        Rewards that are not finite raise and take back what ``prepare`` appended."""
         if self._query is None or self.candidate_rows is None:
             raise RewardRuntimeError(f"{self.title} has no prepared step to score.")
-        return self._checked(self.candidate_rows.rewards(self._query, candidates), at=self.n_past - 1)
+        rewards = self.candidate_rows.rewards(self._query, candidates)
+        if not np.isfinite(rewards).all():
+            self.rewind(self.n_past - self._prepared_tokens)
+            self._check_finite(rewards)
+        return rewards
 
-    def _run(self, new_tokens: Sequence[int], candidates: np.ndarray) -> np.ndarray:
+    def _run(
+        self, new_tokens: Sequence[int], candidates: np.ndarray
+    ) -> tuple[np.ndarray, list[np.ndarray], np.ndarray | None]:
+        """One run of the graph: (rewards, the new state, the query or None); the session's state is untouched."""
         if self._session is None:
             raise RewardRuntimeError(
                 f"{self.title} cannot score: it was closed (switched off, or its model was "
@@ -251,19 +267,19 @@ class RewardSession:
             rewards, *state = self._session.run(self._output_names, self._feeds(new_tokens, candidates))
         except Exception as error:  # onnxruntime raises its own exception types
             raise RewardRuntimeError(f"{self.title} failed at token {self.n_past}: {error}") from error
-        if self.candidate_rows is not None:
-            self._query = state.pop()
-        self._state = state
-        self._tokens.extend(int(token) for token in new_tokens)
-        return rewards
+        query = state.pop() if self.candidate_rows is not None else None
+        return rewards, state, query
 
-    def _checked(self, rewards: np.ndarray, *, at: int) -> np.ndarray:
+    def _commit(self, new_tokens: Sequence[int], state: list[np.ndarray], query: np.ndarray | None) -> None:
+        self._state, self._query = state, query
+        self._tokens.extend(int(token) for token in new_tokens)
+
+    def _check_finite(self, rewards: np.ndarray) -> None:
         if not np.isfinite(rewards).all():  # sampling from NaN scores raises deep in numpy; greedy picks garbage
             raise RewardRuntimeError(
                 f"{self.title} gave a reward that is not a finite number at token "
-                f"{at}; its file may be damaged: turn it off, or re-export it."
+                f"{self.n_past}; its file may be damaged: turn it off, or re-export it."
             )
-        return rewards
 
     def _feeds(self, new_tokens: Sequence[int], candidates: np.ndarray) -> dict[str, np.ndarray]:
         return {
