@@ -75,12 +75,12 @@ class BaseModel:
     def __init__(self, path: Path | str, *, config: BaseModelConfig = BaseModelConfig()) -> None:
         self.path = check_gguf_file(Path(path))
         self.config = config
-        threads = config.n_threads or default_thread_count()
+        self.threads = config.n_threads or default_thread_count()
         self._open_adapter: LlamaAdapter | None = LlamaAdapter(
             self.path,
             n_ctx=config.n_ctx,
             n_batch=config.n_batch,
-            n_threads=threads,
+            n_threads=self.threads,
             n_gpu_layers=default_gpu_layers() if config.n_gpu_layers is None else config.n_gpu_layers,
         )
         self.n_vocab = self._adapter.n_vocab
@@ -117,6 +117,11 @@ class BaseModel:
     def llama(self) -> Llama:
         """The underlying llama-cpp-python object (for the reference benchmark and parity tests)."""
         return self._adapter.llama
+
+    @property
+    def leaves_a_core_free(self) -> bool:
+        """Whether llama.cpp runs on fewer threads than the machine has cores (a reward can run beside it)."""
+        return self.threads < default_thread_count()
 
     # -- vocabulary -------------------------------------------------------
     @property

@@ -1,8 +1,9 @@
 """The one decode loop: base logits -> top-K -> rewards -> combined scores -> sample -> stream.
 
-A reward of contract version 2 takes each step in two halves: as soon as the base has evaluated the
-chosen token, a worker thread advances the reward's state by it while this thread picks the base's
-candidates from the new logits; only scoring the K candidates (a K x R product) waits for both.
+A reward of contract version 2 takes each step in two halves: a worker thread advances the reward's
+state by the chosen token while this thread has the base evaluate it (when llama.cpp leaves a core
+free) or, on a machine whose cores llama.cpp all uses, while this thread picks the base's candidates
+from the new logits; only scoring the K candidates (a K x R product) waits for both.
 
 ``Generation`` is an iterator of ``TokenEvent``s. It can be cancelled from any
 thread (the next step ends it with finish_reason "cancelled"); exceptions from
@@ -16,7 +17,7 @@ import codecs
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -224,7 +225,7 @@ class Generation:
             if self.split_reward_steps and any(group.session.candidate_rows is not None for group in self._groups):
                 self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward-step")
             base.sync(self.prompt_tokens)
-            candidates, reward_values = self._score(self.prompt_tokens, prefill=True)
+            candidates, reward_values = self._score(self.prompt_tokens)
             decoding_from = time.perf_counter()
             result.prompt_seconds = decoding_from - started
             while True:
@@ -255,8 +256,13 @@ class Generation:
                 if base.n_past + 1 >= base.n_ctx:
                     result.finish_reason = "context"
                     break
-                base.append(token)
-                candidates, reward_values = self._score([token], prefill=False)
+                if base.leaves_a_core_free:  # the reward beside the base's decode
+                    prepared = self._prepare([token])
+                    base.append(token)
+                else:  # both cores decode: the reward beside picking the candidates
+                    base.append(token)
+                    prepared = self._prepare([token])
+                candidates, reward_values = self._score([token], prepared=prepared)
             if not hit_stop:  # text held back for a stop string that never came
                 tail = stops.flush() + decoder.decode(b"", final=True)
                 if tail:
@@ -278,8 +284,13 @@ class Generation:
             return scoring_groups(rewards, merge=self.merge_rewards)
         return self.merged_sessions.groups(rewards, merge=self.merge_rewards)
 
-    def _score(self, new_tokens: Sequence[int], *, prefill: bool) -> tuple[Candidates, np.ndarray]:
-        prepared = {} if prefill else self._prepare(new_tokens)
+    def _score(
+        self, new_tokens: Sequence[int], *, prepared: Mapping[int, Future[None]] | None = None
+    ) -> tuple[Candidates, np.ndarray]:
+        """The base's candidates after ``new_tokens`` and every reward's values for them: a prefill (``prepared``
+        None) syncs each reward to the tokens; a step advances it, or finishes what ``_prepare`` started."""
+        prefill = prepared is None
+        prepared = prepared or {}
         candidates = self._select(self.base.last_logits())
         ids = candidates.token_ids
         values = np.zeros((len(self.rewards), len(ids)), dtype=np.float32)  # [R, K]
