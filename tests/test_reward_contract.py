@@ -116,7 +116,7 @@ def test_split_steps_equal_whole_steps_and_a_full_recompute(tmp_path, tiny_base,
 
 @pytest.mark.parametrize("core_free", [True, False], ids=["beside-the-decode", "beside-the-candidates"])
 def test_a_generation_with_split_steps_decodes_as_one_with_whole_steps(tmp_path, tiny_base, monkeypatch, core_free):
-    monkeypatch.setattr(type(tiny_base), "leaves_a_core_free", property(lambda base: core_free))
+    monkeypatch.setattr(tiny_base, "leaves_a_core_free", core_free)
     prompt = tiny_base.chat_prompt_tokens([{"role": "user", "content": "Tell me something."}])
     path = reward_file(tmp_path, tiny_base, random_reward_weights(small_reward_shape(VOCAB), seed=8))
     results = {}

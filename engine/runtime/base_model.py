@@ -76,6 +76,8 @@ class BaseModel:
         self.path = check_gguf_file(Path(path))
         self.config = config
         self.threads = config.n_threads or default_thread_count()
+        # fewer llama.cpp threads than cores: a reward can run beside a decode (asked at every step; psutil is slow)
+        self.leaves_a_core_free = self.threads < default_thread_count()
         self._open_adapter: LlamaAdapter | None = LlamaAdapter(
             self.path,
             n_ctx=config.n_ctx,
@@ -117,11 +119,6 @@ class BaseModel:
     def llama(self) -> Llama:
         """The underlying llama-cpp-python object (for the reference benchmark and parity tests)."""
         return self._adapter.llama
-
-    @property
-    def leaves_a_core_free(self) -> bool:
-        """Whether llama.cpp runs on fewer threads than the machine has cores (a reward can run beside it)."""
-        return self.threads < default_thread_count()
 
     # -- vocabulary -------------------------------------------------------
     @property
