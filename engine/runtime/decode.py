@@ -187,7 +187,7 @@ class Generation:
             merge_rewards  # score mergeable rewards with one session per step (engine/runtime/mixing.py)
         )
         self.merged_sessions = merged_sessions  # the caller's, kept between replies; None: its own, closed at the end
-        self.split_reward_steps = split_reward_steps  # advance v2 rewards while the candidates are picked
+        self.split_reward_steps = split_reward_steps  # v2 rewards step in two halves (see the module docstring)
         self._groups: list[ScoringGroup] = []
         self._worker: ThreadPoolExecutor | None = None
         self.result = GenerationResult(prompt_tokens=len(self.prompt_tokens))
